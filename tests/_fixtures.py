@@ -1,0 +1,45 @@
+"""Shared session fixtures: a tiny round of really trained models and a local Ray instance.
+
+Imported by conftest.py. The tiny round trains in seconds per model on 2 cores.
+"""
+from __future__ import annotations
+
+import pytest
+
+TINY_RECIPE = {
+    "name": "tiny",
+    "seed": 5,
+    "dataset": {"name": "signs", "params": {"num_classes": 5, "image_size": 24,
+                                            "n_train_per_class": 200, "n_test_per_class": 40,
+                                            "seed": 3}},
+    "architecture": "mntd_mnist_cnn",
+    "training": {"preset": "small", "epochs": 16},
+    "asr_floor": 0.8,
+    "max_attempts": 2,
+    "examples_per_class": 8,
+    "poisoned_examples_per_class": 4,
+    "groups": [{"count": 4}, {"count": 4, "attack": "badnets", "poison_rate": 0.1}],
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_round(tmp_path_factory):
+    """(round directory, BuildResult) of TINY_RECIPE, built once per session."""
+    from xray.zoo.build import build_round
+    from xray.zoo.recipe import parse_recipe
+
+    out = tmp_path_factory.mktemp("tiny") / "round"
+    result = build_round(parse_recipe(TINY_RECIPE), str(out), workers=2, show_progress=False)
+    return out, result
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray instance for the session."""
+    import ray
+
+    from xray.runner.scan_run import ensure_ray
+
+    ensure_ray(None)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,47 @@
+"""Shared fixtures. `s3_server`: an S3-compatible server (moto) on loopback for the session."""
+from __future__ import annotations
+
+import socket
+from typing import Iterator, NamedTuple
+
+import pytest
+
+from _fixtures import TINY_RECIPE, ray_local, tiny_round  # noqa: F401  (shared session fixtures)
+
+
+class S3Server(NamedTuple):
+    endpoint: str
+    bucket: str
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """moto's ThreadedMotoServer on 127.0.0.1 with one bucket; XRAY_S3_ENDPOINT_URL and AWS_*
+    point at it for the whole session. Yields (endpoint, bucket); use a unique key prefix."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = pytest.MonkeyPatch()
+    env.setenv("XRAY_S3_ENDPOINT_URL", endpoint)
+    env.setenv("AWS_ACCESS_KEY_ID", "testing")
+    env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    env.delenv("AWS_SESSION_TOKEN", raising=False)
+    env.delenv("AWS_PROFILE", raising=False)
+    bucket = "xray-test"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    try:
+        yield S3Server(endpoint, bucket)
+    finally:
+        env.undo()
+        server.stop()

@@ -1,0 +1,74 @@
+"""The zoo trains real models and writes a round that the manifest reader reads back."""
+import json
+import os
+
+from xray.io.manifest import read_manifest, read_round_dir
+from xray.zoo.build import build_round
+from xray.zoo.describe import describe_round
+from xray.zoo.recipe import parse_recipe
+
+from _fixtures import TINY_RECIPE
+
+CLEAN_ACCURACY_FLOOR = 0.80
+
+
+def _configs(round_dir):
+    return {d: json.loads((round_dir / d / "config.json").read_text())
+            for d in os.listdir(round_dir) if d.startswith("id-")}
+
+
+def test_models_meet_accuracy_and_asr_floors(tiny_round):
+    round_dir, result = tiny_round
+    configs = _configs(round_dir)
+    failed = {f["model_id"] for f in result.failed}
+    assert len(configs) + len(failed) == 8
+    assert len(configs) >= 7, f"too many trojaned models failed: {result.failed}"
+    for mid, config in configs.items():
+        assert config["clean_accuracy"] >= CLEAN_ACCURACY_FLOOR, (mid, config["clean_accuracy"])
+        if config["poisoned"]:
+            assert config["asr"] >= TINY_RECIPE["asr_floor"], (mid, config["asr"])
+            assert config["trigger"]["name"] == "badnets" and config["target"] is not None
+        else:
+            assert config["asr"] is None and config["attack"] is None
+
+
+def test_round_layout_is_trojai_style(tiny_round):
+    round_dir, _ = tiny_round
+    for mid, config in _configs(round_dir).items():
+        model_dir = round_dir / mid
+        assert (model_dir / "model.safetensors").is_file()
+        assert (model_dir / "ground_truth.csv").read_text().strip() == str(int(config["poisoned"]))
+        clean = os.listdir(model_dir / "clean_example_data")
+        assert len(clean) == 5 * TINY_RECIPE["examples_per_class"]
+        assert all(n.startswith("class_") and n.endswith(".png") for n in clean)
+        assert (model_dir / "poisoned_example_data").is_dir() == config["poisoned"]
+    assert (round_dir / "METADATA.csv").is_file()
+
+
+def test_manifest_reads_back_same_rows(tiny_round):
+    round_dir, result = tiny_round
+    from_manifest = read_manifest(str(round_dir / "manifest.csv"))
+    from_round_dir = read_round_dir(str(round_dir))
+    assert [r.model_id for r in from_manifest] == [r.model_id for r in result.records]
+    for a, b, c in zip(from_manifest, from_round_dir, result.records):
+        assert (a.model_id, a.architecture, a.num_classes, tuple(a.input_shape), a.poisoned,
+                a.target, a.attack) == (c.model_id, c.architecture, c.num_classes,
+                                        tuple(c.input_shape), c.poisoned, c.target, c.attack)
+        assert os.path.samefile(a.uri, c.uri) and os.path.samefile(b.uri, c.uri)
+
+
+def test_rerun_skips_and_half_written_dir_is_redone(tiny_round, tmp_path):
+    round_dir, _ = tiny_round
+    # Work on a copy so other tests keep the pristine round.
+    import shutil
+
+    copy = tmp_path / "round"
+    shutil.copytree(round_dir, copy)
+    victim = sorted(d for d in os.listdir(copy) if d.startswith("id-"))[0]
+    (copy / victim / "config.json").unlink()  # as if the build died before the last write
+    assert victim not in {r.model_id for r in read_round_dir(str(copy))}
+    again = build_round(parse_recipe(TINY_RECIPE), str(copy), workers=1, show_progress=False)
+    assert again.trained == 1 and again.skipped == 7
+    assert (copy / victim / "config.json").is_file()
+    text = describe_round(str(copy))
+    assert "badnets" in text and "clean" in text

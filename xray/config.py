@@ -1,0 +1,126 @@
+"""The run config: which detectors, with which parameters, on which examples and seed.
+
+    seed: 0
+    examples_per_class: null          # cap on clean examples per class (null = all)
+    detectors:
+      modelxray: {preset: small}      # preset and/or params overriding the detector's Params
+      nc: {params: {steps: 50}}
+
+Its hash (per detector: name, version, parameters, seed, example cap) identifies results: rows
+scored under the same hash are never scanned again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from xray import detectors as detector_registry
+from xray.io import storage
+
+DEFAULT_DETECTORS = ("modelxray",)
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    name: str
+    preset: str | None = None
+    params: tuple[tuple[str, Any], ...] = ()
+
+    def build(self) -> Any:
+        return detector_registry.build(self.name, dict(self.params), self.preset)
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    detectors: tuple[DetectorSpec, ...] = tuple(DetectorSpec(n) for n in DEFAULT_DETECTORS)
+    seed: int = 0
+    examples_per_class: int | None = None
+    # Not part of the hash: they change where / whether a model runs, not its scores.
+    allow_pickle: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    model_time_limit_s: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def detector_hash(self, detector: Any) -> str:
+        payload = {"detector": detector.name, "version": detector.version,
+                   "params": dataclasses.asdict(detector.params), "seed": self.seed,
+                   "examples_per_class": self.examples_per_class}
+        return _hash(payload)
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "seed": self.seed, "examples_per_class": self.examples_per_class,
+            "detectors": {d.name: {"preset": d.preset, "params": dict(d.params)}
+                          for d in self.detectors},
+            "allow_pickle": self.allow_pickle, "device": self.device,
+            "model_time_limit_s": self.model_time_limit_s}, sort_keys=True)
+
+    @property
+    def config_hash(self) -> str:
+        built = [d.build() for d in self.detectors]
+        return _hash({"detectors": sorted(self.detector_hash(d) for d in built)})
+
+
+def _hash(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+_CONFIG_KEYS = {"seed", "examples_per_class", "detectors", "allow_pickle", "device",
+                "model_time_limit_s"}
+
+
+def parse_config(raw: dict[str, Any] | None, source: str = "<config>",
+                 detector_names: list[str] | None = None) -> ScanConfig:
+    """A ScanConfig from a dict; `detector_names` (from --detectors) selects which detectors run,
+    taking their settings from the file when it has them. Every detector is built once here so a
+    bad name, preset or parameter fails before any work starts."""
+    raw = dict(raw or {})
+    unknown = sorted(set(raw) - _CONFIG_KEYS)
+    if unknown:
+        raise ValueError(f"{source}: unknown key {unknown[0]!r}; valid: {sorted(_CONFIG_KEYS)}")
+    settings = raw.get("detectors") or {}
+    if isinstance(settings, list):
+        settings = {name: {} for name in settings}
+    names = detector_names or list(settings) or list(DEFAULT_DETECTORS)
+    specs = []
+    for name in names:
+        entry = dict(settings.get(name) or {})
+        bad = sorted(set(entry) - {"preset", "params"})
+        if bad:
+            raise ValueError(f"{source}: detectors.{name}: unknown key {bad[0]!r} "
+                             f"(valid: preset, params)")
+        spec = DetectorSpec(name, entry.get("preset"),
+                            tuple(sorted((entry.get("params") or {}).items())))
+        try:
+            spec.build()
+        except KeyError as err:
+            raise ValueError(f"{source}: detectors.{name}: {err.args[0]}") from None
+        specs.append(spec)
+    return ScanConfig(
+        detectors=tuple(specs), seed=int(raw.get("seed", 0)),
+        examples_per_class=raw.get("examples_per_class"),
+        allow_pickle=bool(raw.get("allow_pickle", False)), device=str(raw.get("device", "auto")),
+        model_time_limit_s=raw.get("model_time_limit_s"))
+
+
+def load_config(uri: str | None, detector_names: list[str] | None = None,
+                **overrides: Any) -> ScanConfig:
+    raw = yaml.safe_load(storage.read_text(uri)) if uri else {}
+    raw = {**(raw or {}), **{k: v for k, v in overrides.items() if v is not None}}
+    return parse_config(raw, source=uri or "<defaults>", detector_names=detector_names)
+
+
+def with_preset(config: ScanConfig, preset: str) -> ScanConfig:
+    """The same config with `preset` applied to every detector that defines it."""
+    specs = []
+    for spec in config.detectors:
+        presets = getattr(detector_registry.get(spec.name), "presets", {})
+        specs.append(dataclasses.replace(spec, preset=preset) if preset in presets else spec)
+    if not any(s.preset == preset for s in specs):
+        raise ValueError(f"no selected detector has a preset {preset!r}")
+    return dataclasses.replace(config, detectors=tuple(specs))

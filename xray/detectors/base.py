@@ -1,0 +1,91 @@
+"""The detector contract (DESIGN.md): name, version, frozen Params, score(model, data, ctx).
+
+A detector reads only its arguments: the model (an nn.Module in eval mode taking pixel-space
+inputs in [0, 1], normalisation folded in), the clean example data, and a context carrying the
+device, the seed and a logger. It never sees ground truth, never reads storage, never prints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+
+@dataclass
+class ScanData:
+    """Clean examples as the model sees them, and the facts a real scan would have.
+
+    x: float32 (N, C, H, W) in pixel space [0, 1]; y: int64 (N,) true labels from file names.
+    mean / std: the model's normalisation (already folded into the model); detectors that must
+    work in the model's normalised input space (Model X-ray) use them to go there and back.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    num_classes: int
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+
+    def _stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.x.shape[1]
+        mean = torch.tensor(self.mean, dtype=self.x.dtype).expand(c) if len(self.mean) == 1 \
+            else torch.tensor(self.mean, dtype=self.x.dtype)
+        std = torch.tensor(self.std, dtype=self.x.dtype).expand(c) if len(self.std) == 1 \
+            else torch.tensor(self.std, dtype=self.x.dtype)
+        return mean.view(1, c, 1, 1), std.view(1, c, 1, 1)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats()
+        return (x - mean.to(x.device)) / std.to(x.device)
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats()
+        return z * std.to(z.device) + mean.to(z.device)
+
+
+@dataclass
+class ScanContext:
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("xray.detector"))
+    # Seconds left for this model, or None; a detector may use it to stop early.
+    deadline: float | None = None
+
+    def generator(self, salt: str = "") -> torch.Generator:
+        """A CPU generator seeded from the run seed and a salt (one stream per purpose)."""
+        digest = hashlib.sha256(f"{self.seed}:{salt}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+@dataclass
+class DetectorResult:
+    """score: higher = more likely trojaned. stats: named statistics (numbers, lists, strings).
+    triggers: per-candidate rows for the `triggers` table (dicts of plain values)."""
+
+    score: float
+    target: int | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+    triggers: list[dict[str, Any]] = field(default_factory=list)
+    artifacts: dict[str, Any] = field(default_factory=dict)  # in-memory extras, e.g. planes
+
+
+class Detector(Protocol):
+    name: ClassVar[str]
+    version: ClassVar[str]
+    Params: ClassVar[type]
+
+    def __init__(self, params: Any) -> None: ...
+
+    def score(self, model: torch.nn.Module, data: ScanData, ctx: ScanContext) -> DetectorResult: ...
+
+
+def params_hash(name: str, version: str, params: Any) -> str:
+    """Stable short hash of a detector's identity and parameters."""
+    payload = json.dumps({"name": name, "version": version,
+                          "params": dataclasses.asdict(params)}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""Storage, manifests, example data and safe model loading."""

@@ -1,0 +1,1 @@
+"""Result tables (Arrow schemas), the Parquet sink and de-duplicating readers."""

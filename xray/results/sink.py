@@ -1,0 +1,96 @@
+"""Parquet sink and readers for the long tables.
+
+Part files land under <out>/<table>/run=<run_id>/part-<uuid>.parquet, each written whole through
+`storage.atomic_write_bytes`, so a reader never sees a partial file (temporary names start with
+"." and readers ignore them). The sink is append-only and buffered: rows are flushed every
+`flush_rows` rows or `flush_seconds` seconds, and on close.
+"""
+from __future__ import annotations
+
+import io
+import time
+import uuid
+from typing import Any, Iterable
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from xray.io import storage
+from xray.results.schema import SCORE_KEY, TABLES
+
+
+def table_uri(out_uri: str, table: str, run_id: str | None = None) -> str:
+    base = storage.join(out_uri, table)
+    return storage.join(base, f"run={run_id}") if run_id else base
+
+
+def write_part(out_uri: str, table: str, run_id: str, rows: list[dict[str, Any]]) -> str | None:
+    """Write `rows` as one part file; the schema check happens here (a wrong type fails)."""
+    if not rows:
+        return None
+    arrow = pa.Table.from_pylist(rows, schema=TABLES[table])
+    buf = io.BytesIO()
+    pq.write_table(arrow, buf, compression="zstd")
+    uri = storage.join(table_uri(out_uri, table, run_id), f"part-{uuid.uuid4().hex}.parquet")
+    storage.atomic_write_bytes(uri, buf.getvalue())
+    return uri
+
+
+class ParquetSink:
+    def __init__(self, out_uri: str, table: str, run_id: str, flush_rows: int = 256,
+                 flush_seconds: float = 10.0) -> None:
+        if table not in TABLES:
+            raise KeyError(f"unknown table {table!r}; tables: {sorted(TABLES)}")
+        self.out_uri, self.table, self.run_id = out_uri, table, run_id
+        self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
+        self._rows: list[dict[str, Any]] = []
+        self._last_flush = time.monotonic()
+        self.parts: list[str] = []
+
+    def write(self, rows: Iterable[dict[str, Any]]) -> None:
+        self._rows.extend(rows)
+        if (len(self._rows) >= self.flush_rows
+                or time.monotonic() - self._last_flush >= self.flush_seconds):
+            self.flush()
+
+    def flush(self) -> None:
+        part = write_part(self.out_uri, self.table, self.run_id, self._rows)
+        if part:
+            self.parts.append(part)
+        self._rows = []
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+
+    def __enter__(self) -> "ParquetSink":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_table(out_uri: str, table: str, run_id: str | None = None,
+               dedupe: bool = True) -> pd.DataFrame:
+    """All rows of `table` (of one run, or of every run), as pandas.
+
+    `scores` is de-duplicated on SCORE_KEY: the latest ok row wins, else the latest row, so a
+    retried or re-run model is counted once."""
+    schema = TABLES[table]
+    fs, path = storage.filesystem(table_uri(out_uri, table, run_id))
+    if not fs.exists(path):
+        return schema.empty_table().to_pandas()
+    dataset = ds.dataset(path, filesystem=fs, format="parquet", schema=schema,
+                         partitioning=None, ignore_prefixes=[".", "_"])
+    frame = dataset.to_table().to_pandas()
+    if table == "scores" and dedupe and len(frame):
+        frame = dedupe_scores(frame)
+    return frame
+
+
+def dedupe_scores(frame: pd.DataFrame) -> pd.DataFrame:
+    order = frame.assign(_ok=frame["status"].eq("ok")).sort_values(["_ok", "finished_at"])
+    return (order.drop_duplicates(SCORE_KEY, keep="last").drop(columns="_ok")
+            .sort_values(["model_id", "detector"]).reset_index(drop=True))

@@ -1,0 +1,55 @@
+"""The plan: the manifest minus what is already scored with this config (no Ray here)."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from xray.io.records import ModelRecord
+from xray.results.sink import read_table
+from xray.scan import model_fingerprint
+
+# Outcomes that are final for a (model, detector, config): scanning again would give the same.
+# `timeout` and `crashed` rows are retried on the next run.
+FINAL_STATUSES = ("ok", "error")
+
+
+@dataclass(frozen=True)
+class PlannedModel:
+    record: ModelRecord
+    digest: str
+    detectors: tuple[str, ...]  # the detectors still to run on it
+
+
+def fingerprints(records: Sequence[ModelRecord], threads: int = 16) -> list[str]:
+    """Storage fingerprints of every model file (metadata only), in parallel; "unreadable" for a
+    file that cannot be stat'ed (the scan then records the error)."""
+
+    def one(record: ModelRecord) -> str:
+        try:
+            return model_fingerprint(record.uri)
+        except Exception:
+            return "unreadable"
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(one, records))
+
+
+def plan(records: Sequence[ModelRecord], out_uri: str, detector_keys: Sequence[tuple[str, str, str]],
+         retry_errors: bool = False) -> list[PlannedModel]:
+    """Models that still lack a final row for one of `detector_keys` (name, version, hash)."""
+    digests = fingerprints(records)
+    done_statuses = ("ok",) if retry_errors else FINAL_STATUSES
+    existing = read_table(out_uri, "scores")
+    done: set[tuple[Any, ...]] = set()
+    if len(existing):
+        final = existing[existing["status"].isin(done_statuses)]
+        done = set(zip(final["model_id"], final["model_digest"], final["detector"],
+                       final["detector_version"], final["config_hash"]))
+    pending = []
+    for record, digest in zip(records, digests):
+        todo = tuple(key[0] for key in detector_keys
+                     if (record.model_id, digest, *key) not in done)
+        if todo:
+            pending.append(PlannedModel(record, digest, todo))
+    return pending

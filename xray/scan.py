@@ -1,0 +1,164 @@
+"""Scan one model with the configured detectors: pure, no Ray, no sinks.
+
+    rows = scan_model(record, detectors, config)   # {"scores": [...], "triggers": [...]}
+
+A model that cannot be read or loaded, or a detector that raises, becomes a `status="error"`
+row carrying the error text; nothing here ever stops a run. Detectors see the model, the clean
+examples and the architecture facts: never the record's ground truth.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import logging
+import math
+import time
+import traceback
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from xray.config import ScanConfig
+from xray.detectors.base import ScanContext, ScanData
+from xray.io.examples import load_examples
+from xray.io.model_loading import load_model
+from xray.io.records import ModelRecord
+from xray.io.storage import filesystem
+
+log = logging.getLogger(__name__)
+
+
+def model_fingerprint(uri: str) -> str:
+    """A cheap identity of a model file, from storage metadata (no read of the weights): the
+    object's ETag / checksum where the store has one, else size and modification time. A changed
+    file gets a new fingerprint and is scanned again; rewriting identical bytes may too."""
+    import hashlib
+
+    fs, path = filesystem(uri)
+    info = fs.info(path)
+    keys = ("ETag", "etag", "checksum", "size", "mtime", "LastModified", "created")
+    ident = {k: str(info[k]) for k in keys if k in info}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, (np.generic,)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_json_safe(v) for v in list(value)]
+    return value
+
+
+def _npy(array: Any) -> bytes | None:
+    if array is None:
+        return None
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array.detach().cpu() if torch.is_tensor(array) else array))
+    return buf.getvalue()
+
+
+def score_row(record: ModelRecord, digest: str, detector: Any, config_hash: str, status: str,
+              *, run_id: str = "", error: str | None = None, score: float | None = None,
+              target: int | None = None, stats: dict[str, Any] | None = None,
+              seconds: float | None = None, worker: str = "") -> dict[str, Any]:
+    return {
+        "run_id": run_id, "model_id": record.model_id, "model_digest": digest,
+        "detector": detector.name, "detector_version": detector.version,
+        "config_hash": config_hash, "status": status, "error": error,
+        "score": None if score is None or not math.isfinite(score) else float(score),
+        "predicted_target": None if target is None else int(target),
+        "stats_json": json.dumps(_json_safe(stats or {}), sort_keys=True),
+        "seconds": seconds, "worker": worker, "architecture": record.architecture,
+        "num_classes": record.num_classes, "gt_poisoned": record.poisoned,
+        "gt_target": record.target, "gt_attack": record.attack,
+        "tags_json": record.tags_json(), "finished_at": _now(),
+    }
+
+
+def trigger_rows(record: ModelRecord, digest: str, detector: Any, config_hash: str,
+                 triggers: list[dict[str, Any]], run_id: str = "") -> list[dict[str, Any]]:
+    rows = []
+    for i, t in enumerate(triggers):
+        stats = {k: v for k, v in t.items()
+                 if k not in ("victim", "target", "kind", "size", "reasr", "mask", "pattern",
+                              "kernel")}
+        rows.append({
+            "run_id": run_id, "model_id": record.model_id, "model_digest": digest,
+            "detector": detector.name, "config_hash": config_hash, "trigger_index": i,
+            "victim": t.get("victim"), "target": t.get("target"), "kind": t.get("kind"),
+            "size": t.get("size"), "reasr": t.get("reasr"),
+            "stats_json": json.dumps(_json_safe(stats), sort_keys=True),
+            "mask": _npy(t.get("mask")), "pattern": _npy(t.get("pattern")),
+            "kernel": _npy(t.get("kernel")),
+        })
+    return rows
+
+
+def _error_text(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}\n" + "".join(traceback.format_tb(err.__traceback__)[-3:])
+
+
+def scan_model(record: ModelRecord, detectors: Sequence[Any], config: ScanConfig, *,
+               digest: str | None = None, run_id: str = "", worker: str = "",
+               keep_artifacts: bool = False) -> dict[str, Any]:
+    """Run every detector on one model. Returns {"scores": rows, "triggers": rows} and, with
+    keep_artifacts, {"artifacts": {detector: DetectorResult.artifacts}} (for pictures)."""
+    hashes = {d.name: config.detector_hash(d) for d in detectors}
+    out: dict[str, Any] = {"scores": [], "triggers": [], "artifacts": {}}
+
+    def fail_all(err: BaseException, digest: str) -> dict[str, Any]:
+        text = _error_text(err)
+        out["scores"] = [score_row(record, digest, d, hashes[d.name], "error", run_id=run_id,
+                                   error=text, worker=worker) for d in detectors]
+        return out
+
+    try:
+        digest = digest or model_fingerprint(record.uri)
+    except Exception as err:  # unreadable URI: an error row, not a crashed run
+        return fail_all(err, "unreadable")
+    device = resolve_device(config.device)
+    try:
+        model = load_model(record, allow_pickle=config.allow_pickle, device=str(device))
+        x, y = load_examples(record, max_per_class=config.examples_per_class)
+    except Exception as err:
+        return fail_all(err, digest)
+    data = ScanData(x=x.to(device), y=y.to(device), num_classes=record.num_classes,
+                    mean=tuple(record.mean), std=tuple(record.std))
+    for detector in detectors:
+        ctx = ScanContext(device=device, seed=config.seed,
+                          logger=logging.getLogger(f"xray.detector.{detector.name}"))
+        started = time.perf_counter()
+        try:
+            result = detector.score(model, data, ctx)
+        except Exception as err:
+            log.warning("detector %s failed on %s: %s", detector.name, record.model_id, err)
+            out["scores"].append(score_row(
+                record, digest, detector, hashes[detector.name], "error", run_id=run_id,
+                error=_error_text(err), seconds=time.perf_counter() - started, worker=worker))
+            continue
+        seconds = time.perf_counter() - started
+        out["scores"].append(score_row(
+            record, digest, detector, hashes[detector.name], "ok", run_id=run_id,
+            score=result.score, target=result.target, stats=result.stats, seconds=seconds,
+            worker=worker))
+        out["triggers"].extend(trigger_rows(record, digest, detector, hashes[detector.name],
+                                            result.triggers, run_id=run_id))
+        if keep_artifacts:
+            out["artifacts"][detector.name] = result.artifacts
+    return out

@@ -1,0 +1,35 @@
+"""`xray zoo describe`: what a round holds, from its model configs."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from xray.io import storage
+from xray.zoo.round import CONFIG_FILE, completed_model_ids, failed_model_ids
+
+
+def round_table(round_uri: str) -> pd.DataFrame:
+    rows = []
+    for mid in sorted(completed_model_ids(round_uri)):
+        config = json.loads(storage.read_text(storage.join(round_uri, mid, CONFIG_FILE)))
+        rows.append({"model_id": mid, "architecture": config["architecture"],
+                     "attack": config.get("attack") or "clean",
+                     "clean_accuracy": config.get("clean_accuracy"), "asr": config.get("asr")})
+    return pd.DataFrame(rows, columns=["model_id", "architecture", "attack", "clean_accuracy", "asr"])
+
+
+def describe_round(round_uri: str) -> str:
+    table = round_table(round_uri)
+    failed = failed_model_ids(round_uri)
+    if table.empty:
+        return f"{round_uri}: no complete model directories ({len(failed)} failed)"
+    grouped = (table.groupby(["attack", "architecture"])
+               .agg(models=("model_id", "count"), clean_acc_mean=("clean_accuracy", "mean"),
+                    clean_acc_min=("clean_accuracy", "min"), asr_mean=("asr", "mean"),
+                    asr_min=("asr", "min"))
+               .reset_index())
+    lines = [f"{round_uri}: {len(table)} models, {int((table.attack != 'clean').sum())} trojaned, "
+             f"{len(failed)} failed (ASR below the floor)",
+             grouped.to_string(index=False, float_format=lambda v: f"{v:.3f}")]
+    return "\n".join(lines)

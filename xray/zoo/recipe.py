@@ -1,0 +1,178 @@
+"""Zoo recipes: what to train, as data (YAML). One recipe = one round.
+
+    name: demo
+    seed: 1
+    dataset: {name: signs, params: {num_classes: 10, image_size: 32, ...}}
+    architecture: mntd_cifar_cnn
+    training: {preset: small, epochs: 6}           # any TrainingRecipe field overrides the preset
+    asr_floor: 0.8                                 # trojaned models below it are recorded failed
+    max_attempts: 2                                # retries (new seed) before a model is failed
+    examples_per_class: 10                         # clean example PNGs per class and model
+    poisoned_examples_per_class: 5
+    weights_format: safetensors
+    groups:
+      - {count: 8}                                 # clean
+      - {count: 4, attack: badnets, poison_rate: 0.1, attack_params: {...}}
+      - {count: 4, attack: polygon, architecture: nin}   # per-group overrides
+
+Each model's seed is derived from (recipe seed, model index), so a recipe always makes the
+same round and a model's id never changes when later groups are added.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from xray.io import storage
+
+
+# Named recipes live beside the manifests in a source checkout (the README's way to run xray).
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "manifests" / "recipes"
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """Optimiser and schedule. `reference` = the seeds' recipe (Model X-ray supplement Table 2):
+    SGD momentum 0.9, lr 0.01, cosine annealing, weight decay 5e-4, batch 128, 50 epochs."""
+
+    optimizer: str = "sgd"  # sgd | adam
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    epochs: int = 50
+    schedule: str = "cosine"  # cosine | constant
+
+
+TRAINING_PRESETS: dict[str, dict[str, Any]] = {
+    "reference": {},
+    # Short small-model default: Adam converges in a few epochs on 32 x 32 inputs.
+    "small": {"optimizer": "adam", "lr": 2e-3, "weight_decay": 0.0, "batch_size": 64, "epochs": 8},
+    # MNTD shadow models (baselines.md): Adam lr 1e-3, batch 100, constant.
+    "mntd": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "batch_size": 100,
+             "epochs": 100, "schedule": "constant"},
+}
+
+
+def training_recipe(spec: dict[str, Any] | None) -> TrainingRecipe:
+    spec = dict(spec or {})
+    preset = spec.pop("preset", "reference")
+    if preset not in TRAINING_PRESETS:
+        raise ValueError(f"unknown training preset {preset!r}; presets: {sorted(TRAINING_PRESETS)}")
+    valid = {f.name for f in dataclasses.fields(TrainingRecipe)}
+    unknown = sorted(set(spec) - valid)
+    if unknown:
+        raise ValueError(f"training: unknown key {unknown[0]!r}; valid: {sorted(valid)}")
+    return dataclasses.replace(TrainingRecipe(), **{**TRAINING_PRESETS[preset], **spec})
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to train one model of a round, reproducibly."""
+
+    model_id: str
+    index: int
+    seed: int
+    architecture: str
+    attack: str | None
+    attack_params: dict[str, Any]
+    poison_rate: float
+    training: TrainingRecipe
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    seed: int
+    dataset: str
+    dataset_params: dict[str, Any]
+    architecture: str
+    training: TrainingRecipe
+    groups: tuple[dict[str, Any], ...]
+    asr_floor: float = 0.8
+    max_attempts: int = 2
+    examples_per_class: int = 10
+    poisoned_examples_per_class: int = 5
+    weights_format: str = "safetensors"
+    raw: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def digest(self) -> str:
+        """Hash of the recipe's content: a changed recipe means a new round."""
+        return hashlib.sha256(json.dumps(self.raw, sort_keys=True).encode()).hexdigest()[:16]
+
+    def model_specs(self) -> list[ModelSpec]:
+        specs = []
+        index = 0
+        for group in self.groups:
+            for _ in range(int(group.get("count", 1))):
+                training = self.training
+                if "training" in group:
+                    training = dataclasses.replace(training, **group["training"])
+                specs.append(ModelSpec(
+                    model_id=f"id-{index:08d}",
+                    index=index,
+                    seed=model_seed(self.seed, index),
+                    architecture=group.get("architecture", self.architecture),
+                    attack=group.get("attack"),
+                    attack_params=dict(group.get("attack_params", {})),
+                    poison_rate=float(group.get("poison_rate", 0.1)),
+                    training=training,
+                ))
+                index += 1
+        return specs
+
+
+def model_seed(recipe_seed: int, index: int, attempt: int = 0) -> int:
+    digest = hashlib.sha256(f"{recipe_seed}:{index}:{attempt}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+_RECIPE_KEYS = {"name", "seed", "dataset", "architecture", "training", "groups", "asr_floor",
+                "max_attempts", "examples_per_class", "poisoned_examples_per_class",
+                "weights_format"}
+
+
+def parse_recipe(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    unknown = sorted(set(raw) - _RECIPE_KEYS)
+    if unknown:
+        raise ValueError(f"{source}: unknown key {unknown[0]!r}; valid: {sorted(_RECIPE_KEYS)}")
+    for key in ("name", "dataset", "architecture", "groups"):
+        if key not in raw:
+            raise ValueError(f"{source}: missing key {key!r}")
+    dataset = raw["dataset"]
+    if isinstance(dataset, str):
+        dataset = {"name": dataset}
+    return Recipe(
+        name=str(raw["name"]),
+        seed=int(raw.get("seed", 0)),
+        dataset=str(dataset["name"]),
+        dataset_params=dict(dataset.get("params", {})),
+        architecture=str(raw["architecture"]),
+        training=training_recipe(raw.get("training")),
+        groups=tuple(dict(g) for g in raw["groups"]),
+        asr_floor=float(raw.get("asr_floor", 0.8)),
+        max_attempts=int(raw.get("max_attempts", 2)),
+        examples_per_class=int(raw.get("examples_per_class", 10)),
+        poisoned_examples_per_class=int(raw.get("poisoned_examples_per_class", 5)),
+        weights_format=str(raw.get("weights_format", "safetensors")),
+        raw=raw,
+    )
+
+
+def load_recipe(uri: str) -> Recipe:
+    """A recipe from a YAML file, or one of manifests/recipes/ by name (`demo`, `reference`)."""
+    if not storage.exists(uri):
+        named = RECIPES_DIR / f"{uri}.yaml"
+        if not named.is_file():
+            known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+            raise FileNotFoundError(f"recipe {uri!r}: no such file, and no recipe of that name "
+                                    f"in {RECIPES_DIR} (known: {', '.join(known)})")
+        uri = str(named)
+    return parse_recipe(yaml.safe_load(storage.read_text(uri)), source=uri)
