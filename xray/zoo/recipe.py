@@ -82,7 +82,7 @@ class ModelSpec:
     architecture: str
     attack: str | None
     attack_params: dict[str, Any]
-    poison_rate: float
+    poison_rate: float | None  # None = the attack's own default (MNTD's sampled inject_p)
     training: TrainingRecipe
 
 
@@ -122,7 +122,8 @@ class Recipe:
                     architecture=group.get("architecture", self.architecture),
                     attack=group.get("attack"),
                     attack_params=dict(group.get("attack_params", {})),
-                    poison_rate=float(group.get("poison_rate", 0.1)),
+                    poison_rate=(None if group.get("poison_rate") is None
+                                 else float(group["poison_rate"])),
                     training=training,
                 ))
                 index += 1

@@ -64,7 +64,8 @@ def model_config(trained: TrainedModel, dataset: Dataset, recipe: Recipe) -> dic
         "victims": list(attack.victims) if attack is not None and attack.victims is not None else None,
         "attack": spec.attack,
         "trigger": attack.to_config() if attack is not None else None,
-        "poison_rate": spec.poison_rate if attack is not None else 0.0,
+        "poison_rate": (spec.poison_rate if spec.poison_rate is not None else attack.default_rate)
+        if attack is not None else 0.0,
         "poisoned_count": trained.poisoned_count,
         "clean_accuracy": trained.clean_accuracy,
         "asr": trained.asr,
