@@ -33,13 +33,13 @@ def tiny_round(tmp_path_factory):
     return out, result
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """A real local Ray instance for the session."""
+    """A real local Ray instance (started once, reused by later modules; a module that needs a
+    multi-node cluster shuts it down and the next user starts it again)."""
     import ray
 
     from xray.runner.scan_run import ensure_ray
 
     ensure_ray(None)
     yield ray
-    ray.shutdown()

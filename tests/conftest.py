@@ -7,6 +7,10 @@ from typing import Iterator, NamedTuple
 import pytest
 
 from _fixtures import TINY_RECIPE, ray_local, tiny_round  # noqa: F401  (shared session fixtures)
+from _trojai_fixtures import tiny_scores, trojai_rounds  # noqa: F401  (TrojAI tests)
+from _report_fixtures import scanned_tiny  # noqa: F401  (report / compare tests)
+from _mntd_fixtures import tiny_meta, tiny_shadow  # noqa: F401  (MNTD shadow set)
+from _inversion_fixtures import inversion_round, inversion_scan  # noqa: F401  (NC / ABS / K-Arm)
 
 
 class S3Server(NamedTuple):
@@ -45,3 +49,10 @@ def s3_server() -> Iterator[S3Server]:
     finally:
         env.undo()
         server.stop()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import sys
+
+    if "ray" in sys.modules:
+        sys.modules["ray"].shutdown()

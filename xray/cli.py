@@ -90,6 +90,39 @@ def zoo_describe(round_uri: str) -> None:
     click.echo(describe_round(round_uri))
 
 
+# ---------------------------------------------------------------- mntd
+@main.group()
+def mntd() -> None:
+    """MNTD's meta-classifier: train it on a shadow round (recipe mntd_shadow)."""
+
+
+@mntd.command("train")
+@click.option("--shadow", required=True, metavar="URI",
+              help="Shadow round directory (built with `xray zoo build --recipe mntd_shadow`).")
+@click.option("--out", default=None, metavar="URI",
+              help="Artifact directory to write (default: <shadow>/mntd_meta).")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--repeats", type=int, default=1, show_default=True,
+              help="Fresh meta-classifiers to train; the best validation AUC is kept.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-query-tuning", is_flag=True, help="Train the classifier only (--no_qt).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_fail_cleanly
+def mntd_train(shadow: str, out: str | None, epochs: int, repeats: int, seed: int,
+               no_query_tuning: bool, device: str, quiet: bool) -> None:
+    """Train MNTD's meta-classifier on a shadow round and write the artifact the `mntd` detector
+    loads (detector parameter `artifact`)."""
+    from xray.detectors.mntd import train_meta_classifier
+
+    result = train_meta_classifier(shadow, out, epochs=epochs, repeats=repeats, seed=seed,
+                                   query_tuning=not no_query_tuning, device=device,
+                                   show_progress=not quiet)
+    click.echo(f"meta-classifier {result.artifact_uri}: {result.n_train} training / "
+               f"{result.n_val} validation shadow models, best epoch {result.best_epoch + 1}, "
+               f"validation AUC {result.best_val_auc:.3f}")
+
+
 # ---------------------------------------------------------------- scan
 @main.command()
 @click.option("--manifest", required=True, metavar="URI",
@@ -115,11 +148,20 @@ def zoo_describe(round_uri: str) -> None:
               help="Allow whole-module pickled models (they run code when loaded; only in "
                    "workers). Off by default.")
 @click.option("--retry-errors", is_flag=True, help="Scan again models whose last row is an error.")
+@click.option("--time-limit", type=float, default=None, metavar="SECONDS",
+              help="Per-model time limit; a model past it gets a `timeout` row (default: none).")
+@click.option("--max-retries", type=int, default=2, show_default=True,
+              help="Times a model is retried on another actor when its worker process dies, "
+                   "before it is recorded as `crashed`.")
+@click.option("--flush-seconds", type=float, default=10.0, show_default=True,
+              help="Rows are written to Parquet at least this often (what an interrupted "
+                   "driver can lose; re-running the command scans it again).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_fail_cleanly
 def scan(manifest: str, out: str, detectors: str | None, config_uri: str | None,
          preset: str | None, address: str | None, actors: int | None, cpus_per_actor: float,
-         gpus_per_actor: float, allow_pickle: bool, retry_errors: bool, quiet: bool) -> None:
+         gpus_per_actor: float, allow_pickle: bool, retry_errors: bool, time_limit: float | None,
+         max_retries: int, flush_seconds: float, quiet: bool) -> None:
     """Scan every model of a manifest and stream per-model scores to OUT/scores (Parquet).
 
     Models already scored with the same config are skipped; re-running finishes an interrupted
@@ -131,12 +173,14 @@ def scan(manifest: str, out: str, detectors: str | None, config_uri: str | None,
     from xray.runner import run_scan
 
     names = [n.strip() for n in detectors.split(",") if n.strip()] if detectors else None
-    config = load_config(config_uri, names, allow_pickle=allow_pickle or None)
+    config = load_config(config_uri, names, allow_pickle=allow_pickle or None,
+                         model_time_limit_s=time_limit)
     if preset:
         config = with_preset(config, preset)
     summary = run_scan(manifest, out, config, address=address, num_actors=actors,
                        num_cpus_per_actor=cpus_per_actor, num_gpus_per_actor=gpus_per_actor,
-                       retry_errors=retry_errors, show_progress=not quiet)
+                       retry_errors=retry_errors, max_retries=max_retries,
+                       flush_seconds=flush_seconds, show_progress=not quiet)
     click.echo(f"run {summary.run_id}: {summary.models_scanned} of {summary.models_total} models "
                f"scanned ({summary.models_total - summary.models_planned} already scored), "
                f"{summary.failures} with errors, {summary.seconds:.1f} s")
@@ -150,8 +194,19 @@ def scan(manifest: str, out: str, detectors: str | None, config_uri: str | None,
 @click.option("--run", "run_id", default=None, help="Only this run (default: all runs in OUT).")
 @click.option("--html", "html_path", default=None, metavar="FILE",
               help="Where to write the HTML report (default: OUT/report.html).")
+@click.option("--max-drilldown", type=int, default=20, show_default=True,
+              help="Models with a drill-down section (flagged or misclassified ones, "
+                   "misclassified first; 0 = none).")
+@click.option("--model", "models", multiple=True, metavar="MODEL_ID",
+              help="Drill into this model whatever its verdicts (repeatable).")
+@click.option("--planes", type=int, default=3, show_default=True,
+              help="Model X-ray planes re-run and drawn per drill-down model (0 = none).")
+@click.option("--threshold", "thresholds", multiple=True, metavar="DETECTOR=VALUE",
+              help="Threshold of a detector (score >= VALUE -> trojaned), instead of calibrating "
+                   "it on known-clean models; needed for verdicts without ground truth.")
 @_fail_cleanly
-def report(out: str, run_id: str | None, html_path: str | None) -> None:
+def report(out: str, run_id: str | None, html_path: str | None, max_drilldown: int,
+           models: tuple[str, ...], planes: int, thresholds: tuple[str, ...]) -> None:
     """Summarise the scores in OUT (per detector x group) and write the HTML report."""
     from xray.reduce.report import render_report
     from xray.reduce.summary import format_table, summarize, write_summary
@@ -160,10 +215,52 @@ def report(out: str, run_id: str | None, html_path: str | None) -> None:
     scores = read_table(out, "scores", run_id=run_id)
     if not len(scores):
         raise UserError(f"no scores under {out}" + (f" for run {run_id}" if run_id else ""))
-    table = summarize(scores)
+    given = {}
+    for item in thresholds:
+        name, _, value = item.partition("=")
+        try:
+            given[name.strip()] = float(value)
+        except ValueError:
+            raise click.BadParameter(f"{item!r}: expected DETECTOR=NUMBER",
+                                     param_hint="--threshold") from None
+    table = summarize(scores, given or None)
     write_summary(out, table)
     click.echo(format_table(table))
-    click.echo(f"report: {render_report(out, run_id=run_id, html_path=html_path)}")
+    path = render_report(out, run_id=run_id, html_path=html_path, max_drilldown=max_drilldown,
+                         drilldown_models=models, planes=planes, thresholds=given or None)
+    click.echo(f"report: {path}")
+
+
+@main.command()
+@click.argument("run_a", metavar="RUN_A")
+@click.argument("run_b", metavar="RUN_B")
+@click.option("--tolerances", "tolerances_uri", default=None, metavar="FILE",
+              help="YAML / JSON tolerances, globally and per detector (defaults: see "
+                   "xray/reduce/compare.py).")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "markdown"]),
+              default="text", show_default=True, help="Output format.")
+@click.option("--output", default=None, metavar="FILE",
+              help="Also write the comparison to FILE (any URI).")
+def compare(run_a: str, run_b: str, tolerances_uri: str | None, fmt: str,
+            output: str | None) -> None:
+    """Compare scan RUN_B against the baseline RUN_A (output dirs, optionally OUT@RUN_ID).
+
+    Per detector x group: deltas of ROC-AUC, CE, accuracy, TPR at the fixed FPR and runtime
+    against tolerances; flipped verdicts with both scores; new errors / timeouts; models missing
+    from one side; differing detector versions or configs. Exit 0 within tolerance, 1 on a
+    regression, 2 on a usage error.
+    """
+    from xray.reduce.compare import CompareUsageError, compare as compare_runs, load_tolerances
+
+    try:
+        result = compare_runs(run_a, run_b, load_tolerances(tolerances_uri))
+        text = result.format(fmt)
+    except CompareUsageError as err:
+        raise click.UsageError(str(err)) from err
+    click.echo(text, nl=False)
+    if output:
+        storage.write_text(output, text)
+    sys.exit(result.exit_code)
 
 
 @main.command()
@@ -216,6 +313,98 @@ def demo(out: str, workers: int | None) -> None:
     from xray.demo import run_demo
 
     run_demo(Path(out), workers=workers, echo=click.echo)
+
+
+# ---------------------------------------------------------------- TrojAI (issue 11)
+@main.command()
+@click.argument("out", metavar="OUT")
+@click.option("--train-run", "train_run", required=True, metavar="RUN",
+              help="Run id in OUT whose labelled models train the stacker ('all' = every run).")
+@click.option("--detectors", default=None, metavar="A,B",
+              help="Detectors to stack (default: every detector with ok scores in the run).")
+@click.option("--C", "c_value", type=float, default=None,
+              help="Inverse L2 strength (default: chosen by cross-validation).")
+@click.option("--artifact", default=None, metavar="FILE",
+              help="Where to save the calibrator (default: OUT/calibration/RUN-ID.json).")
+@_fail_cleanly
+def calibrate(out: str, train_run: str, detectors: str | None, c_value: float | None,
+              artifact: str | None) -> None:
+    """Fit the combined detector (regularised logistic regression over the detectors' scores
+    and statistics, missing scores explicit) on a labelled run and save it as a versioned JSON
+    artifact for `xray score-testset --calibrator` and `xray trojai-detect --calibrator`."""
+    from xray.reduce.calibrate import calibrate as fit_calibrator
+    from xray.reduce.calibrate import describe
+
+    names = [n.strip() for n in detectors.split(",") if n.strip()] if detectors else None
+    cal, uri = fit_calibrator(out, None if train_run == "all" else train_run,
+                              artifact_uri=artifact, detectors=names, C=c_value)
+    click.echo(describe(cal))
+    click.echo(f"calibrator: {uri}")
+
+
+@main.command("trojai-detect", context_settings={"ignore_unknown_options": False})
+@click.option("--model_filepath", "--model-filepath", "model_filepath", required=True)
+@click.option("--result_filepath", "--result-filepath", "result_filepath", required=True)
+@click.option("--scratch_dirpath", "--scratch-dirpath", "scratch_dirpath", required=True)
+@click.option("--examples_dirpath", "--examples-dirpath", "examples_dirpath", required=True)
+@click.option("--config", default=None, metavar="FILE", help="Scan config YAML (detectors).")
+@click.option("--calibrator", default=None, metavar="FILE", help="From `xray calibrate`.")
+@click.option("--time-budget", "--time_budget", "time_budget", type=float, default=600.0,
+              show_default=True, help="Seconds for this model; R is written before it ends.")
+@click.option("--allow-pickle", "--allow_pickle", "allow_pickle", is_flag=True,
+              help="Allow whole-module pickles (TrojAI model.pt); loaded in a worker process.")
+@click.option("--round", "round_", type=click.Choice(["r1", "r2", "r3", "r4"]), default=None,
+              help="Force a round's example preprocessing (default: inferred).")
+@click.option("--device", default="auto", show_default=True)
+def trojai_detect(model_filepath: str, result_filepath: str, scratch_dirpath: str,
+                  examples_dirpath: str, config: str | None, calibrator: str | None,
+                  time_budget: float, allow_pickle: bool, round_: str | None, device: str) -> None:
+    """The TrojAI detector entrypoint: writes P(trojaned) on the first line of the result file,
+    always (0.5 with the reason on stderr when it cannot do better). Also installed as
+    `trojai-detector`."""
+    from xray.trojai_detect import run
+
+    sys.exit(run({"model_filepath": model_filepath, "result_filepath": result_filepath,
+                  "scratch_dirpath": scratch_dirpath, "examples_dirpath": examples_dirpath,
+                  "config": config, "calibrator": calibrator, "time_budget": time_budget,
+                  "allow_pickle": allow_pickle, "round": round_, "device": device}))
+
+
+@main.command("score-testset")
+@click.argument("round_dir", metavar="ROUND_DIR")
+@click.option("--out", required=True, metavar="URI", help="Scan output folder (scanned or reused).")
+@click.option("--run", "run_id", default=None, help="Reuse this run's scores instead of scanning.")
+@click.option("--config", "config_uri", default=None, metavar="FILE",
+              help="Scan config YAML (default: the calibrator's training config, else modelxray).")
+@click.option("--calibrator", default=None, metavar="FILE", help="From `xray calibrate`.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Allow whole-module pickles (TrojAI model.pt); loaded only in scan workers.")
+@click.option("--actors", type=int, default=None, help="Number of scan actors.")
+@click.option("--address", default=None, help="Ray cluster address (default: local instance).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_fail_cleanly
+def score_testset(round_dir: str, out: str, run_id: str | None, config_uri: str | None,
+                  calibrator: str | None, allow_pickle: bool, actors: int | None,
+                  address: str | None, quiet: bool) -> None:
+    """Score a test set as the TrojAI harness does: CE (clipped) with its 95% interval, Brier,
+    ROC-AUC (rounds 1-4 threshold form and roc_auc_score), missing = 0.5, per detector and for
+    the combined detector. Writes OUT/testset/{per_model.csv,summary.csv,testset.html}."""
+    import dataclasses
+
+    from xray.config import load_config
+    from xray.reduce.calibrate import Calibrator
+    from xray.reduce.harness import format_summary
+    from xray.reduce.harness import score_testset as run_score_testset
+
+    cal = Calibrator.load(calibrator) if calibrator else None
+    config = load_config(config_uri) if config_uri else (cal.scan_config() if cal else load_config(None))
+    config = dataclasses.replace(config, allow_pickle=allow_pickle or config.allow_pickle)
+    result = run_score_testset(round_dir, out, run_id=run_id, config=config, calibrator=cal,
+                               scan_kwargs={"num_actors": actors, "address": address,
+                                            "show_progress": not quiet})
+    click.echo(format_summary(result.summary))
+    click.echo(f"per model: {result.per_model_uri}\nsummary: {result.summary_uri}\n"
+               f"report: {result.html_uri}")
 
 
 if __name__ == "__main__":

@@ -30,17 +30,23 @@ from xray.io.storage import filesystem
 log = logging.getLogger(__name__)
 
 
-def model_fingerprint(uri: str) -> str:
-    """A cheap identity of a model file, from storage metadata (no read of the weights): the
-    object's ETag / checksum where the store has one, else size and modification time. A changed
-    file gets a new fingerprint and is scanned again; rewriting identical bytes may too."""
+def file_facts(uri: str) -> tuple[str, int]:
+    """(fingerprint, size in bytes) of a model file from storage metadata, without reading the
+    weights. The fingerprint is the object's ETag / checksum where the store has one, else size
+    and modification time: a changed file gets a new one and is scanned again (rewriting
+    identical bytes may too)."""
     import hashlib
 
     fs, path = filesystem(uri)
     info = fs.info(path)
     keys = ("ETag", "etag", "checksum", "size", "mtime", "LastModified", "created")
     ident = {k: str(info[k]) for k in keys if k in info}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    return digest, int(info.get("size") or 0)
+
+
+def model_fingerprint(uri: str) -> str:
+    return file_facts(uri)[0]
 
 
 def resolve_device(name: str) -> torch.device:

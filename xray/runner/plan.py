@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 from xray.io.records import ModelRecord
 from xray.results.sink import read_table
-from xray.scan import model_fingerprint
+from xray.scan import file_facts
 
 # Outcomes that are final for a (model, detector, config): scanning again would give the same.
 # `timeout` and `crashed` rows are retried on the next run.
@@ -19,17 +19,18 @@ class PlannedModel:
     record: ModelRecord
     digest: str
     detectors: tuple[str, ...]  # the detectors still to run on it
+    size: int = 0  # bytes of the model file: a proxy for how heavy it is to scan
 
 
-def fingerprints(records: Sequence[ModelRecord], threads: int = 16) -> list[str]:
-    """Storage fingerprints of every model file (metadata only), in parallel; "unreadable" for a
-    file that cannot be stat'ed (the scan then records the error)."""
+def fingerprints(records: Sequence[ModelRecord], threads: int = 16) -> list[tuple[str, int]]:
+    """(fingerprint, size) of every model file (metadata only), in parallel; ("unreadable", 0)
+    for a file that cannot be stat'ed (the scan then records the error)."""
 
-    def one(record: ModelRecord) -> str:
+    def one(record: ModelRecord) -> tuple[str, int]:
         try:
-            return model_fingerprint(record.uri)
+            return file_facts(record.uri)
         except Exception:
-            return "unreadable"
+            return "unreadable", 0
 
     with ThreadPoolExecutor(threads) as pool:
         return list(pool.map(one, records))
@@ -38,7 +39,7 @@ def fingerprints(records: Sequence[ModelRecord], threads: int = 16) -> list[str]
 def plan(records: Sequence[ModelRecord], out_uri: str, detector_keys: Sequence[tuple[str, str, str]],
          retry_errors: bool = False) -> list[PlannedModel]:
     """Models that still lack a final row for one of `detector_keys` (name, version, hash)."""
-    digests = fingerprints(records)
+    facts = fingerprints(records)
     done_statuses = ("ok",) if retry_errors else FINAL_STATUSES
     existing = read_table(out_uri, "scores")
     done: set[tuple[Any, ...]] = set()
@@ -47,9 +48,23 @@ def plan(records: Sequence[ModelRecord], out_uri: str, detector_keys: Sequence[t
         done = set(zip(final["model_id"], final["model_digest"], final["detector"],
                        final["detector_version"], final["config_hash"]))
     pending = []
-    for record, digest in zip(records, digests):
+    for record, (digest, size) in zip(records, facts):
         todo = tuple(key[0] for key in detector_keys
                      if (record.model_id, digest, *key) not in done)
         if todo:
-            pending.append(PlannedModel(record, digest, todo))
-    return pending
+            pending.append(PlannedModel(record, digest, todo, size))
+    return interleave_by_size(pending)
+
+
+def interleave_by_size(items: list[PlannedModel]) -> list[PlannedModel]:
+    """Heaviest, lightest, second heaviest, ...: heavy and light models mix on every actor, so
+    no actor ends the run with a tail of large models while the others idle."""
+    ordered = sorted(items, key=lambda p: (-p.size, p.record.model_id))
+    out: list[PlannedModel] = []
+    lo, hi = 0, len(ordered) - 1
+    while lo <= hi:
+        out.append(ordered[lo])
+        if lo != hi:
+            out.append(ordered[hi])
+        lo, hi = lo + 1, hi - 1
+    return out

@@ -17,10 +17,10 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import ray
-from ray.exceptions import RayActorError, WorkerCrashedError
+from ray.exceptions import ActorUnavailableError, RayActorError, WorkerCrashedError
 
 from xray import __version__
 from xray.config import ScanConfig
@@ -44,6 +44,21 @@ class RunSummary:
     seconds: float = 0.0
     rows: int = 0
     status_counts: dict[str, int] = field(default_factory=dict)
+    failures_by_node: dict[str, int] = field(default_factory=dict)
+
+    def record(self, rows: list[dict[str, Any]]) -> None:
+        """Account one model's rows."""
+        self.models_scanned += 1
+        self.rows += len(rows)
+        failed = False
+        for row in rows:
+            self.status_counts[row["status"]] = self.status_counts.get(row["status"], 0) + 1
+            failed |= row["status"] != "ok"
+        node = (rows[0]["worker"] if rows else "").split(":")[0] or "driver"
+        self.failures_by_node.setdefault(node, 0)
+        if failed:
+            self.failures += 1
+            self.failures_by_node[node] += 1
 
 
 @ray.remote
@@ -56,15 +71,18 @@ class ScanActor:
         torch.set_num_threads(max(1, threads))
         self.config = config
         self.detectors = {d.name: d.build() for d in config.detectors}
-        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        node = ray.get_runtime_context().get_node_id()[:12]
+        # node:host:pid — the node id tells simulated nodes on one host apart.
+        self.worker = f"{node}:{socket.gethostname()}:{os.getpid()}"
 
     def scan(self, item: PlannedModel, run_id: str) -> dict[str, Any]:
         detectors = [self.detectors[name] for name in item.detectors]
         return scan_model(item.record, detectors, self.config, digest=item.digest,
                           run_id=run_id, worker=self.worker)
 
-    def pid(self) -> int:
-        return os.getpid()
+    def where(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+                "gpus": ray.get_gpu_ids()}
 
 
 def code_version() -> str:
@@ -96,7 +114,13 @@ def run_scan(manifest_uri: str, out_uri: str, config: ScanConfig, *, address: st
              num_actors: int | None = None, num_cpus_per_actor: float = 1,
              num_gpus_per_actor: float = 0, in_flight_per_actor: int = 2, max_retries: int = 2,
              retry_errors: bool = False, show_progress: bool = True,
-             run_id: str | None = None) -> RunSummary:
+             run_id: str | None = None, flush_seconds: float = 10.0,
+             on_result: Callable[[dict[str, Any]], None] | None = None) -> RunSummary:
+    """Scan every model of the manifest not yet scored with `config`; rows stream to
+    <out>/scores and <out>/triggers. `on_result` is called with each model's rows as they land
+    (progress hooks for jobs). Rows become durable (a Parquet part) at least every
+    `flush_seconds`; a driver killed mid-run loses at most that window, which the next run of
+    the same command scans again."""
     started = time.monotonic()
     started_at = dt.datetime.now(dt.timezone.utc)
     records = read_manifest(manifest_uri)
@@ -121,64 +145,152 @@ def run_scan(manifest_uri: str, out_uri: str, config: ScanConfig, *, address: st
             by_gpu = (int(resources.get("GPU", 0) // num_gpus_per_actor)
                       if num_gpus_per_actor else by_cpu)
             num_actors = max(1, min(by_cpu, by_gpu, len(pending)))
-        actors = [ScanActor.options(num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor,
-                                    max_restarts=-1).remote(config, int(max(1, num_cpus_per_actor)))
-                  for _ in range(num_actors)]
-        with ParquetSink(out_uri, "scores", run_id) as scores, \
-                ParquetSink(out_uri, "triggers", run_id) as triggers, \
+        pool = _ActorPool(config, num_actors, num_cpus_per_actor, num_gpus_per_actor)
+        with ParquetSink(out_uri, "scores", run_id, flush_seconds=flush_seconds) as scores, \
+                ParquetSink(out_uri, "triggers", run_id, flush_seconds=flush_seconds) as triggers, \
                 Progress(len(pending), f"scan {run_id}", disable=not show_progress) as bar:
-            _drive(actors, pending, run_id, config, built, scores, triggers, bar, summary,
-                   in_flight_per_actor, max_retries)
-        for actor in actors:
-            ray.kill(actor)
-    write_part(out_uri, "runs", run_id, [{**runs_row, "finished_at": dt.datetime.now(dt.timezone.utc)}])
+
+            def deliver(result: dict[str, Any]) -> None:
+                scores.write(result["scores"])
+                triggers.write(result["triggers"])
+                summary.record(result["scores"])
+                by_node = summary.failures_by_node
+                bar.update(ok=all(r["status"] == "ok" for r in result["scores"]),
+                           **({"failures_by_node": by_node} if len(by_node) > 1 else {}))
+                if on_result:
+                    on_result(result)
+
+            _Scheduler(pool, run_id, config, built, in_flight_per_actor, max_retries,
+                       config.model_time_limit_s).run(pending, deliver)
+        pool.shutdown()
+    write_part(out_uri, "runs", run_id,
+               [{**runs_row, "finished_at": dt.datetime.now(dt.timezone.utc)}])
     summary.seconds = time.monotonic() - started
     return summary
 
 
-def _drive(actors, pending, run_id, config, built, scores, triggers, bar, summary,
-           in_flight_per_actor, max_retries) -> None:
-    queue: deque[tuple[PlannedModel, int]] = deque((item, 0) for item in pending)
-    in_flight: dict[Any, tuple[Any, PlannedModel, int]] = {}
-    load = {i: 0 for i in range(len(actors))}
-    by_name = {d.name: d for d in built}
+class _ActorPool:
+    """The scan actors; each restarts (Ray max_restarts) when its process dies."""
 
-    def submit() -> None:
-        while queue:
-            idle = min(load, key=load.get)
-            if load[idle] >= in_flight_per_actor:
+    def __init__(self, config: ScanConfig, n: int, num_cpus: float, num_gpus: float) -> None:
+        threads = int(max(1, num_cpus))
+        self.actors = [ScanActor.options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1)
+                       .remote(config, threads) for _ in range(n)]
+
+    def restart(self, index: int) -> None:
+        """Kill actor `index` (e.g. stuck past its time limit); Ray restarts it."""
+        ray.kill(self.actors[index], no_restart=False)
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+@dataclass
+class _Task:
+    item: PlannedModel
+    attempt: int = 0
+    avoid: int | None = None  # actor it last died on: retry elsewhere when there is a choice
+
+
+class _Scheduler:
+    """Bounded in-flight submission, unordered consumption, retries and time limits.
+
+    Ray runs an actor's calls in submission order, so the head of each actor's queue is the
+    model it is working on; its clock starts when the previous one returned. A model past the
+    time limit gets a `timeout` row and its actor is restarted (the others queued behind it are
+    resubmitted, not charged an attempt)."""
+
+    def __init__(self, pool: _ActorPool, run_id: str, config: ScanConfig, built: list[Any],
+                 in_flight_per_actor: int, max_retries: int, time_limit: float | None) -> None:
+        self.pool, self.run_id, self.config = pool, run_id, config
+        self.by_name = {d.name: d for d in built}
+        self.cap, self.max_retries, self.time_limit = in_flight_per_actor, max_retries, time_limit
+        n = len(pool.actors)
+        self.queues: list[deque[tuple[Any, _Task]]] = [deque() for _ in range(n)]
+        self.head_since = [0.0] * n
+        self.cooling_until = [0.0] * n  # an actor being restarted takes no work until then
+        self.todo: deque[_Task] = deque()
+
+    def _failure_rows(self, task: _Task, status: str, error: str) -> dict[str, Any]:
+        rows = [score_row(task.item.record, task.item.digest, self.by_name[name],
+                          self.config.detector_hash(self.by_name[name]), status,
+                          run_id=self.run_id, error=error, worker="driver")
+                for name in task.item.detectors]
+        return {"scores": rows, "triggers": []}
+
+    def _submit(self) -> None:
+        while self.todo:
+            task = self.todo[0]
+            now = time.monotonic()
+            ready = [i for i in range(len(self.queues)) if self.cooling_until[i] <= now]
+            if not ready:
                 return
-            item, attempt = queue.popleft()
-            ref = actors[idle].scan.remote(item, run_id)
-            in_flight[ref] = (idle, item, attempt)
-            load[idle] += 1
+            index = min(ready, key=lambda i: (len(self.queues[i]), i == task.avoid))
+            if len(self.queues[index]) >= self.cap:
+                return
+            self.todo.popleft()
+            if not self.queues[index]:
+                self.head_since[index] = time.monotonic()
+            ref = self.pool.actors[index].scan.remote(task.item, self.run_id)
+            self.queues[index].append((ref, task))
 
-    submit()
-    while in_flight:
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
-        ref = ready[0]
-        actor_index, item, attempt = in_flight.pop(ref)
-        load[actor_index] -= 1
-        try:
-            result = ray.get(ref)
-        except (RayActorError, WorkerCrashedError) as err:
-            if attempt < max_retries:
-                log.warning("model %s: worker died (%s); retrying", item.record.model_id, err)
-                queue.append((item, attempt + 1))
-                submit()
-                continue
-            result = {"scores": [score_row(
-                item.record, item.digest, by_name[name], config.detector_hash(by_name[name]),
-                "crashed", run_id=run_id,
-                error=f"worker died {attempt + 1} times: {type(err).__name__}: {err}")
-                for name in item.detectors], "triggers": []}
-        scores.write(result["scores"])
-        triggers.write(result["triggers"])
-        ok = all(r["status"] == "ok" for r in result["scores"])
-        for row in result["scores"]:
-            summary.status_counts[row["status"]] = summary.status_counts.get(row["status"], 0) + 1
-        summary.rows += len(result["scores"])
-        summary.models_scanned += 1
-        summary.failures += 0 if ok else 1
-        bar.update(ok=ok)
-        submit()
+    def _pop(self, index: int, ref: Any) -> tuple[_Task, bool]:
+        """Remove `ref` from its actor's queue: (its task, whether it was running = the head)."""
+        queue = self.queues[index]
+        for k, (r, task) in enumerate(queue):
+            if r == ref:
+                del queue[k]
+                self.head_since[index] = time.monotonic()
+                return task, k == 0
+        raise KeyError(ref)
+
+    def _expire(self, deliver: Callable[[dict[str, Any]], None]) -> None:
+        if not self.time_limit:
+            return
+        now = time.monotonic()
+        for index, queue in enumerate(self.queues):
+            if queue and now - self.head_since[index] > self.time_limit:
+                _, task = queue.popleft()
+                log.warning("model %s passed the time limit of %.0f s; restarting its actor",
+                            task.item.record.model_id, self.time_limit)
+                requeue = [t for _, t in queue]
+                queue.clear()
+                self.pool.restart(index)
+                self.todo.extendleft(reversed(requeue))
+                deliver(self._failure_rows(task, "timeout",
+                                           f"time limit of {self.time_limit} s exceeded"))
+
+    def run(self, pending: list[PlannedModel], deliver: Callable[[dict[str, Any]], None]) -> None:
+        self.todo.extend(_Task(item) for item in pending)
+        self._submit()
+        while any(self.queues) or self.todo:
+            refs = [ref for queue in self.queues for ref, _ in queue]
+            ready = ray.wait(refs, num_returns=1, timeout=1.0)[0] if refs else []
+            if not refs:
+                time.sleep(0.2)  # every actor is restarting
+            for ref in ready:
+                index = next(i for i, q in enumerate(self.queues) if any(r == ref for r, _ in q))
+                task, was_running = self._pop(index, ref)
+                try:
+                    deliver(ray.get(ref))
+                except (RayActorError, WorkerCrashedError) as err:
+                    self._after_worker_death(task, was_running, index, err, deliver)
+            self._expire(deliver)
+            self._submit()
+
+    def _after_worker_death(self, task: _Task, was_running: bool, index: int,
+                            err: Exception, deliver: Callable[[dict[str, Any]], None]) -> None:
+        """Only the model the dead worker was running is charged an attempt; those queued
+        behind it (or sent while it restarted) go back to the queue as they were."""
+        self.cooling_until[index] = time.monotonic() + 1.0
+        if isinstance(err, ActorUnavailableError) or not was_running:
+            self.todo.appendleft(_Task(task.item, task.attempt, avoid=index))
+        elif task.attempt < self.max_retries:
+            log.warning("model %s: worker died (%s); retrying on another actor",
+                        task.item.record.model_id, type(err).__name__)
+            self.todo.appendleft(_Task(task.item, task.attempt + 1, avoid=index))
+        else:
+            deliver(self._failure_rows(
+                task, "crashed", f"worker died {task.attempt + 1} times: "
+                                 f"{type(err).__name__}: {err}"))

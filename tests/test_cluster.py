@@ -1,0 +1,92 @@
+"""Cluster behaviour on a simulated two-node Ray cluster (ray.cluster_utils.Cluster), and fault
+tolerance: a worker killed mid-scan, a model past its time limit (the driver killed and re-run:
+test_resume.py)."""
+import os
+import signal
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from xray.config import parse_config
+from xray.results.sink import read_table
+from xray.results.schema import SCORE_KEY
+from xray.runner import run_scan
+from xray.runner.scan_run import ScanActor
+
+# Enough work per model (~1 s on one core) that a kill lands while models are in flight.
+CONFIG = parse_config({"seed": 0, "detectors": {"modelxray": {
+    "params": {"num_planes": 6, "resolution": 48}}}})
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """Head node with 1 CPU, second node with 1 CPU and 1 (logical) GPU."""
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+    cluster.add_node(num_cpus=1, num_gpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def _gpu_node(cluster):
+    return next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU"))
+
+
+def test_gpu_actor_lands_on_the_gpu_node(two_nodes):
+    actor = ScanActor.options(num_cpus=0, num_gpus=1).remote(CONFIG, 1)
+    where = ray.get(actor.where.remote())
+    assert where["node"] == _gpu_node(two_nodes)
+    assert len(where["gpus"]) == 1
+    ray.kill(actor)
+
+
+def test_scan_spreads_over_both_nodes(two_nodes, tiny_round, tmp_path):
+    round_dir, _ = tiny_round
+    summary = run_scan(str(round_dir / "manifest.csv"), str(tmp_path / "out"), CONFIG,
+                       num_cpus_per_actor=1, show_progress=False)
+    scores = read_table(str(tmp_path / "out"), "scores")
+    assert summary.models_scanned == len(scores) and (scores["status"] == "ok").all()
+    nodes = {w.split(":")[0] for w in scores["worker"]}
+    assert len(nodes) == 2, f"all models ran on {nodes}"
+
+
+def _one_row_per_key(scores):
+    assert not scores.duplicated(SCORE_KEY).any()
+
+
+def test_killed_worker_loses_and_duplicates_nothing(two_nodes, tiny_round, tmp_path):
+    round_dir, _ = tiny_round
+    killed = []
+
+    def kill_a_worker(result):
+        if not killed:  # the actor that just returned is busy with its next model: kill it
+            pid = int(result["scores"][0]["worker"].split(":")[-1])
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    out = str(tmp_path / "out")
+    summary = run_scan(str(round_dir / "manifest.csv"), out, CONFIG, num_cpus_per_actor=1,
+                       show_progress=False, on_result=kill_a_worker)
+    assert killed
+    raw = read_table(out, "scores", dedupe=False)
+    n_models = summary.models_total
+    assert len(raw) == n_models, "a model was lost or written twice"
+    _one_row_per_key(raw)
+    assert (raw["status"] == "ok").all()
+
+
+def test_time_limit_gives_timeout_rows(two_nodes, tiny_round, tmp_path):
+    round_dir, _ = tiny_round
+    slow = parse_config({"seed": 0, "model_time_limit_s": 0.5, "detectors": {"modelxray": {
+        "params": {"num_planes": 40, "resolution": 100}}}})
+    out = str(tmp_path / "out")
+    summary = run_scan(str(round_dir / "manifest.csv"), out, slow, num_actors=1,
+                       show_progress=False)
+    scores = read_table(out, "scores", dedupe=False)
+    assert len(scores) == summary.models_total
+    _one_row_per_key(scores)
+    assert (scores["status"] == "timeout").all()
+    assert scores["error"].str.contains("time limit").all()

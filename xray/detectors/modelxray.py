@@ -1,0 +1,432 @@
+"""Model X-ray: detect an all-to-one backdoor from the decision boundary on planes of clean data.
+
+Paper: Su et al., "Model X-ray: Detecting Backdoored Models via Decision Boundary", ACM MM 2024,
+https://arxiv.org/abs/2402.17465 (and its supplement). Reference code: SuYanghao/Model_X-ray,
+`modelxray.py` (first public version: N 20, R 100, seed 333) and
+`BackdoorBench-v2-merge/analysis/modelxray.py` (current: R 200, one demo plot, seed 42); plane
+code from somepago/dbViz. Spec: shared/specs/modelxray.md.
+
+Algorithm (per model):
+  1. N planes. Each: a triplet of clean examples with three different ground-truth labels
+     (uniform random index, rejected while its label is already in the triplet); in the model's
+     normalised input space z = data.normalize(x): origin x1, a = (x2-x1)/|x2-x1|,
+     u = Gram-Schmidt of (x3-x1) against a; in-plane coordinates (0,0), (|x2-x1|,0), (a.b, u.b).
+  2. Grid: c1 = linspace(min_x - eta*Lx, max_x + eta*Lx, R), c2 likewise; point (i, j) =
+     x1 + c1[i]*a + c2[j]*u (meshgrid 'ij'), not clipped; P[i, j] = argmax of the logits.
+  3. Per plane: RE = 1/(1-alpha) log2 sum_c p_c^alpha (alpha 10); ATS = sum_k A_k [A_k < T]
+     where A_k = area share of the 8-connected {P == y_k} component holding sample k's nearest
+     grid cell (0 if that cell predicts another label), T = 0.5.
+  4. Model: re = mean RE, ats = mean ATS over planes; lower = more suspicious (paper), so the
+     DetectorResult score is -re (or -ats with score_stat="ats"). Target = the label predicted on
+     most grid points over all planes; dominated_planes = planes where it is the top label.
+
+Shapes: data.x (n, C, H, W) pixel space; a plane's grid is R x R (R^2 model inputs); all
+N * R^2 points go through the model in batches of `batch_size`, each batch built on ctx.device
+by one matmul per plane it spans, (n, 2) coefficients @ (2, D) basis: no per-point Python.
+
+Deviations from the reference code, each on purpose:
+  - The model takes pixel space (normalisation folded in), so the plane is built in the
+    normalised space (data.normalize) and its points are mapped back to pixels before the
+    forward (no clipping); the reference feeds normalised points to a model without the
+    normalisation layer. Same function of the plane. The map back is data.mean / data.std folded
+    into the basis (see Batching), the same affine map as data.denormalize.
+  - Triplets are drawn from the clean examples the scan has (not BackdoorBench's clean test
+    split), with a seeded torch generator from ctx (salt "modelxray/triplets") instead of
+    Python's `random` seeded 333/42; indices and labels are recorded in stats.
+  - A collinear triplet (|x2 - x1| = 0, or the Gram-Schmidt residual below 1e-6 of |x3 - x1|)
+    is redrawn (the reference does not guard; it would divide by zero).
+  - Argmax of the logits, not of their softmax (identical except for float ties).
+  - Nearest grid cell: vectorised argmin of the squared distance (first flat index wins ties,
+    like the reference's strict `<` loop); the reference loops over R^2 points in Python.
+  - The reference stops at the per-plane RE / ATS lists; the means, the target label and the
+    dominated-plane count are our (inferred) model-level read-out, per the spec.
+  - Batching: all planes together in large batches instead of one DataLoader per plane with
+    batch 128; a batch is one matmul per plane it spans, with the (affine) denormalisation
+    folded into the basis: x1*std + mean + c1*(a*std) + c2*(u*std) instead of
+    denormalize(x1 + c1*a + c2*u); equal up to float rounding (ulps). On CPU the batch is laid
+    out channels_last (oneDNN's fast convolution path, ~2x on the MNTD CNNs); logits then differ
+    from a contiguous batch in the last bits only.
+  - batch_size None = 4096 on an accelerator, 128 on CPU (a big batch's activations fall out of
+    cache there, measured ~2x slower per point). Results do not depend on it beyond float
+    rounding of the forward.
+  - The model is put in eval mode for the scan and each submodule's mode is restored after.
+  - ctx.deadline is not used: a partial set of planes would be another statistic.
+
+Published thresholds (paper; eta 5, R 100, alpha 10, T 0.5; a model is flagged when its RE / ATS
+is BELOW the threshold, i.e. when score = -re is above -threshold): PUBLISHED_RE_THRESHOLDS,
+PUBLISHED_ATS_THRESHOLDS. They depend on class count and settings; calibrate on known-clean
+models where possible.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Sequence
+
+import numpy as np
+import torch
+
+from xray.detectors import register
+from xray.detectors.base import DetectorResult, ScanContext, ScanData
+
+# Paper thresholds (Su et al. 2024; eta 5, R 100, alpha 10, T 0.5). Lower RE / ATS = suspicious.
+PUBLISHED_RE_THRESHOLDS = {"cifar10": 0.873, "gtsrb": 2.040, "cifar100": 1.194}
+PUBLISHED_ATS_THRESHOLDS = {"cifar10": 0.184, "gtsrb": 0.134, "cifar100": 0.040}
+
+_COLLINEAR_RTOL = 1e-6
+_MAX_REDRAWS = 100
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-plane statistics: pure numpy, pinned by tests.
+
+
+def renyi_entropy(pred_grid: np.ndarray, num_classes: int, alpha: float) -> float:
+    """Renyi entropy (log base 2) of the label shares of a prediction grid.
+
+    pred_grid: integer array (any shape) of predicted labels; p_c = count_c / size. alpha = 1 is
+    the Shannon limit, alpha = inf the min-entropy. 0 when one label covers the grid; log2(k)
+    for k equal shares, for every alpha.
+    """
+    labels = np.asarray(pred_grid).ravel()
+    if labels.size == 0:
+        raise ValueError("renyi_entropy of an empty prediction grid is undefined")
+    counts = np.bincount(labels.astype(np.int64), minlength=int(num_classes))
+    p = counts[counts > 0] / labels.size
+    if alpha == 1:
+        return float(-(p * np.log2(p)).sum()) + 0.0
+    if math.isinf(alpha):
+        return float(-np.log2(p.max())) + 0.0
+    return float(np.log2(np.sum(p ** alpha)) / (1.0 - alpha)) + 0.0  # + 0.0: no -0.0
+
+
+def sample_areas(pred_grid: np.ndarray, sample_cells: np.ndarray,
+                 sample_labels: Sequence[int]) -> np.ndarray:
+    """A_k per sample: the share of the grid taken by the 8-connected component of
+    {pred_grid == y_k} containing sample k's cell (row, col); 0 if that cell predicts another
+    label."""
+    from skimage.measure import label as connected_components
+
+    grid = np.asarray(pred_grid)
+    areas = np.zeros(len(sample_labels), dtype=np.float64)
+    for k, (cell, y) in enumerate(zip(np.asarray(sample_cells, dtype=np.int64), sample_labels)):
+        row, col = int(cell[0]), int(cell[1])
+        if grid[row, col] != y:
+            continue
+        components = connected_components(grid == y, background=0, connectivity=2)
+        areas[k] = np.count_nonzero(components == components[row, col]) / grid.size
+    return areas
+
+
+def areas_of_triple_samples(pred_grid: np.ndarray, sample_cells: np.ndarray,
+                            sample_labels: Sequence[int], threshold: float) -> float:
+    """ATS = sum_k A_k * [A_k < threshold] (see sample_areas); in [0, 3 * threshold)."""
+    areas = sample_areas(pred_grid, sample_cells, sample_labels)
+    return float(areas[areas < threshold].sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# Planes.
+
+
+@dataclass(frozen=True)
+class Plane:
+    """One plane in the model's normalised input space. origin, a, u: flattened float32 (D,);
+    coords: (3, 2) in-plane coordinates of the samples; c1, c2: (R,) grid axes; cells: (3, 2)
+    (row, col) of the grid cell nearest each sample."""
+
+    origin: torch.Tensor
+    a: torch.Tensor
+    u: torch.Tensor
+    coords: np.ndarray
+    c1: torch.Tensor
+    c2: torch.Tensor
+    cells: np.ndarray
+    labels: tuple[int, int, int]
+    indices: tuple[int, int, int]
+
+
+def draw_triplet(y: torch.Tensor, generator: torch.Generator) -> tuple[list[int], list[int]]:
+    """Indices and labels of three examples with three different labels: uniform random index,
+    rejected while its label is already taken (reference get_random_images)."""
+    if len(torch.unique(y)) < 3:
+        raise ValueError(f"Model X-ray needs clean examples of at least 3 labels; got labels "
+                         f"{sorted(set(y.tolist()))}")
+    indices: list[int] = []
+    labels: list[int] = []
+    while len(indices) < 3:
+        idx = int(torch.randint(len(y), (1,), generator=generator).item())
+        label = int(y[idx])
+        if label not in labels:
+            indices.append(idx)
+            labels.append(label)
+    return indices, labels
+
+
+def nearest_cell(c1: np.ndarray, c2: np.ndarray, point: Sequence[float]) -> tuple[int, int]:
+    """(i, j) of the grid point (c1[i], c2[j]) nearest `point`; first flat index i*R+j wins ties."""
+    d2 = (np.asarray(c1, np.float64)[:, None] - float(point[0])) ** 2 \
+        + (np.asarray(c2, np.float64)[None, :] - float(point[1])) ** 2
+    flat = int(np.argmin(d2))
+    return flat // d2.shape[1], flat % d2.shape[1]
+
+
+def make_plane(z1: torch.Tensor, z2: torch.Tensor, z3: torch.Tensor, resolution: int,
+               eta: float) -> Plane | None:
+    """The plane through three (normalised) images, or None when they are collinear.
+    float32 Gram-Schmidt as the reference's get_plane / plane_dataset."""
+    x1, v2, v3 = (t.reshape(-1).to(torch.float32) for t in (z1, z2, z3))
+    a = v2 - x1
+    b = v3 - x1
+    a_norm = torch.dot(a, a).sqrt()
+    if not torch.isfinite(a_norm) or a_norm <= 0:
+        return None
+    a = a / a_norm
+    first = torch.dot(a, b)
+    u = b - first * a
+    u_norm = torch.dot(u, u).sqrt()
+    b_norm = torch.dot(b, b).sqrt()
+    if not torch.isfinite(u_norm) or u_norm <= _COLLINEAR_RTOL * b_norm:
+        return None
+    u = u / u_norm
+    second = torch.dot(b, u)
+    xs = torch.stack([torch.zeros(()), a_norm, first])
+    ys = torch.stack([torch.zeros(()), torch.zeros(()), second])
+    len1 = xs.max() - xs.min()
+    len2 = ys.max() - ys.min()
+    c1 = torch.linspace(float(xs.min() - eta * len1), float(xs.max() + eta * len1), int(resolution))
+    c2 = torch.linspace(float(ys.min() - eta * len2), float(ys.max() + eta * len2), int(resolution))
+    coords = torch.stack([xs, ys], dim=1).numpy().astype(np.float64)
+    cells = np.array([nearest_cell(c1.numpy(), c2.numpy(), p) for p in coords], dtype=np.int64)
+    return Plane(origin=x1, a=a, u=u, coords=coords, c1=c1, c2=c2, cells=cells,
+                 labels=(0, 0, 0), indices=(0, 0, 0))
+
+
+def draw_planes(data: ScanData, num_planes: int, resolution: int, eta: float,
+                generator: torch.Generator) -> list[Plane]:
+    """N planes, each from an independently drawn triplet; a collinear triplet is redrawn."""
+    x = data.x.detach().to("cpu", torch.float32)
+    y = data.y.detach().to("cpu")
+    planes: list[Plane] = []
+    for _ in range(int(num_planes)):
+        for _attempt in range(_MAX_REDRAWS):
+            indices, labels = draw_triplet(y, generator)
+            z = data.normalize(x[indices])
+            plane = make_plane(z[0], z[1], z[2], resolution, eta)
+            if plane is not None:
+                break
+        else:
+            raise ValueError(f"Model X-ray: {_MAX_REDRAWS} triplets in a row were collinear "
+                             "(duplicate or degenerate examples?)")
+        planes.append(dataclasses.replace(plane, labels=tuple(labels), indices=tuple(indices)))
+    return planes
+
+
+def _default_batch_size(device: torch.device) -> int:
+    return 128 if torch.device(device).type == "cpu" else 4096
+
+
+def _channel_stats(data: ScanData, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalisation's mean and std as float32 (C,) tensors (one value = every channel)."""
+    mean = torch.tensor(data.mean, dtype=torch.float32)
+    std = torch.tensor(data.std, dtype=torch.float32)
+    return mean.expand(channels).clone(), std.expand(channels).clone()
+
+
+@torch.inference_mode()
+def predict_planes(model: torch.nn.Module, data: ScanData, planes: Sequence[Plane],
+                   batch_size: int | None, device: torch.device | str) -> np.ndarray:
+    """P for every plane: int64 (N, R, R), P[p, i, j] = argmax model(denormalize(x1 + c1[i] a +
+    c2[j] u)). All N * R^2 points go through the model in batches of batch_size (None: see the
+    module docstring); each batch is one matmul per plane it spans on `device`:
+    [c1[i], c2[j]] @ [a * std; u * std] + (x1 * std + mean), i.e. the affine denormalisation
+    folded into the plane basis (equal to denormalising the normalised point up to float
+    rounding). On CPU the basis is stored channel-last, so the batch comes out channels_last."""
+    device = torch.device(device)
+    batch_size = int(batch_size or _default_batch_size(device))
+    if not planes:
+        return np.zeros((0, 0, 0), dtype=np.int64)
+    r = len(planes[0].c1)
+    per_plane = r * r
+    shape = tuple(int(s) for s in data.x.shape[1:])
+    channels_last = device.type == "cpu" and len(shape) == 3
+    if len(shape) == 3:
+        mean, std = _channel_stats(data, shape[0])
+        mean, std = mean.view(-1, 1, 1), std.view(-1, 1, 1)
+    else:  # not an image: denormalize is elementwise with one mean / std
+        mean, std = _channel_stats(data, 1)
+
+    def pixel_layout(t: torch.Tensor) -> torch.Tensor:  # (N, D) in the batch's memory order
+        t = t.view(len(planes), *shape)
+        return (t.permute(0, 2, 3, 1) if channels_last else t).reshape(len(planes), -1)
+
+    origins = torch.stack([p.origin for p in planes])
+    origin = pixel_layout(origins.view(len(planes), *shape) * std + mean).to(device)
+    basis = torch.stack([pixel_layout(torch.stack([p.a for p in planes]).view(-1, *shape) * std),
+                         pixel_layout(torch.stack([p.u for p in planes]).view(-1, *shape) * std)],
+                        dim=1).to(device)                                  # (N, 2, D)
+    c1 = torch.stack([p.c1 for p in planes])
+    c2 = torch.stack([p.c2 for p in planes])
+    coefs = torch.stack([c1[:, :, None].expand(-1, r, r), c2[:, None, :].expand(-1, r, r)],
+                        dim=-1).reshape(len(planes), per_plane, 2).to(device)  # meshgrid 'ij'
+    total = len(planes) * per_plane
+    dim = origin.shape[1]
+    preds = torch.empty(total, dtype=torch.int64)
+    for start in range(0, total, batch_size):
+        stop = min(start + batch_size, total)
+        batch = torch.empty(stop - start, dim, device=device)
+        for p in range(start // per_plane, (stop - 1) // per_plane + 1):
+            lo, hi = max(start, p * per_plane), min(stop, (p + 1) * per_plane)
+            torch.addmm(origin[p], coefs[p, lo - p * per_plane:hi - p * per_plane], basis[p],
+                        out=batch[lo - start:hi - start])
+        if channels_last:
+            h, w, c = shape[1], shape[2], shape[0]
+            batch = batch.view(-1, h, w, c).permute(0, 3, 1, 2)
+        else:
+            batch = batch.view(-1, *shape)
+        preds[start:stop] = model(batch).argmax(dim=1).cpu()
+    return preds.view(len(planes), r, r).numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Read-out.
+
+
+def summarise(pred_grids: np.ndarray, planes: Sequence[Plane], num_classes: int,
+              params: "ModelXray.Params", seed: int) -> DetectorResult:
+    """Per-plane RE / ATS, model-level means, target label and artifacts from the grids."""
+    pred_grids = np.asarray(pred_grids)
+    re_per_plane = [renyi_entropy(g, num_classes, params.alpha) for g in pred_grids]
+    ats_per_plane = [areas_of_triple_samples(g, p.cells, p.labels, params.ats_threshold)
+                     for g, p in zip(pred_grids, planes)]
+    width = max(int(num_classes), int(pred_grids.max()) + 1 if pred_grids.size else 0)
+    counts = np.stack([np.bincount(g.ravel(), minlength=width) for g in pred_grids])
+    total = counts.sum(axis=0)
+    target = int(np.argmax(total))
+    top = counts.argmax(axis=1)
+    re = float(np.mean(re_per_plane))
+    ats = float(np.mean(ats_per_plane))
+    score = -re if params.score_stat == "re" else -ats
+    stats: dict[str, Any] = {
+        "re": re, "ats": ats, "re_per_plane": re_per_plane, "ats_per_plane": ats_per_plane,
+        "target_label": target, "target_share": float(total[target] / total.sum()),
+        "dominated_planes": int(np.sum(top == target)), "seed": int(seed),
+        "num_planes": len(planes), "resolution": int(pred_grids.shape[-1]),
+        "triplet_indices": [list(p.indices) for p in planes],
+        "triplet_labels": [list(p.labels) for p in planes],
+        "published_thresholds": {"re": dict(PUBLISHED_RE_THRESHOLDS),
+                                 "ats": dict(PUBLISHED_ATS_THRESHOLDS)},
+    }
+    artifacts = {"planes": [
+        {"pred": g.astype(np.int32), "c1": p.c1.numpy().copy(), "c2": p.c2.numpy().copy(),
+         "sample_coords": p.coords.copy(), "sample_cells": p.cells.copy(),
+         "sample_labels": list(p.labels), "sample_indices": list(p.indices),
+         "dominating_label": int(top[n]), "dominating_share": float(counts[n].max() / g.size),
+         "re": re_per_plane[n], "ats": ats_per_plane[n]}
+        for n, (g, p) in enumerate(zip(pred_grids, planes))]}
+    return DetectorResult(score=float(score), target=target, stats=stats, artifacts=artifacts)
+
+
+@register("modelxray")
+class ModelXray:
+    """Model X-ray (Su et al., ACM MM 2024). score = -mean RE (or -mean ATS); higher = more
+    suspicious."""
+
+    name = "modelxray"
+    version = "1"
+
+    @dataclass(frozen=True)
+    class Params:
+        num_planes: int = 20          # N (first public version; current code: 1 demo plot)
+        resolution: int = 100         # R (first public version; current code: 200)
+        eta: float = 5.0              # expansion (range_l = range_r = 5)
+        alpha: float = 10.0           # Renyi order
+        ats_threshold: float = 0.5    # T
+        score_stat: str = "re"        # "re" -> score -re; "ats" -> score -ats
+        batch_size: int | None = None  # None: 4096 on an accelerator, 128 on CPU
+
+    presets = {
+        "small": {"num_planes": 4, "resolution": 32},
+        "reference": {},  # = the published defaults above
+        # Current reference code: R 200. Its num_plot default of 1 is a demo picture, not a
+        # detection setting, so N stays 20.
+        "current": {"resolution": 200},
+    }
+
+    def __init__(self, params: "ModelXray.Params | None" = None) -> None:
+        self.params = params if params is not None else self.Params()
+        if self.params.score_stat not in ("re", "ats"):
+            raise ValueError(f"modelxray: score_stat must be 're' or 'ats', "
+                             f"got {self.params.score_stat!r}")
+        if self.params.num_planes < 1 or self.params.resolution < 2:
+            raise ValueError("modelxray: num_planes >= 1 and resolution >= 2 required")
+
+    def score(self, model: torch.nn.Module, data: ScanData, ctx: ScanContext) -> DetectorResult:
+        p = self.params
+        planes = draw_planes(data, p.num_planes, p.resolution, p.eta,
+                             ctx.generator("modelxray/triplets"))
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            grids = predict_planes(model, data, planes, p.batch_size, ctx.device)
+        finally:
+            for m, training in modes:
+                m.training = training
+        return summarise(grids, planes, data.num_classes, p, ctx.seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Picture.
+
+
+def _class_colours(num_classes: int) -> list[tuple[float, ...]]:
+    from matplotlib import colormaps
+
+    if num_classes <= 10:
+        return [colormaps["tab10"](i) for i in range(num_classes)]
+    if num_classes <= 20:
+        return [colormaps["tab20"](i) for i in range(num_classes)]
+    cmap = colormaps["gist_rainbow"]  # the reference's choice for GTSRB / CIFAR-100
+    return [cmap(float(t)) for t in np.linspace(0.0, 1.0, num_classes)]
+
+
+def plot_planes(artifacts_planes: Sequence[dict[str, Any]], num_classes: int,
+                path_or_fileobj: str | BinaryIO, max_planes: int = 4) -> None:
+    """Draw up to max_planes decision-boundary planes as one PNG: one colour per class, the three
+    samples marked (o, ^, X), the dominating label and its share in each title."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    planes = list(artifacts_planes)[:max(1, int(max_planes))]
+    if not planes:
+        raise ValueError("plot_planes: no planes to draw")
+    width = max(int(num_classes), max(int(np.max(p["pred"])) + 1 for p in planes))
+    colours = _class_colours(width)
+    cmap = ListedColormap(colours)
+    fig = Figure(figsize=(4.2 * len(planes), 4.6))
+    FigureCanvasAgg(fig)
+    markers = ("o", "^", "X")
+    for n, plane in enumerate(planes):
+        ax = fig.add_subplot(1, len(planes), n + 1)
+        c1, c2 = np.asarray(plane["c1"]), np.asarray(plane["c2"])
+        ax.imshow(np.asarray(plane["pred"]).T, origin="lower", cmap=cmap, vmin=-0.5,
+                  vmax=width - 0.5, interpolation="nearest", aspect="auto",
+                  extent=(c1[0], c1[-1], c2[0], c2[-1]))
+        handles = []
+        for k, (xy, label) in enumerate(zip(plane["sample_coords"], plane["sample_labels"])):
+            ax.scatter([xy[0]], [xy[1]], s=90, marker=markers[k % 3], c=[colours[label]],
+                       edgecolors="black", linewidths=1.2, zorder=3)
+            handles.append(Line2D([], [], marker=markers[k % 3], linestyle="",
+                                  markerfacecolor=colours[label], markeredgecolor="black",
+                                  label=f"sample label {label}"))
+        ax.legend(handles=handles, loc="lower left", fontsize=7, framealpha=0.8)
+        ax.set_title(f"plane {n}: label {plane['dominating_label']} dominates "
+                     f"({100 * plane['dominating_share']:.0f}%)\n"
+                     f"RE {plane['re']:.3f}  ATS {plane['ats']:.3f}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path_or_fileobj, format="png", dpi=100)
