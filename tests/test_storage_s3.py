@@ -40,3 +40,24 @@ def test_round_written_to_s3_reads_back(s3_server):
     # Re-running against object storage skips what is there.
     again = build_round(parse_recipe(S3_RECIPE), round_uri, workers=1, show_progress=False)
     assert again.trained == 0 and again.skipped == 2
+
+
+def test_scan_from_s3_with_outputs_on_s3(s3_server, ray_local):
+    """Round, manifest, models, examples and result tables all on the S3 server."""
+    from xray.config import parse_config
+    from xray.runner import run_scan
+
+    round_uri = f"s3://{s3_server.bucket}/rounds/scan"
+    build_round(parse_recipe({**S3_RECIPE, "name": "s3-scan"}), round_uri, workers=1,
+                show_progress=False)
+    out = f"s3://{s3_server.bucket}/scans/run1"
+    config = parse_config({"detectors": {"modelxray": {"preset": "small"}}})
+    summary = run_scan(storage.join(round_uri, "manifest.csv"), out, config, show_progress=False)
+    assert summary.models_scanned == 2
+    scores = pd.read_parquet(
+        f"{out}/scores", storage_options={"client_kwargs": {"endpoint_url": s3_server.endpoint}})
+    assert sorted(scores["model_id"]) == ["id-00000000", "id-00000001"]
+    assert (scores["status"] == "ok").all(), scores["error"].tolist()
+    # Nothing temporary is left behind on the object store.
+    fs, path = storage.filesystem(out)
+    assert not [p for p in fs.find(path) if "/." in p]

@@ -169,13 +169,22 @@ def run_scan(manifest_uri: str, out_uri: str, config: ScanConfig, *, address: st
     return summary
 
 
+# Storage settings a worker needs to read what the driver reads; forwarded when the driver has
+# them (a cluster whose nodes carry their own credentials simply leaves them unset).
+FORWARDED_ENV = ("XRAY_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                 "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_PROFILE")
+
+
 class _ActorPool:
     """The scan actors; each restarts (Ray max_restarts) when its process dies."""
 
     def __init__(self, config: ScanConfig, n: int, num_cpus: float, num_gpus: float) -> None:
         threads = int(max(1, num_cpus))
-        self.actors = [ScanActor.options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1)
-                       .remote(config, threads) for _ in range(n)]
+        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+        options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_restarts": -1}
+        if env:
+            options["runtime_env"] = {"env_vars": env}
+        self.actors = [ScanActor.options(**options).remote(config, threads) for _ in range(n)]
 
     def restart(self, index: int) -> None:
         """Kill actor `index` (e.g. stuck past its time limit); Ray restarts it."""
