@@ -78,3 +78,17 @@ def test_corrupt_model_gives_error_row_others_scored(tiny_round, ray_local, tmp_
     others = scores.drop(index=broken.model_id)
     assert len(others) == len(records) - 1 and (others["status"] == "ok").all()
     assert np.isfinite(others["score"].to_numpy(dtype=float)).all()
+
+
+def test_stacked_scan_gives_the_same_scores(scanned, tmp_path):
+    """Same-architecture stacks (one vmapped Model X-ray pass) score exactly as one by one."""
+    round_dir, out, _ = scanned
+    stacked = tmp_path / "stacked"
+    summary = run_scan(str(round_dir / "manifest.csv"), str(stacked), CONFIG, stack_size=4,
+                       show_progress=False)
+    assert summary.models_scanned == summary.models_total
+    one = read_table(str(out), "scores").set_index("model_id")
+    many = read_table(str(stacked), "scores").set_index("model_id")
+    assert (many["status"] == "ok").all()
+    assert np.allclose(many.loc[one.index, "score"], one["score"], rtol=1e-6)
+    assert (many.loc[one.index, "predicted_target"] == one["predicted_target"]).all()

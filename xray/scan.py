@@ -125,46 +125,90 @@ def scan_model(record: ModelRecord, detectors: Sequence[Any], config: ScanConfig
                keep_artifacts: bool = False) -> dict[str, Any]:
     """Run every detector on one model. Returns {"scores": rows, "triggers": rows} and, with
     keep_artifacts, {"artifacts": {detector: DetectorResult.artifacts}} (for pictures)."""
-    hashes = {d.name: config.detector_hash(d) for d in detectors}
-    out: dict[str, Any] = {"scores": [], "triggers": [], "artifacts": {}}
+    return scan_stack([record], detectors, config, digests=[digest], run_id=run_id,
+                      worker=worker, keep_artifacts=keep_artifacts)[0]
 
-    def fail_all(err: BaseException, digest: str) -> dict[str, Any]:
-        text = _error_text(err)
-        out["scores"] = [score_row(record, digest, d, hashes[d.name], "error", run_id=run_id,
-                                   error=text, worker=worker) for d in detectors]
-        return out
 
-    try:
-        digest = digest or model_fingerprint(record.uri)
-    except Exception as err:  # unreadable URI: an error row, not a crashed run
-        return fail_all(err, "unreadable")
-    device = resolve_device(config.device)
-    try:
-        model = load_model(record, allow_pickle=config.allow_pickle, device=str(device))
-        x, y = load_examples(record, max_per_class=config.examples_per_class)
-    except Exception as err:
-        return fail_all(err, digest)
+def _load_inputs(record: ModelRecord, config: ScanConfig, device: torch.device):
+    model = load_model(record, allow_pickle=config.allow_pickle, device=str(device))
+    x, y = load_examples(record, max_per_class=config.examples_per_class)
     data = ScanData(x=x.to(device), y=y.to(device), num_classes=record.num_classes,
                     mean=tuple(record.mean), std=tuple(record.std))
+    return model, data
+
+
+def scan_stack(records: Sequence[ModelRecord], detectors: Sequence[Any], config: ScanConfig, *,
+               digests: Sequence[str | None] | None = None, run_id: str = "", worker: str = "",
+               keep_artifacts: bool = False) -> list[dict[str, Any]]:
+    """`scan_model` for several models at once (one result per record, same order). Detectors
+    that offer `score_stack(models, datas, ctx)` score the models that loaded in one pass (the
+    caller groups models of one architecture); the others, or a stack that fails, go one by one.
+    """
+    device = resolve_device(config.device)
+    hashes = {d.name: config.detector_hash(d) for d in detectors}
+    digests = list(digests or [None] * len(records))
+    outs = [{"scores": [], "triggers": [], "artifacts": {}} for _ in records]
+    loaded: list[tuple[int, Any, ScanData]] = []
+    for k, record in enumerate(records):
+        try:
+            digests[k] = digests[k] or model_fingerprint(record.uri)
+        except Exception as err:  # unreadable URI: an error row, not a crashed run
+            digests[k] = "unreadable"
+            outs[k]["scores"] = _error_rows(record, "unreadable", detectors, hashes, err,
+                                            run_id, worker)
+            continue
+        try:
+            model, data = _load_inputs(record, config, device)
+        except Exception as err:
+            outs[k]["scores"] = _error_rows(record, digests[k], detectors, hashes, err,
+                                            run_id, worker)
+            continue
+        loaded.append((k, model, data))
+
     for detector in detectors:
         ctx = ScanContext(device=device, seed=config.seed,
                           logger=logging.getLogger(f"xray.detector.{detector.name}"))
-        started = time.perf_counter()
-        try:
-            result = detector.score(model, data, ctx)
-        except Exception as err:
-            log.warning("detector %s failed on %s: %s", detector.name, record.model_id, err)
+        results: dict[int, tuple[Any, float]] = {}
+        if hasattr(detector, "score_stack") and len(loaded) > 1:
+            started = time.perf_counter()
+            try:
+                stacked = detector.score_stack([m for _, m, _ in loaded],
+                                               [d for _, _, d in loaded], ctx)
+                each = (time.perf_counter() - started) / len(loaded)
+                results = {k: (r, each) for (k, _, _), r in zip(loaded, stacked)}
+            except Exception as err:  # score them one by one instead
+                log.warning("%s: stacked scoring failed (%s); one model at a time",
+                            detector.name, err)
+        for k, model, data in loaded:
+            record, out = records[k], outs[k]
+            if k not in results:
+                started = time.perf_counter()
+                try:
+                    results[k] = (detector.score(model, data, ctx), time.perf_counter() - started)
+                except Exception as err:
+                    log.warning("detector %s failed on %s: %s", detector.name,
+                                record.model_id, err)
+                    out["scores"].append(score_row(
+                        record, digests[k], detector, hashes[detector.name], "error",
+                        run_id=run_id, error=_error_text(err),
+                        seconds=time.perf_counter() - started, worker=worker))
+                    continue
+            result, seconds = results[k]
             out["scores"].append(score_row(
-                record, digest, detector, hashes[detector.name], "error", run_id=run_id,
-                error=_error_text(err), seconds=time.perf_counter() - started, worker=worker))
-            continue
-        seconds = time.perf_counter() - started
-        out["scores"].append(score_row(
-            record, digest, detector, hashes[detector.name], "ok", run_id=run_id,
-            score=result.score, target=result.target, stats=result.stats, seconds=seconds,
-            worker=worker))
-        out["triggers"].extend(trigger_rows(record, digest, detector, hashes[detector.name],
-                                            result.triggers, run_id=run_id))
-        if keep_artifacts:
-            out["artifacts"][detector.name] = result.artifacts
-    return out
+                record, digests[k], detector, hashes[detector.name], "ok", run_id=run_id,
+                score=result.score, target=result.target, stats=result.stats, seconds=seconds,
+                worker=worker))
+            out["triggers"].extend(trigger_rows(record, digests[k], detector,
+                                                hashes[detector.name], result.triggers,
+                                                run_id=run_id))
+            if keep_artifacts:
+                out["artifacts"][detector.name] = result.artifacts
+    return outs
+
+
+def _error_rows(record: ModelRecord, digest: str, detectors: Sequence[Any],
+                hashes: dict[str, str], err: BaseException, run_id: str,
+                worker: str) -> list[dict[str, Any]]:
+    text = _error_text(err)
+    return [score_row(record, digest, d, hashes[d.name], "error", run_id=run_id, error=text,
+                      worker=worker) for d in detectors]

@@ -59,6 +59,7 @@ models where possible.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -237,16 +238,53 @@ def _channel_stats(data: ScanData, channels: int) -> tuple[torch.Tensor, torch.T
 @torch.inference_mode()
 def predict_planes(model: torch.nn.Module, data: ScanData, planes: Sequence[Plane],
                    batch_size: int | None, device: torch.device | str) -> np.ndarray:
-    """P for every plane: int64 (N, R, R), P[p, i, j] = argmax model(denormalize(x1 + c1[i] a +
+    """P for every plane: int64 (N, R, R) (see `plane_batches` for how points are built)."""
+    if not planes:
+        return np.zeros((0, 0, 0), dtype=np.int64)
+    r = len(planes[0].c1)
+    preds = torch.empty(len(planes) * r * r, dtype=torch.int64)
+    for start, stop, batch in plane_batches(data, planes, batch_size, device):
+        preds[start:stop] = model(batch).argmax(dim=1).cpu()
+    return preds.view(len(planes), r, r).numpy()
+
+
+def predict_planes_stacked(models: Sequence[torch.nn.Module], datas: Sequence[ScanData],
+                           planes: Sequence[Sequence[Plane]], batch_size: int | None,
+                           device: torch.device | str) -> list[np.ndarray]:
+    """`predict_planes` for K models of one architecture at once: their weights stacked
+    (torch.func.stack_module_state) and one vmapped forward per batch over K models' points.
+    Each model keeps its own planes; every model must have the same N and R."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    params, buffers = stack_module_state(list(models))
+    skeleton = copy.deepcopy(models[0]).to("meta")
+
+    def forward(p, b, x):
+        return functional_call(skeleton, (p, b), (x,))
+
+    stacked = vmap(forward)
+    r = len(planes[0][0].c1)
+    total = len(planes[0]) * r * r
+    preds = torch.empty(len(models), total, dtype=torch.int64)
+    streams = [plane_batches(d, pl, batch_size, device) for d, pl in zip(datas, planes)]
+    for chunks in zip(*streams):
+        start, stop = chunks[0][0], chunks[0][1]
+        batch = torch.stack([c[2] for c in chunks])
+        preds[:, start:stop] = stacked(params, buffers, batch).argmax(dim=-1).cpu()
+    return [p.view(len(planes[0]), r, r).numpy() for p in preds]
+
+
+def plane_batches(data: ScanData, planes: Sequence[Plane], batch_size: int | None,
+                  device: torch.device | str):
+    """The grid points of every plane, in batches: point (p, i, j) = denormalize(x1 + c1[i] a +
     c2[j] u)). All N * R^2 points go through the model in batches of batch_size (None: see the
     module docstring); each batch is one matmul per plane it spans on `device`:
     [c1[i], c2[j]] @ [a * std; u * std] + (x1 * std + mean), i.e. the affine denormalisation
     folded into the plane basis (equal to denormalising the normalised point up to float
-    rounding). On CPU the basis is stored channel-last, so the batch comes out channels_last."""
+    rounding). On CPU the basis is stored channel-last, so the batch comes out channels_last.
+    Yields (start, stop, batch) over the flat point index of all planes."""
     device = torch.device(device)
     batch_size = int(batch_size or _default_batch_size(device))
-    if not planes:
-        return np.zeros((0, 0, 0), dtype=np.int64)
     r = len(planes[0].c1)
     per_plane = r * r
     shape = tuple(int(s) for s in data.x.shape[1:])
@@ -272,7 +310,6 @@ def predict_planes(model: torch.nn.Module, data: ScanData, planes: Sequence[Plan
                         dim=-1).reshape(len(planes), per_plane, 2).to(device)  # meshgrid 'ij'
     total = len(planes) * per_plane
     dim = origin.shape[1]
-    preds = torch.empty(total, dtype=torch.int64)
     for start in range(0, total, batch_size):
         stop = min(start + batch_size, total)
         batch = torch.empty(stop - start, dim, device=device)
@@ -285,8 +322,7 @@ def predict_planes(model: torch.nn.Module, data: ScanData, planes: Sequence[Plan
             batch = batch.view(-1, h, w, c).permute(0, 3, 1, 2)
         else:
             batch = batch.view(-1, *shape)
-        preds[start:stop] = model(batch).argmax(dim=1).cpu()
-    return preds.view(len(planes), r, r).numpy()
+        yield start, stop, batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,6 +410,19 @@ class ModelXray:
             for m, training in modes:
                 m.training = training
         return summarise(grids, planes, data.num_classes, p, ctx.seed)
+
+    def score_stack(self, models: Sequence[torch.nn.Module], datas: Sequence[ScanData],
+                    ctx: ScanContext) -> list[DetectorResult]:
+        """Score K models of one architecture in one vmapped pass; each result equals `score`
+        on that model alone (same seed, same planes)."""
+        p = self.params
+        planes = [draw_planes(d, p.num_planes, p.resolution, p.eta,
+                              ctx.generator("modelxray/triplets")) for d in datas]
+        for m in models:
+            m.eval()
+        grids = predict_planes_stacked(models, datas, planes, p.batch_size, ctx.device)
+        return [summarise(g, pl, d.num_classes, p, ctx.seed)
+                for g, pl, d in zip(grids, planes, datas)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from xray.io.manifest import manifest_digest, read_manifest
 from xray.progress import Progress
 from xray.results.sink import ParquetSink, write_part
 from xray.runner.plan import PlannedModel, plan
-from xray.scan import scan_model, score_row
+from xray.scan import scan_stack, score_row
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,9 @@ class RunSummary:
     rows: int = 0
     status_counts: dict[str, int] = field(default_factory=dict)
     failures_by_node: dict[str, int] = field(default_factory=dict)
+    actor_seconds: float = 0.0  # time actors spent inside scan_model, summed
+    schedule_seconds: float = 0.0  # wall time from the first submission to the last result
+    num_actors: int = 0
 
     def record(self, rows: list[dict[str, Any]]) -> None:
         """Account one model's rows."""
@@ -75,10 +78,17 @@ class ScanActor:
         # node:host:pid — the node id tells simulated nodes on one host apart.
         self.worker = f"{node}:{socket.gethostname()}:{os.getpid()}"
 
-    def scan(self, item: PlannedModel, run_id: str) -> dict[str, Any]:
-        detectors = [self.detectors[name] for name in item.detectors]
-        return scan_model(item.record, detectors, self.config, digest=item.digest,
-                          run_id=run_id, worker=self.worker)
+    def scan(self, items: tuple[PlannedModel, ...], run_id: str) -> list[dict[str, Any]]:
+        """One model, or a stack of models of one architecture with the same pending
+        detectors (scored together where a detector supports it)."""
+        started = time.perf_counter()
+        detectors = [self.detectors[name] for name in items[0].detectors]
+        results = scan_stack([i.record for i in items], detectors, self.config,
+                             digests=[i.digest for i in items], run_id=run_id,
+                             worker=self.worker)
+        for result in results:
+            result["actor_seconds"] = (time.perf_counter() - started) / len(items)
+        return results
 
     def where(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
@@ -114,13 +124,15 @@ def run_scan(manifest_uri: str, out_uri: str, config: ScanConfig, *, address: st
              num_actors: int | None = None, num_cpus_per_actor: float = 1,
              num_gpus_per_actor: float = 0, in_flight_per_actor: int = 2, max_retries: int = 2,
              retry_errors: bool = False, show_progress: bool = True,
-             run_id: str | None = None, flush_seconds: float = 10.0,
+             run_id: str | None = None, flush_seconds: float = 10.0, stack_size: int = 1,
              on_result: Callable[[dict[str, Any]], None] | None = None) -> RunSummary:
     """Scan every model of the manifest not yet scored with `config`; rows stream to
     <out>/scores and <out>/triggers. `on_result` is called with each model's rows as they land
     (progress hooks for jobs). Rows become durable (a Parquet part) at least every
     `flush_seconds`; a driver killed mid-run loses at most that window, which the next run of
-    the same command scans again."""
+    the same command scans again. `stack_size` > 1 sends up to that many models of one
+    architecture to an actor together (Model X-ray scores them in one vmapped pass: worth it on
+    a GPU, where one small model leaves the device idle)."""
     started = time.monotonic()
     started_at = dt.datetime.now(dt.timezone.utc)
     records = read_manifest(manifest_uri)
@@ -154,14 +166,18 @@ def run_scan(manifest_uri: str, out_uri: str, config: ScanConfig, *, address: st
                 scores.write(result["scores"])
                 triggers.write(result["triggers"])
                 summary.record(result["scores"])
+                summary.actor_seconds += result.get("actor_seconds", 0.0)
                 by_node = summary.failures_by_node
                 bar.update(ok=all(r["status"] == "ok" for r in result["scores"]),
                            **({"failures_by_node": by_node} if len(by_node) > 1 else {}))
                 if on_result:
                     on_result(result)
 
+            scheduling_started = time.monotonic()
             _Scheduler(pool, run_id, config, built, in_flight_per_actor, max_retries,
-                       config.model_time_limit_s).run(pending, deliver)
+                       config.model_time_limit_s).run(stacks(pending, stack_size), deliver)
+            summary.schedule_seconds = time.monotonic() - scheduling_started
+            summary.num_actors = num_actors
         pool.shutdown()
     write_part(out_uri, "runs", run_id,
                [{**runs_row, "finished_at": dt.datetime.now(dt.timezone.utc)}])
@@ -173,6 +189,19 @@ def run_scan(manifest_uri: str, out_uri: str, config: ScanConfig, *, address: st
 # them (a cluster whose nodes carry their own credentials simply leaves them unset).
 FORWARDED_ENV = ("XRAY_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                  "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_PROFILE")
+
+
+def stacks(pending: list[PlannedModel], size: int) -> list[tuple[PlannedModel, ...]]:
+    """Units of work: single models, or up to `size` models sharing architecture, class count,
+    input shape and pending detectors (in plan order within each group)."""
+    if size <= 1:
+        return [(item,) for item in pending]
+    groups: dict[tuple, list[PlannedModel]] = {}
+    for item in pending:
+        r = item.record
+        groups.setdefault((r.architecture, r.num_classes, tuple(r.input_shape),
+                           item.detectors), []).append(item)
+    return [tuple(g[i:i + size]) for g in groups.values() for i in range(0, len(g), size)]
 
 
 class _ActorPool:
@@ -197,7 +226,7 @@ class _ActorPool:
 
 @dataclass
 class _Task:
-    item: PlannedModel
+    items: tuple[PlannedModel, ...]  # one model, or a stack
     attempt: int = 0
     avoid: int | None = None  # actor it last died on: retry elsewhere when there is a choice
 
@@ -221,12 +250,12 @@ class _Scheduler:
         self.cooling_until = [0.0] * n  # an actor being restarted takes no work until then
         self.todo: deque[_Task] = deque()
 
-    def _failure_rows(self, task: _Task, status: str, error: str) -> dict[str, Any]:
-        rows = [score_row(task.item.record, task.item.digest, self.by_name[name],
-                          self.config.detector_hash(self.by_name[name]), status,
-                          run_id=self.run_id, error=error, worker="driver")
-                for name in task.item.detectors]
-        return {"scores": rows, "triggers": []}
+    def _failure_rows(self, task: _Task, status: str, error: str) -> list[dict[str, Any]]:
+        return [{"scores": [score_row(item.record, item.digest, self.by_name[name],
+                                      self.config.detector_hash(self.by_name[name]), status,
+                                      run_id=self.run_id, error=error, worker="driver")
+                            for name in item.detectors], "triggers": []}
+                for item in task.items]
 
     def _submit(self) -> None:
         while self.todo:
@@ -241,7 +270,7 @@ class _Scheduler:
             self.todo.popleft()
             if not self.queues[index]:
                 self.head_since[index] = time.monotonic()
-            ref = self.pool.actors[index].scan.remote(task.item, self.run_id)
+            ref = self.pool.actors[index].scan.remote(task.items, self.run_id)
             self.queues[index].append((ref, task))
 
     def _pop(self, index: int, ref: Any) -> tuple[_Task, bool]:
@@ -262,16 +291,18 @@ class _Scheduler:
             if queue and now - self.head_since[index] > self.time_limit:
                 _, task = queue.popleft()
                 log.warning("model %s passed the time limit of %.0f s; restarting its actor",
-                            task.item.record.model_id, self.time_limit)
+                            _names(task), self.time_limit)
                 requeue = [t for _, t in queue]
                 queue.clear()
                 self.pool.restart(index)
                 self.todo.extendleft(reversed(requeue))
-                deliver(self._failure_rows(task, "timeout",
-                                           f"time limit of {self.time_limit} s exceeded"))
+                for result in self._failure_rows(task, "timeout",
+                                                 f"time limit of {self.time_limit} s exceeded"):
+                    deliver(result)
 
-    def run(self, pending: list[PlannedModel], deliver: Callable[[dict[str, Any]], None]) -> None:
-        self.todo.extend(_Task(item) for item in pending)
+    def run(self, units: list[tuple[PlannedModel, ...]],
+            deliver: Callable[[dict[str, Any]], None]) -> None:
+        self.todo.extend(_Task(unit) for unit in units)
         self._submit()
         while any(self.queues) or self.todo:
             refs = [ref for queue in self.queues for ref, _ in queue]
@@ -282,9 +313,12 @@ class _Scheduler:
                 index = next(i for i, q in enumerate(self.queues) if any(r == ref for r, _ in q))
                 task, was_running = self._pop(index, ref)
                 try:
-                    deliver(ray.get(ref))
+                    results = ray.get(ref)
                 except (RayActorError, WorkerCrashedError) as err:
                     self._after_worker_death(task, was_running, index, err, deliver)
+                    continue
+                for result in results:
+                    deliver(result)
             self._expire(deliver)
             self._submit()
 
@@ -294,12 +328,16 @@ class _Scheduler:
         behind it (or sent while it restarted) go back to the queue as they were."""
         self.cooling_until[index] = time.monotonic() + 1.0
         if isinstance(err, ActorUnavailableError) or not was_running:
-            self.todo.appendleft(_Task(task.item, task.attempt, avoid=index))
+            self.todo.appendleft(_Task(task.items, task.attempt, avoid=index))
         elif task.attempt < self.max_retries:
             log.warning("model %s: worker died (%s); retrying on another actor",
-                        task.item.record.model_id, type(err).__name__)
-            self.todo.appendleft(_Task(task.item, task.attempt + 1, avoid=index))
+                        _names(task), type(err).__name__)
+            self.todo.appendleft(_Task(task.items, task.attempt + 1, avoid=index))
         else:
-            deliver(self._failure_rows(
-                task, "crashed", f"worker died {task.attempt + 1} times: "
-                                 f"{type(err).__name__}: {err}"))
+            for result in self._failure_rows(task, "crashed", f"worker died {task.attempt + 1} "
+                                             f"times: {type(err).__name__}: {err}"):
+                deliver(result)
+
+
+def _names(task: _Task) -> str:
+    return ", ".join(item.record.model_id for item in task.items)
