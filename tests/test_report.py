@@ -1,0 +1,326 @@
+"""The HTML report: a real scan's report opened in headless Chromium, runs without ground truth,
+inverted triggers from the `triggers` table, and the drill-down cap of large runs.
+
+Chromium is Debian's `chromium`; when it is missing the set-up installs it with apt-get (as
+root), and the test is skipped only when apt-get itself is unavailable. The browser is driven
+over the DevTools protocol (aiohttp's websocket client): every request the page makes is
+recorded, the images are checked as decoded by the browser, and a full-page screenshot is kept
+at tests/_output/report/report.png for people to look at.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from xray.reduce.report import render_report, select_drilldown
+from xray.reduce.summary import load_scores, unit_frames
+from xray.results.schema import SCORES
+from xray.results.sink import write_part
+
+OUTPUT = Path(__file__).resolve().parent / "_output" / "report"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run",
+                  "--disable-default-apps", "--mute-audio", "--hide-scrollbars"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Chromium
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """Path of Debian's chromium, installed with apt-get when missing."""
+    found = shutil.which("chromium")
+    if found:
+        return found
+    apt = shutil.which("apt-get")
+    if apt is None:
+        pytest.skip("apt-get is unavailable here, so Debian's chromium cannot be installed")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run([apt, "update"], check=True, env=env, capture_output=True, timeout=600)
+    subprocess.run([apt, "install", "-y", "chromium"], check=True,
+                   env=env, capture_output=True, timeout=1200)
+    found = shutil.which("chromium")
+    assert found, "apt-get install chromium succeeded but no chromium on PATH"
+    return found
+
+
+class _Page:
+    """A minimal DevTools-protocol client for one page target."""
+
+    def __init__(self, ws) -> None:
+        self.ws = ws
+        self.next_id = 0
+        self.events: list[dict] = []
+
+    async def call(self, method: str, **params):
+        self.next_id += 1
+        my_id = self.next_id
+        await self.ws.send_json({"id": my_id, "method": method, "params": params})
+        while True:
+            message = await self.ws.receive_json(timeout=120)
+            if message.get("id") == my_id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message.get("result", {})
+            if "method" in message:
+                self.events.append(message)
+
+    async def wait_for(self, method: str, timeout: float = 120) -> dict:
+        for event in self.events:
+            if event["method"] == method:
+                return event
+        while True:
+            message = await self.ws.receive_json(timeout=timeout)
+            if "method" in message:
+                self.events.append(message)
+                if message["method"] == method:
+                    return message
+
+
+_PAGE_CHECKS = """(() => {
+  const decoded = img => img.complete && img.naturalWidth > 0;
+  const roc = document.querySelector('#roc-plot');
+  const drills = [...document.querySelectorAll('section.drill')].map(s => ({
+    id: s.dataset.modelId, truth: s.dataset.truth,
+    planes: [...s.querySelectorAll('img.planes')].map(decoded),
+    triggers: [...s.querySelectorAll('img.triggers')].map(decoded),
+    text: s.innerText}));
+  return JSON.stringify({
+    title: document.title,
+    roc: roc ? decoded(roc) : null,
+    images: [...document.images].length,
+    broken: [...document.images].filter(i => !decoded(i)).length,
+    external: [...document.querySelectorAll('[src],[href]')].map(e => e.getAttribute('src') ||
+        e.getAttribute('href')).filter(u => !u.startsWith('data:') && !u.startsWith('#')),
+    drills: drills,
+    height: document.documentElement.scrollHeight});
+})()"""
+
+
+async def _inspect(chromium: str, url: str, screenshot: Path) -> dict:
+    import aiohttp
+
+    profile = tempfile.mkdtemp(prefix="xray-chromium-")
+    proc = await asyncio.create_subprocess_exec(
+        chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
+        "--window-size=1400,1000", "about:blank",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        endpoint = None
+        while endpoint is None:
+            line = await asyncio.wait_for(proc.stderr.readline(), timeout=120)
+            if not line:
+                raise RuntimeError("chromium exited before opening its DevTools endpoint")
+            found = re.search(rb"DevTools listening on (ws://\S+)", line)
+            if found:
+                endpoint = found.group(1).decode()
+        port = re.search(r":(\d+)/", endpoint).group(1)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/json/list") as response:
+                targets = await response.json()
+            page_ws = next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
+            async with session.ws_connect(page_ws, max_msg_size=0) as ws:
+                page = _Page(ws)
+                for domain in ("Page", "Network", "Runtime", "Log"):
+                    await page.call(f"{domain}.enable")
+                navigated = await page.call("Page.navigate", url=url)
+                assert "errorText" not in navigated, navigated
+                await page.wait_for("Page.loadEventFired")
+                checks = json.loads((await page.call(
+                    "Runtime.evaluate", expression=_PAGE_CHECKS, returnByValue=True))
+                    ["result"]["value"])
+                width = 1400
+                height = min(int(checks["height"]), 16000)
+                await page.call("Emulation.setDeviceMetricsOverride", width=width, height=height,
+                                deviceScaleFactor=1, mobile=False)
+                shot = await page.call("Page.captureScreenshot", format="png",
+                                       captureBeyondViewport=True)
+                screenshot.write_bytes(base64.b64decode(shot["data"]))
+                events = page.events
+    finally:
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), timeout=30)
+        except asyncio.TimeoutError:
+            proc.kill()
+        shutil.rmtree(profile, ignore_errors=True)
+    requests = {e["params"]["requestId"]: e["params"]["request"]["url"]
+                for e in events if e["method"] == "Network.requestWillBeSent"}
+    failed = [(requests.get(e["params"]["requestId"]), e["params"].get("errorText"))
+              for e in events if e["method"] == "Network.loadingFailed"]
+    bad_status = [(e["params"]["response"]["url"], e["params"]["response"]["status"])
+                  for e in events if e["method"] == "Network.responseReceived"
+                  and e["params"]["response"].get("status", 200) >= 400]
+    exceptions = [e for e in events if e["method"] == "Runtime.exceptionThrown"]
+    return {**checks, "requests": list(requests.values()), "failed": failed,
+            "bad_status": bad_status, "exceptions": exceptions}
+
+
+# ---------------------------------------------------------------------------------------------
+# The report of a real scan, in a browser
+
+
+def test_report_of_a_real_scan_in_chromium(scanned_tiny, chromium):
+    out, round_dir, _ = scanned_tiny
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    html_path = OUTPUT / "report.html"
+    written = render_report(str(out), html_path=str(html_path))
+    assert written == str(html_path)
+    html = html_path.read_text()
+    assert "http://" not in html and "https://" not in html and "<script" not in html
+
+    page = asyncio.run(_inspect(chromium, html_path.as_uri(), OUTPUT / "report.png"))
+
+    # loaded, nothing failed, nothing outside the file itself
+    assert page["title"].startswith("xray report")
+    assert page["failed"] == [] and page["bad_status"] == [] and page["exceptions"] == []
+    assert page["external"] == []
+    assert all(u.startswith(("file:", "data:")) for u in page["requests"]), page["requests"]
+    assert page["broken"] == 0 and page["images"] >= 4
+    assert page["roc"] is True  # the ROC image is there and decodes
+
+    # the drill-down of a trojaned model: planes re-run and drawn, ground-truth trigger shown
+    truth = {p.name: json.loads((p / "config.json").read_text())["poisoned"]
+             for p in round_dir.iterdir() if (p / "config.json").is_file()}
+    drills = {d["id"]: d for d in page["drills"]}
+    trojaned = [d for d in drills.values() if d["truth"] == "trojaned"]
+    assert trojaned, f"no trojaned model in the drill-down: {sorted(drills)}"
+    for d in drills.values():
+        assert truth[d["id"]] == (d["truth"] == "trojaned")
+    drill = trojaned[0]
+    assert drill["planes"] == [True] and drill["triggers"] == [True]
+    assert "per-plane RE matches the scan" in drill["text"]
+    assert "modelxray" in drill["text"] and "ground truth: {" in drill["text"]
+
+    png = (OUTPUT / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 50_000
+
+
+def test_drilldown_selection_matches_the_verdicts(scanned_tiny):
+    out, _, _ = scanned_tiny
+    frames = unit_frames(load_scores(str(out)))
+    (key, pm, threshold, _, _), = frames
+    flagged = set(pm.index[pm["usable"] & (pm["score"] >= threshold)])
+    wrong = set(pm.index[pm["usable"] & ((pm["score"] >= threshold) != (pm["y"] == 1))])
+    picked, left_out = select_drilldown(frames, max_models=50)
+    ids = [m for m, _ in picked]
+    assert set(ids) == flagged | wrong and left_out == 0
+    assert ids[:len(wrong)] == sorted(wrong)  # misclassified first
+    picked, left_out = select_drilldown(frames, max_models=1, forced=["id-00000000"])
+    assert [m for m, _ in picked] == ["id-00000000"]
+    assert left_out == len(flagged | wrong | {"id-00000000"}) - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Inverted triggers from the triggers table
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def test_report_draws_inverted_triggers(scanned_tiny, tmp_path):
+    out, round_dir, summary = scanned_tiny
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    model_id = next(p.name for p in sorted(round_dir.iterdir())
+                    if (p / "config.json").is_file()
+                    and json.loads((p / "config.json").read_text())["poisoned"])
+    config = json.loads((round_dir / model_id / "config.json").read_text())
+    trigger = config["trigger"]
+    row = load_scores(str(copy)).query("model_id == @model_id").iloc[0]
+    _, h, w = config["input_shape"]
+    mask = np.zeros((1, h, w), np.float32)
+    mask[0, trigger["row"]:trigger["row"] + trigger["size"],
+         trigger["col"]:trigger["col"] + trigger["size"]] = 1.0
+    pattern = np.random.default_rng(0).random((3, h, w)).astype(np.float32)
+    write_part(str(copy), "triggers", summary.run_id, [{
+        "run_id": summary.run_id, "model_id": model_id, "model_digest": row["model_digest"],
+        "detector": "modelxray", "config_hash": row["config_hash"], "trigger_index": i,
+        "victim": None, "target": target, "kind": "patch", "size": float(mask.sum()),
+        "reasr": reasr, "stats_json": "{}", "mask": _npy(mask), "pattern": _npy(pattern),
+        "kernel": None} for i, (target, reasr) in enumerate([(0, 0.2), (config["target"], 0.95)])])
+
+    html = Path(render_report(str(copy), html_path=str(tmp_path / "r.html"),
+                              drilldown_models=[model_id], max_drilldown=1, planes=0)).read_text()
+    section = html[html.index(f'id="model-{model_id}"'):]
+    section = section[:section.index("</section>")]
+    assert 'class="triggers"' in section and "data:image/png;base64," in section
+    # both candidates listed, the higher REASR first; the true trigger beside them
+    rows = re.findall(r"<tr><td class=\"text\">modelxray</td><td>(\d)</td><td>(\d)</td>", section)
+    assert rows == [("1", str(config["target"])), ("0", "0")]
+    assert "ground truth: {" in section and '"name": "badnets"' in section.replace("&#34;", '"')
+
+
+# ---------------------------------------------------------------------------------------------
+# No ground truth; a large run
+
+
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+def _rows(n: int, detectors: dict[str, float], truth: bool, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        poisoned = bool(i % 3 == 0)
+        for name, separation in detectors.items():
+            ok = i % 97 != 5
+            rows.append({
+                "run_id": "R", "model_id": f"m{i:05d}", "model_digest": "d", "detector": name,
+                "detector_version": "1", "config_hash": f"h-{name}",
+                "status": "ok" if ok else "timeout", "error": None if ok else "TimeoutError: x",
+                "score": float(rng.normal(separation * poisoned, 1.0)) if ok else None,
+                "predicted_target": 0, "stats_json": "{}", "seconds": float(rng.gamma(2.0, 1.0)),
+                "worker": "w", "architecture": "net", "num_classes": 10,
+                "gt_poisoned": poisoned if truth else None, "gt_target": None,
+                "gt_attack": "badnets" if truth and poisoned else None,
+                "tags_json": "{}", "finished_at": T0 + timedelta(seconds=i)})
+    return rows
+
+
+def _write(out: Path, rows: list[dict]) -> None:
+    (out / "scores" / "run=R").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCORES),
+                   out / "scores" / "run=R" / "part-0.parquet")
+
+
+def test_report_without_ground_truth_has_scores_and_verdicts_only(tmp_path):
+    _write(tmp_path, _rows(60, {"det_a": 2.0, "det_b": 0.5}, truth=False))
+    html = Path(render_report(str(tmp_path))).read_text()
+    assert 'id="roc-plot"' not in html
+    assert "No ROC curve" in html and "no ground truth" in html
+    assert html.count('class="hist"') == 2 and 'class="runtime"' in html
+    # no ground truth and no given threshold: no verdicts, and the page says how to get them
+    assert "<section" not in html and "no threshold (det_a, det_b)" in html
+    html = Path(render_report(str(tmp_path), thresholds={"det_a": 1.0, "det_b": 1.0})).read_text()
+    assert "(unknown)" in html and "flagged by det_a" in html  # drill-down of flagged models
+    assert "(wrong)" not in html and "(right)" not in html  # no verdict judged without truth
+    assert "timeout" in html and "TimeoutError: x" in html  # coverage and errors
+
+
+def test_report_of_a_large_run_caps_the_drilldown(tmp_path):
+    _write(tmp_path, _rows(3000, {"det_a": 1.0}, truth=True))
+    html = Path(render_report(str(tmp_path), max_drilldown=7)).read_text()
+    assert html.count('<section class="drill') == 7
+    left = re.search(r"at most 7; (\d+) more not shown", html)
+    assert left and int(left.group(1)) > 100
+    sections = re.findall(r'<section class="drill [a-z]+" id="model-(m\d+)"', html)
+    assert all("false" in html[html.index(f'id="model-{m}"'):][:2000] for m in sections)
