@@ -1,6 +1,11 @@
 """Build a round from a recipe: train the pending models in parallel processes, write each as it
 finishes, then index the round. Re-running the same recipe skips models already written (and
-models already recorded as failed)."""
+models already recorded as failed).
+
+A group with `stack: K` (K > 1) trains its models K at a time in one vectorised pass
+(xray.zoo.stacked; MNTD shadow sets): pending models of such groups are pooled by
+(architecture, training recipe, K) across groups and cut into stacks of K, one stack per worker
+task. Groups without `stack` (the default) train one model per task, as before."""
 from __future__ import annotations
 
 import dataclasses
@@ -20,7 +25,7 @@ from xray.progress import Progress
 from xray.zoo import round as round_writer
 from xray.zoo.data import Dataset, load_dataset
 from xray.zoo.recipe import ModelSpec, Recipe, model_seed
-from xray.zoo.train import train_model
+from xray.zoo.train import TrainedModel, train_model
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +73,87 @@ def train_and_write(recipe: Recipe, spec: ModelSpec, round_uri: str) -> dict[str
             "seconds_optimising": optimising, "seconds": total}
 
 
+def spec_groups(recipe: Recipe) -> list[dict[str, Any]]:
+    """The recipe group each of recipe.model_specs() comes from, in the same order."""
+    return [group for group in recipe.groups for _ in range(int(group.get("count", 1)))]
+
+
+def _stack_size(group: dict[str, Any]) -> int:
+    k = int(group.get("stack", 1) or 1)
+    if k < 1:
+        raise ValueError(f"group stack must be >= 1, got {group.get('stack')!r}")
+    return k
+
+
+def plan_tasks(recipe: Recipe, pending: list[ModelSpec]
+               ) -> list[tuple[bool, list[ModelSpec]]]:
+    """Worker tasks as (stacked, specs): one spec trained alone, or a stack of up to K
+    same-architecture, same-training specs from groups with `stack: K` (pooled across groups,
+    in model order)."""
+    size = {s.model_id: _stack_size(g) for s, g in zip(recipe.model_specs(), spec_groups(recipe))}
+    tasks: list[tuple[bool, list[ModelSpec]]] = []
+    pools: dict[tuple, list[ModelSpec]] = {}
+    for spec in pending:
+        k = size.get(spec.model_id, 1)
+        if k == 1:
+            tasks.append((False, [spec]))
+        else:
+            pools.setdefault((spec.architecture, spec.training, k), []).append(spec)
+    for (_, _, k), specs in pools.items():
+        tasks.extend((True, specs[i:i + k]) for i in range(0, len(specs), k))
+    return tasks
+
+
+def train_stack_and_write(recipe: Recipe, specs: list[ModelSpec], round_uri: str
+                          ) -> list[dict[str, Any]]:
+    """A stack of models, end to end, in a worker (xray.zoo.stacked.train_stack): the trojaned
+    models that miss the ASR floor are retrained together with new seeds, up to
+    recipe.max_attempts, then written as failures."""
+    from xray.zoo.stacked import train_stack
+
+    dataset = _dataset(recipe.dataset, tuple(sorted(recipe.dataset_params.items())))
+    outcomes: list[dict[str, Any]] = []
+    todo = list(specs)
+    spent: dict[str, list[float]] = {s.model_id: [0.0, 0.0] for s in specs}
+    last: dict[str, TrainedModel] = {}
+    for attempt in range(recipe.max_attempts):
+        if not todo:
+            break
+        batch = todo if attempt == 0 else [
+            dataclasses.replace(s, seed=model_seed(recipe.seed, s.index, attempt)) for s in todo]
+        retry = []
+        for spec, trained in zip(todo, train_stack(batch, dataset)):
+            spent[spec.model_id][0] += trained.seconds_optimising
+            spent[spec.model_id][1] += trained.seconds_total
+            if trained.asr is None or trained.asr >= recipe.asr_floor:
+                config = round_writer.write_model_dir(round_uri, trained, dataset, recipe)
+                outcomes.append({"model_id": spec.model_id, "ok": True,
+                                 "clean_accuracy": trained.clean_accuracy, "asr": trained.asr,
+                                 "attempts": attempt + 1, "attack": config["attack"],
+                                 "seconds_optimising": spent[spec.model_id][0],
+                                 "seconds": spent[spec.model_id][1]})
+            else:
+                last[spec.model_id] = trained
+                retry.append(spec)
+        todo = retry
+    for spec in todo:
+        trained = last[spec.model_id]
+        reason = (f"attack success rate {trained.asr:.3f} below the floor {recipe.asr_floor} "
+                  f"after {recipe.max_attempts} attempt(s)")
+        failure = round_writer.write_failure(round_uri, trained, reason)
+        outcomes.append({**failure, "ok": False, "attempts": recipe.max_attempts,
+                         "seconds_optimising": spent[spec.model_id][0],
+                         "seconds": spent[spec.model_id][1]})
+    return outcomes
+
+
+def _run_task(recipe: Recipe, stacked: bool, specs: list[ModelSpec], round_uri: str
+              ) -> list[dict[str, Any]]:
+    if stacked:
+        return train_stack_and_write(recipe, specs, round_uri)
+    return [train_and_write(recipe, spec, round_uri) for spec in specs]
+
+
 def build_round(recipe: Recipe, round_uri: str, workers: int | None = None,
                 show_progress: bool = True) -> BuildResult:
     """Train every model of `recipe` not yet in `round_uri`, `workers` processes at a time."""
@@ -75,7 +161,8 @@ def build_round(recipe: Recipe, round_uri: str, workers: int | None = None,
     specs = recipe.model_specs()
     skip = round_writer.completed_model_ids(round_uri) | round_writer.failed_model_ids(round_uri)
     pending = [s for s in specs if s.model_id not in skip]
-    workers = max(1, min(workers or os.cpu_count() or 1, len(pending) or 1))
+    tasks = plan_tasks(recipe, pending)
+    workers = max(1, min(workers or os.cpu_count() or 1, len(tasks) or 1))
     threads = max(1, (os.cpu_count() or 1) // workers)
     failed: list[dict[str, Any]] = []
     optimising = in_workers = 0.0
@@ -86,17 +173,19 @@ def build_round(recipe: Recipe, round_uri: str, workers: int | None = None,
         with Progress(len(pending), f"zoo build {recipe.name}", disable=not show_progress) as bar, \
                 ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                                     initargs=(threads,)) as pool:
-            futures = {pool.submit(train_and_write, recipe, s, round_uri): s for s in pending}
+            futures = {pool.submit(_run_task, recipe, stacked, t, round_uri): t
+                       for stacked, t in tasks}
             not_done = set(futures)
             while not_done:
                 finished, not_done = wait(not_done, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    outcome = future.result()  # a crash in a worker is a bug: let it surface
-                    optimising += outcome["seconds_optimising"]
-                    in_workers += outcome["seconds"]
-                    if not outcome["ok"]:
-                        failed.append(outcome)
-                    bar.update(ok=outcome["ok"])
+                    # a crash in a worker is a bug: let it surface
+                    for outcome in future.result():
+                        optimising += outcome["seconds_optimising"]
+                        in_workers += outcome["seconds"]
+                        if not outcome["ok"]:
+                            failed.append(outcome)
+                        bar.update(ok=outcome["ok"])
     records = round_writer.write_round_index(round_uri, recipe)
     return BuildResult(round_uri=round_uri, records=records, trained=len(pending) - len(failed),
                        skipped=len(specs) - len(pending), failed=failed,

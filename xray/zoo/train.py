@@ -1,9 +1,9 @@
 """Train one clean or backdoored classifier from a ModelSpec, and measure it.
 
 The loop is written as (prepare data) -> (optimise) -> (evaluate) with the optimisation step a
-plain function of (net, optimiser, batch), so that a stack of same-architecture models can be
-trained in one vectorised pass later (torch.func.stack_module_state + functional_call + vmap)
-by swapping only `_optimise`.
+plain function of (net, optimiser, batch). A stack of same-architecture models trains in one
+vectorised pass in xray.zoo.stacked (torch.func.stack_module_state + functional_call + vmap),
+which reuses `training_set` and `measure` from here, so both paths poison and measure alike.
 """
 from __future__ import annotations
 
@@ -91,13 +91,11 @@ def attack_success_rate(net: nn.Module, attack: Any, x_test: np.ndarray, y_test:
     return float((predict(net, attack.apply(x_test[keep])) == attack.target).mean())
 
 
-def train_model(spec: ModelSpec, dataset: Dataset) -> TrainedModel:
-    """Train the model `spec` describes on `dataset`; deterministic given spec.seed on one thread."""
-    started = time.perf_counter()
-    rng = np.random.default_rng(spec.seed)
-    torch.manual_seed(spec.seed)
-    generator = torch.Generator().manual_seed(spec.seed)
-
+def training_set(spec: ModelSpec, dataset: Dataset, rng: np.random.Generator
+                 ) -> tuple[np.ndarray, np.ndarray, Any | None, int]:
+    """(x, y, attack, poisoned count): the model's own training set, its attack drawn and applied
+    with `rng` (np.random.default_rng(spec.seed)); the clean set when the spec has no attack.
+    Shared by the one-by-one trainer and the stacked one (xray.zoo.stacked)."""
     x, y = dataset.x_train, dataset.y_train
     attack, poisoned_count = None, 0
     if spec.attack:
@@ -105,6 +103,24 @@ def train_model(spec: ModelSpec, dataset: Dataset) -> TrainedModel:
                                           dataset.num_classes, **spec.attack_params)
         x, y, poisoned_idx = attack_lib.poison(x, y, attack, spec.poison_rate, rng)
         poisoned_count = len(poisoned_idx)
+    return x, y, attack, poisoned_count
+
+
+def measure(net: nn.Module, attack: Any | None, dataset: Dataset) -> tuple[float, float | None]:
+    """(clean accuracy, ASR or None) on the held-out split."""
+    clean_acc = float((predict(net, dataset.x_test) == dataset.y_test).mean())
+    asr = attack_success_rate(net, attack, dataset.x_test, dataset.y_test) if attack else None
+    return clean_acc, asr
+
+
+def train_model(spec: ModelSpec, dataset: Dataset) -> TrainedModel:
+    """Train the model `spec` describes on `dataset`; deterministic given spec.seed on one thread."""
+    started = time.perf_counter()
+    rng = np.random.default_rng(spec.seed)
+    torch.manual_seed(spec.seed)
+    generator = torch.Generator().manual_seed(spec.seed)
+
+    x, y, attack, poisoned_count = training_set(spec, dataset, rng)
 
     net = models.create(spec.architecture, dataset.num_classes, dataset.input_shape)
     xt = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
@@ -113,8 +129,7 @@ def train_model(spec: ModelSpec, dataset: Dataset) -> TrainedModel:
     _optimise(net, xt, yt, spec.training, generator)
     optimising = time.perf_counter() - t0
 
-    clean_acc = float((predict(net, dataset.x_test) == dataset.y_test).mean())
-    asr = attack_success_rate(net, attack, dataset.x_test, dataset.y_test) if attack else None
+    clean_acc, asr = measure(net, attack, dataset)
     return TrainedModel(spec=spec, net=net, clean_accuracy=clean_acc, asr=asr, attack=attack,
                         poisoned_count=poisoned_count,
                         seconds_total=time.perf_counter() - started,
