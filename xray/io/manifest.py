@@ -519,107 +519,31 @@ def _isdir(uri: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Round directories
+# Round directories: the walker and the TrojAI dialects live in xray.io.trojai; the zoo's own
+# config.json keys are read here.
 
-CONFIG_FILE = "config.json"
-GROUND_TRUTH_FILE = "ground_truth.csv"
-EXAMPLE_DIRS = ("clean_example_data", "example_data")
-_MODEL_DIR = re.compile(r"^id-[0-9A-Za-z_-]+$")
+from xray.io.trojai import (  # noqa: E402  (re-exported: the names this module always had)
+    CONFIG_FILE, EXAMPLE_DIRS, GROUND_TRUTH_FILE, INPUT_SHAPE as TROJAI_INPUT_SHAPE,
+    TROJAI_ARCHITECTURES)
+from xray.io import trojai as _trojai  # noqa: E402
 
-# TrojAI generator architecture names (round_config.py) -> torchvision names.
-TROJAI_ARCHITECTURES = {
-    "wideresnet50": "wide_resnet50_2", "wideresnet101": "wide_resnet101_2",
-    "inceptionv3": "inception_v3", "inceptionv1": "googlenet",
-    "squeezenetv1_0": "squeezenet1_0", "squeezenetv1_1": "squeezenet1_1",
-    "mobilenetv2": "mobilenet_v2", "shufflenet1_0": "shufflenet_v2_x1_0",
-    "shufflenet1_5": "shufflenet_v2_x1_5", "shufflenet2_0": "shufflenet_v2_x2_0",
-    "vgg11bn": "vgg11_bn", "vgg13bn": "vgg13_bn", "vgg16bn": "vgg16_bn", "vgg19bn": "vgg19_bn",
-}
-# Rounds 2-4 (all TrojAI rounds with a config.json): 256x256 PNGs, centre crop 224, x / 255.
-TROJAI_PREPROCESSING = {"channel_order": "RGB", "center_crop": 224, "scale": "unit"}
-TROJAI_INPUT_SHAPE = (3, 224, 224)
+TROJAI_PREPROCESSING = _trojai.PREPROCESSING["r2"]
 WEIGHT_FORMATS = {".safetensors": "safetensors", ".torchscript.pt": "torchscript",
                   ".ts": "torchscript"}
 
 
-def _model_root(fs, root: str) -> str | None:
-    for candidate in (root, posixpath.join(root, "models")):
-        if fs.isdir(candidate) and any(_MODEL_DIR.match(posixpath.basename(p.rstrip("/")))
-                                       for p in fs.ls(candidate, detail=False)):
-            return candidate
-    return None
+def read_round_dir(uri: str, *, exclude_errata: bool = True,
+                   split: str | None = None) -> list[ModelRecord]:
+    """Records for the complete id-*/ folders of a round (those holding config.json; in a
+    TrojAI round-1 directory, which has none, those holding model.pt).
 
-
-def read_round_dir(uri: str) -> list[ModelRecord]:
-    """Records for the complete id-*/ folders of a round (those holding config.json).
-
-    Reads the zoo's own config.json keys and TrojAI r2 (upper case) / r4 (lower case) keys,
-    always with json.load. Folders without config.json are still being written and are skipped.
+    Zoo config.json keys are read here; TrojAI rounds 1-4 (METADATA.csv, r2 upper-case, r3,
+    r4 lower-case keys, the round-1 errata) by `xray.io.trojai.read_round`. Always json.load.
     """
-    uri = str(uri).rstrip("/")
-    fs, root = storage.filesystem(uri)
-    root = root.rstrip("/")
-    model_root = _model_root(fs, root)
-    if model_root is None:
-        raise ManifestError(uri, None, None, "not a manifest file or a round directory "
-                                             "(no manifest.*, no id-*/ folders here or in models/)")
-    children: dict[str, set[str]] = {}
-    for path in storage.with_retries(lambda: fs.find(model_root, maxdepth=2, withdirs=True)):
-        rel = path.rstrip("/")[len(model_root):].strip("/").split("/")
-        if _MODEL_DIR.match(rel[0]):
-            names = children.setdefault(rel[0], set())
-            if len(rel) == 2:
-                names.add(rel[1])
-    complete = sorted(d for d, names in children.items() if CONFIG_FILE in names)
-    skipped = sorted(set(children) - set(complete))
-    if skipped:
-        log.warning("%s: skipping %d model folder(s) without %s (incomplete): %s", uri,
-                    len(skipped), CONFIG_FILE, ", ".join(skipped[:5]))
+    def zoo_row(config, folder, names, truth, file, number):
+        return row_from_config(config, folder, names, truth, file=file, number=number)
 
-    def fetch(name: str, dirs: list[str]) -> dict[str, bytes]:
-        paths = [posixpath.join(model_root, d, name) for d in dirs]
-        data = storage.with_retries(lambda: fs.cat(paths, on_error="raise")) if paths else {}
-        if len(paths) == 1 and not isinstance(data, dict):
-            data = {paths[0]: data}
-        return {posixpath.basename(posixpath.dirname(p.rstrip("/"))): v for p, v in data.items()}
-
-    configs = fetch(CONFIG_FILE, complete)
-    truths = fetch(GROUND_TRUTH_FILE, [d for d in complete if GROUND_TRUTH_FILE in children[d]])
-    model_root_uri = model_root if storage.is_local(uri) else fs.unstrip_protocol(model_root)
-    records = []
-    seen: dict[str, int] = {}
-    for number, name in enumerate(complete, start=1):
-        model_uri = storage.join(model_root_uri, name)
-        file = storage.join(model_uri, CONFIG_FILE)
-        try:
-            config = json.loads(configs[name].decode("utf-8-sig"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ManifestError(file, number, None, f"invalid JSON: {e}") from None
-        if not isinstance(config, dict):
-            raise ManifestError(file, number, None, "expected a JSON object")
-        truth = None
-        if name in truths:
-            truth = _ground_truth(truths[name], storage.join(model_uri, GROUND_TRUTH_FILE), number)
-        row = row_from_config(config, name, children[name], truth, file=file, number=number)
-        record = record_from_row(row, file=file, row_number=number, base=model_uri)
-        if record.model_id in seen:
-            raise ManifestError(file, number, "model_id", f"duplicate model_id "
-                                f"{record.model_id!r} (also in row {seen[record.model_id]})")
-        seen[record.model_id] = number
-        records.append(record)
-    return records
-
-
-def _ground_truth(data: bytes, file: str, number: int) -> bool:
-    """ground_truth.csv: one number on the first line, 0 (clean) or 1 (poisoned)."""
-    lines = data.decode("utf-8-sig").strip().splitlines()
-    try:
-        value = float(lines[0].strip().rstrip(","))
-    except (IndexError, ValueError):
-        value = float("nan")
-    if value not in (0.0, 1.0):
-        raise ManifestError(file, number, "poisoned", f"expected 0 or 1, got {data[:40]!r}")
-    return value == 1.0
+    return _trojai.read_round(uri, exclude_errata=exclude_errata, split=split, zoo_row=zoo_row)
 
 
 def _first(config: Mapping[str, Any], *keys: str) -> Any:
@@ -637,6 +561,13 @@ def row_from_config(config: Mapping[str, Any], folder: str, names: set[str],
     Relative paths in the row (weights, examples) are relative to the model folder.
     """
     trojai = "architecture" not in config
+    if trojai:  # TrojAI dialects: xray.io.trojai
+        try:
+            return _trojai.row_from_config(config, folder, names, ground_truth)
+        except ValueError as e:
+            field, _, message = str(e).partition(": ")
+            raise ManifestError(file, number, field if field == "poisoned" else None,
+                                message if field == "poisoned" else str(e)) from None
     weights = config.get("weights") or "model.pt"
     fmt = config.get("format") or next(
         (f for ext, f in WEIGHT_FORMATS.items() if weights.endswith(ext)), "pickle")

@@ -1,0 +1,131 @@
+"""The stacker: a real scikit-learn fit, missing scores explicit, versioned JSON artifact."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from xray.reduce import calibrate as C
+from xray.results.schema import SCORES
+
+
+def _rows(n: int = 40, seed: int = 0, drop_b: tuple[int, ...] = ()) -> pd.DataFrame:
+    """Score rows of two detectors on n labelled models: a is informative, b is noise."""
+    rng = np.random.default_rng(seed)
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    rows = []
+    for i in range(n):
+        y = i % 2 == 1
+        for det, score, stats in (
+                ("a", float(rng.normal(2.0 if y else 0.0, 0.7)), {"re": float(rng.normal(1, 0.1)),
+                                                                   "target_label": 3, "seed": 0}),
+                ("b", float(rng.normal(0.0, 1.0)), {})):
+            missing = det == "b" and i in drop_b
+            rows.append({"run_id": "r", "model_id": f"id-{i:08d}", "model_digest": "d",
+                         "detector": det, "detector_version": "1", "config_hash": f"h{det}",
+                         "status": "error" if missing else "ok",
+                         "error": "boom" if missing else None,
+                         "score": None if missing else score, "predicted_target": None,
+                         "stats_json": json.dumps(stats), "seconds": 1.0, "worker": "w",
+                         "architecture": "nin", "num_classes": 10, "gt_poisoned": y,
+                         "gt_target": 0 if y else None, "gt_attack": "badnets" if y else None,
+                         "tags_json": "{}", "finished_at": now})
+    return pd.DataFrame(rows, columns=SCORES.names)
+
+
+def test_fit_separates_and_matches_sklearn():
+    from sklearn.linear_model import LogisticRegression
+
+    scores = _rows()
+    cal = C.fit(scores, C=1.0)
+    assert {"a.score", "a.re", "b.score", "a.missing", "b.missing"} <= set(cal.features)
+    # labels, seeds and constant features are left out
+    assert not any(f.endswith(("target_label", "seed", "log2_num_classes")) for f in cal.features)
+    results = C.model_results(scores)
+    ids = sorted(results)
+    feats = [C.features_from_results(results[m], 10) for m in ids]
+    p = cal.predict(feats)
+    y = np.array([int(m[-1]) % 2 for m in ids])
+    assert cal.train["in_sample"]["roc_auc"] > 0.9 and cal.train["cross_validated"]["folds"] == 5
+    # the same fit written out with scikit-learn's own pipeline pieces
+    x = cal.matrix(feats)
+    z = (x - np.array(cal.mean)) / np.array(cal.scale)
+    ref = LogisticRegression(C=1.0, max_iter=2000).fit(z, y).predict_proba(z)[:, 1]
+    np.testing.assert_allclose(p, np.clip(ref, 0.01, 0.99), rtol=1e-6)
+
+
+def test_missing_detector_is_explicit_and_never_fatal():
+    scores = _rows(drop_b=(0, 1, 2, 3, 4, 5))
+    cal = C.fit(scores)
+    assert "b.missing" in cal.features
+    results = C.model_results(scores)
+    assert "b" not in results["id-00000000"] and "b" in results["id-00000010"]
+    a_only = {"a": results["id-00000010"]["a"]}
+    with_b = results["id-00000010"]
+    p_missing, p_full = cal.predict_results(a_only, 10), cal.predict_results(with_b, 10)
+    assert 0.01 <= p_missing <= 0.99 and 0.01 <= p_full <= 0.99
+    x = cal.matrix([C.features_from_results(a_only, 10)])[0]
+    assert x[cal.features.index("b.missing")] == 1.0
+    assert np.isnan(x[cal.features.index("b.score")])  # imputed at predict time, not here
+    # nothing usable at all: the combined row is an error row saying so, never a filled number
+    empty = scores[scores["detector"] == "a"].assign(status="error", score=None)
+    rows = C.combined_rows(empty, cal)
+    assert set(rows["status"]) == {"error"} and rows["score"].isna().all()
+
+
+def test_artifact_round_trip_and_version_check(tmp_path):
+    cal = C.fit(_rows())
+    uri = cal.save(str(tmp_path / "cal.json"))
+    again = C.Calibrator.load(uri)
+    assert again.id == cal.id and again.to_dict() == cal.to_dict()
+    feats = [C.features_from_results(r, 10) for r in C.model_results(_rows(seed=1)).values()]
+    np.testing.assert_array_equal(again.predict(feats), cal.predict(feats))
+    d = json.loads((tmp_path / "cal.json").read_text())
+    assert d["format"] == C.FORMAT and d["format_version"] == C.FORMAT_VERSION
+    with pytest.raises(ValueError, match="format version"):
+        C.Calibrator.from_dict({**d, "format_version": 99})
+    with pytest.raises(ValueError, match="do not match the stored id"):
+        C.Calibrator.from_dict({**d, "coef": [c + 1 for c in d["coef"]]})
+    with pytest.raises(ValueError, match="at least 2 trojaned"):
+        C.fit(_rows(n=3))
+
+
+def test_default_map_is_monotone_and_never_hard():
+    ps = [C.default_probability("modelxray", -re, {"re": re}, 10) for re in (0.0, 1.0, 2.0, 3.3)]
+    assert ps == sorted(ps, reverse=True) and all(0.05 <= p <= 0.95 for p in ps)
+    assert C.default_probability("other", 50.0, {}, 10) == 0.95
+    assert C.default_probability("other", 0.0, {"probability": 0.3}, 10) == 0.3
+    assert C.default_combined({}, 10) == (0.5, None)
+
+
+def test_reducer_reports_combined_beside_single_ones():
+    from xray.reduce.summary import summarize
+
+    scores = _rows()
+    cal = C.fit(scores)
+    table = summarize(C.with_combined(scores, cal))
+    overall = table[table["group_by"] == "all"].set_index("detector")
+    assert {"a", "b", "combined"} <= set(overall.index)
+    assert overall.loc["combined", "probability_source"] == "stats"
+    assert overall.loc["combined", "roc_auc"] > overall.loc["b", "roc_auc"]
+
+
+def test_cli_calibrate_on_a_scanned_round(tiny_scores, tmp_path):
+    from xray.cli import main
+
+    out, run_id, rows, _ = tiny_scores
+    artifact = tmp_path / "cal.json"
+    result = CliRunner().invoke(main, ["calibrate", str(out), "--train-run", run_id,
+                                       "--artifact", str(artifact)])
+    assert result.exit_code == 0, result.output
+    cal = C.Calibrator.load(str(artifact))
+    assert cal.detector_names == ["modelxray"] and cal.train["n"] == len(rows)
+    assert "modelxray.score" in cal.features
+    # the artifact carries the training run's scan config: trojai-detect / score-testset use it
+    assert cal.scan_config().detectors[0].params == (("num_planes", 2), ("resolution", 16))
+    bad = CliRunner().invoke(main, ["calibrate", str(out), "--train-run", "no-such-run"])
+    assert bad.exit_code == 1 and "no scores" in bad.output

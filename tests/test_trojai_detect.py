@@ -1,0 +1,148 @@
+"""The TrojAI entrypoint, run as the competition server runs it: a subprocess with the four
+TrojAI arguments. R is always written; pickles load only with the opt-in, in a worker."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from _trojai_fixtures import FAST_CONFIG
+
+
+def _detect(model: Path, examples: Path, tmp: Path, *extra: str, env: dict | None = None):
+    result, scratch = tmp / "result.txt", tmp / "scratch"
+    started = time.monotonic()
+    popen = subprocess.Popen(
+        [sys.executable, "-m", "xray.trojai_detect", "--model_filepath", str(model),
+         "--result_filepath", str(result), "--scratch_dirpath", str(scratch),
+         "--examples_dirpath", str(examples), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    _, stderr = popen.communicate(timeout=300)
+    seconds = time.monotonic() - started
+    first = result.read_text().splitlines()[0]
+    proc = SimpleNamespace(returncode=popen.returncode, stderr=stderr, pid=popen.pid)
+    return float(first), proc, seconds
+
+
+def _config(tmp: Path, config: dict) -> str:
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_writes_the_calibrated_probability_using_only_scratch(trojai_rounds, tiny_scores,
+                                                             tmp_path):
+    from xray.config import parse_config
+    from xray.io.manifest import read_manifest
+    from xray.reduce.calibrate import calibrate
+    from xray.scan import scan_model
+
+    out, run_id, _, _ = tiny_scores
+    cal, cal_uri = calibrate(str(out), run_id, artifact_uri=str(tmp_path / "cal.json"))
+    record = [r for r in read_manifest(str(trojai_rounds["r4"])) if r.poisoned][0]
+    model_dir = Path(record.uri).parent
+    own_tmp = tmp_path / "tmp"
+    own_tmp.mkdir()
+    env = dict(os.environ, TMPDIR=str(own_tmp), TMP=str(own_tmp), TEMP=str(own_tmp))
+    p, proc, _ = _detect(model_dir / "model.pt", model_dir / "clean_example_data", tmp_path,
+                         "--calibrator", cal_uri, "--allow-pickle", env=env)
+    assert proc.returncode == 0, proc.stderr
+    # The same model scanned in-process with the calibrator's config: the same probability.
+    config = parse_config(cal.scan, source="test")
+    row = scan_model(record, [d.build() for d in config.detectors],
+                     dataclasses.replace(config, allow_pickle=True))["scores"][0]
+    expected = cal.predict_results(
+        {"modelxray": {"score": row["score"], "stats": json.loads(row["stats_json"])}},
+        record.num_classes)
+    assert p == pytest.approx(expected, abs=1e-12) and 0.0 <= p <= 1.0
+    assert f"calibrator {cal.id}" in proc.stderr
+    assert list(own_tmp.iterdir()) == []  # temporary files went to the scratch folder only
+    assert (tmp_path / "scratch" / "progress.jsonl").is_file()
+
+
+class _Payload:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        code = f"import os; open({self.path!r}, 'a').write(str(os.getpid()) + '\\n')"
+        return (exec, (code,))
+
+
+def test_payload_runs_nowhere_without_the_opt_in_and_never_in_the_driver(trojai_rounds,
+                                                                         tmp_path):
+    model_dir = sorted((trojai_rounds["r4"] / "models").iterdir())[0]
+    examples = model_dir / "clean_example_data"
+    marker = tmp_path / "payload-ran.txt"
+    model = tmp_path / "model.pt"
+    torch.save(_Payload(str(marker)), model)
+
+    p, proc, _ = _detect(model, examples, tmp_path, "--config", _config(tmp_path, FAST_CONFIG))
+    assert p == 0.5 and proc.returncode == 1
+    assert "--allow-pickle" in proc.stderr and str(model) in proc.stderr
+    assert not marker.exists()
+
+    # With the opt-in it is unpickled, in the worker: the payload's pid is not the driver's.
+    # The file holds no module, so this is also the broken-model case: R = 0.5 and a message.
+    p, proc, _ = _detect(model, examples, tmp_path, "--allow-pickle",
+                         "--config", _config(tmp_path, FAST_CONFIG))
+    assert p == 0.5 and proc.returncode == 1
+    assert "nn.Module" in proc.stderr
+    pids = marker.read_text().split()
+    assert len(pids) == 1 and int(pids[0]) != proc.pid and str(os.getpid()) not in pids
+
+
+def test_broken_model_missing_examples_and_short_budget_still_write_r(trojai_rounds, tmp_path):
+    model_dir = sorted((trojai_rounds["r4"] / "models").iterdir())[0]
+    examples = model_dir / "clean_example_data"
+    broken = tmp_path / "broken" / "model.pt"
+    broken.parent.mkdir()
+    broken.write_bytes(b"\x80\x04 this is not a torch file")
+    p, proc, _ = _detect(broken, examples, tmp_path, "--allow-pickle",
+                         "--config", _config(tmp_path, FAST_CONFIG))
+    assert p == 0.5 and proc.returncode == 1 and "wrote the fallback 0.5" in proc.stderr
+
+    p, proc, _ = _detect(model_dir / "model.pt", tmp_path / "no-such-dir", tmp_path,
+                         "--allow-pickle")
+    assert p == 0.5 and proc.returncode == 1 and "does not exist" in proc.stderr
+
+    # The reference Model X-ray budget (200,000 forwards) cannot finish in 4 s: stopped in time.
+    slow = {"seed": 0, "detectors": {"modelxray": {"preset": "reference"}}}
+    p, proc, seconds = _detect(model_dir / "model.pt", examples, tmp_path, "--allow-pickle",
+                               "--time-budget", "4", "--config", _config(tmp_path, slow))
+    assert p == 0.5 and proc.returncode == 1 and "time budget of 4 s ran out" in proc.stderr
+    own = float(re.search(r" in ([0-9.]+) s ", proc.stderr).group(1))  # from its own start
+    assert own <= 4.0 and seconds < 4 + 3.0  # + the interpreter's start on a loaded machine
+
+    p, proc, _ = _detect(model_dir / "model.pt", examples, tmp_path, "--allow-pickle",
+                         "--time-budget", "0.1")
+    assert p == 0.5 and "too short" in proc.stderr
+
+
+def test_xray_cli_command_and_console_entry(trojai_rounds, tmp_path):
+    from xray.cli import main
+    from xray.trojai_detect import build_parser
+
+    model_dir = sorted((trojai_rounds["r4"] / "models").iterdir())[0]
+    result = tmp_path / "r.txt"
+    out = CliRunner().invoke(main, ["trojai-detect", "--model_filepath",
+                                    str(model_dir / "model.pt"), "--result_filepath", str(result),
+                                    "--scratch_dirpath", str(tmp_path / "s"), "--examples_dirpath",
+                                    str(tmp_path / "missing")])
+    assert out.exit_code == 1 and result.read_text().splitlines()[0] == "0.5"
+    args = build_parser().parse_args(["--model_filepath", "m", "--result_filepath", "r",
+                                      "--scratch_dirpath", "s", "--examples_dirpath", "e"])
+    assert args.time_budget == 600.0 and not args.allow_pickle
+    shutil.rmtree(tmp_path / "s", ignore_errors=True)

@@ -1,0 +1,505 @@
+"""The combined detector: a small regularised stacker over the detectors' scores and statistics.
+
+    cal = fit(read_table(out, "scores", run_id=train_run))    # labelled models of a round
+    cal.save("cal.json"); cal = Calibrator.load("cal.json")
+    rows = combined_rows(scores, cal)       # score rows of detector "combined" (probability)
+    table = summarize(with_combined(scores, cal))   # the reducer: combined beside single ones
+
+Features, per model (`features_from_results`): for every detector the calibrator knows, its
+score and its scalar numeric statistics (lists, labels, seeds and settings are left out:
+EXCLUDED_STATS), plus ``<detector>.missing`` = 1 when the detector has no ok, finite score for
+the model, and ``log2_num_classes`` (an architecture fact a real scan has). Missing values are
+handled explicitly: the missing indicator is a feature, and a missing value is imputed with its
+training mean (0 after standardisation), so a missing detector contributes only through its
+indicator's weight. Features whose training values are constant or present in fewer than half of
+the labelled models are dropped at fit time.
+
+Model: scikit-learn LogisticRegression (L2, lbfgs) on standardised features. C: `C` when
+given; else chosen by stratified k-fold cross-validation over C_GRID on log-loss
+(LogisticRegressionCV) when every class has >= 3 models, else 1.0. The fitted numbers (feature
+names, imputation means, scales, coefficients, intercept) are stored as a versioned JSON
+artifact (FORMAT / FORMAT_VERSION), never as a pickle: loading a calibrator runs no code, and
+`predict` is numpy (expit(z @ coef + intercept)), so the trojai-detect driver does not need
+scikit-learn. Probabilities are clipped to `clip` (default [0.01, 0.99]), so one confident
+mistake costs at most ln(100) = 4.6 in cross-entropy.
+
+Without a calibrator (`default_probability`), the combined probability is a fixed, rank-free
+monotone map of the best available detector (DEFAULT_ORDER): for Model X-ray
+p = expit((c - re / log2(K)) / s), the Renyi entropy of the plane labels normalised by its
+maximum log2(K), against a centre c = 0.45 and scale s = 0.15 (MODELXRAY_DEFAULT_MAP; inferred,
+not published: a clean plane through three classes has RE near log2(3), i.e. 0.48-0.68 of the
+maximum for 5-10 classes, a dominated plane much less; the paper's thresholds hold only for its
+settings); for a
+detector with a finite ``probability`` statistic that value; otherwise expit(score). Clipped to
+DEFAULT_CLIP = [0.05, 0.95]: never a hard 0 or 1.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+import warnings
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy.special import expit
+
+from xray.io import storage
+
+log = logging.getLogger(__name__)
+
+COMBINED = "combined"
+FORMAT = "xray-calibrator"
+FORMAT_VERSION = 1
+STACKER_VERSION = "stacker-1"
+DEFAULT_VERSION = "default-map-1"
+DEFAULT_ORDER = ("modelxray",)
+DEFAULT_CLIP = (0.05, 0.95)
+MODELXRAY_DEFAULT_MAP = {"centre": 0.45, "scale": 0.15}
+C_GRID = (0.01, 0.1, 1.0, 10.0)
+EXCLUDED_STATS = {"seed", "num_planes", "resolution", "probability", "num_classes",
+                  "steps", "seconds"}
+_EXCLUDED_SUFFIXES = ("_label", "_index", "_indices", "_labels", "_seed")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-model inputs
+
+
+def _stats(stats_json: Any) -> dict[str, Any]:
+    if isinstance(stats_json, dict):
+        return stats_json
+    if not isinstance(stats_json, str) or not stats_json:
+        return {}
+    try:
+        value = json.loads(stats_json)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def row_probability(stats_json: Any) -> float:
+    """The finite 'probability' statistic of a score row, else NaN."""
+    try:
+        p = float(_stats(stats_json).get("probability"))
+    except (TypeError, ValueError):
+        return math.nan
+    return p if math.isfinite(p) else math.nan
+
+
+def scalar_stats(stats: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric scalar statistics that may be features (see EXCLUDED_STATS)."""
+    out = {}
+    for key, value in stats.items():
+        if key in EXCLUDED_STATS or key.endswith(_EXCLUDED_SUFFIXES):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if math.isfinite(float(value)):
+            out[key] = float(value)
+    return out
+
+
+def features_from_results(results: Mapping[str, Mapping[str, Any]],
+                          num_classes: int | None) -> dict[str, float]:
+    """Feature dict of one model from {detector: {"score": float, "stats": dict}} (ok results
+    only; an absent detector is simply not in `results`)."""
+    feats: dict[str, float] = {}
+    if num_classes:
+        feats["log2_num_classes"] = math.log2(max(int(num_classes), 2))
+    for name, result in results.items():
+        score = result.get("score")
+        if score is None or not math.isfinite(float(score)):
+            continue
+        feats[f"{name}.score"] = float(score)
+        for key, value in scalar_stats(result.get("stats") or {}).items():
+            feats[f"{name}.{key}"] = value
+    return feats
+
+
+def _usable(scores: pd.DataFrame) -> pd.DataFrame:
+    score = pd.to_numeric(scores["score"], errors="coerce")
+    return scores[scores["status"].eq("ok") & np.isfinite(score.astype(float))]
+
+
+def _latest(scores: pd.DataFrame) -> pd.DataFrame:
+    """One usable row per (model_id, detector): the latest."""
+    rows = _usable(scores).sort_values("finished_at", kind="stable")
+    return rows.drop_duplicates(["model_id", "detector"], keep="last")
+
+
+def model_results(scores: pd.DataFrame) -> dict[str, dict[str, dict[str, Any]]]:
+    """{model_id: {detector: {"score", "stats", "row"}}} from score rows (latest usable)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in _latest(scores[scores["detector"] != COMBINED]).to_dict("records"):
+        out.setdefault(str(row["model_id"]), {})[str(row["detector"])] = {
+            "score": float(row["score"]), "stats": _stats(row.get("stats_json")), "row": row}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The default map (no calibrator)
+
+
+def default_probability(detector: str, score: float, stats: Mapping[str, Any] | None,
+                        num_classes: int | None) -> float:
+    """The documented rank-free monotone map of one detector's result to [0.05, 0.95]."""
+    stats = stats or {}
+    p = row_probability(stats)
+    if math.isnan(p):
+        re = stats.get("re")
+        if detector == "modelxray" and isinstance(re, (int, float)) and num_classes:
+            x = float(re) / math.log2(max(int(num_classes), 2))
+            p = float(expit((MODELXRAY_DEFAULT_MAP["centre"] - x) / MODELXRAY_DEFAULT_MAP["scale"]))
+        else:
+            p = float(expit(score))
+    return float(np.clip(p, *DEFAULT_CLIP))
+
+
+def default_combined(results: Mapping[str, Mapping[str, Any]], num_classes: int | None
+                     ) -> tuple[float, str | None]:
+    """(probability, detector used) without a calibrator: the first of DEFAULT_ORDER that has
+    a result, else the alphabetically first; (0.5, None) when there is none."""
+    names = [n for n in DEFAULT_ORDER if n in results] + sorted(set(results) - set(DEFAULT_ORDER))
+    if not names:
+        return 0.5, None
+    best = names[0]
+    r = results[best]
+    return default_probability(best, float(r["score"]), r.get("stats"), num_classes), best
+
+
+def detector_probabilities(scores: pd.DataFrame) -> pd.DataFrame:
+    """model_id x detector frame of `default_probability` (NaN where no usable score)."""
+    data: dict[str, dict[str, float]] = {}
+    for mid, results in model_results(scores).items():
+        for name, r in results.items():
+            k = r["row"].get("num_classes")
+            k = None if k is None or pd.isna(k) else int(k)
+            data.setdefault(name, {})[mid] = default_probability(name, r["score"], r["stats"], k)
+    frame = pd.DataFrame(data)
+    return frame[sorted(frame.columns)] if len(frame.columns) else frame
+
+
+# ---------------------------------------------------------------------------------------------
+# The stacker
+
+
+@dataclass
+class Calibrator:
+    detectors: list[dict[str, str]]       # [{name, version, config_hash}] it was trained on
+    features: list[str]
+    impute: list[float]                   # training means (missing value -> this)
+    mean: list[float]                     # standardisation
+    scale: list[float]
+    coef: list[float]
+    intercept: float
+    C: float
+    clip: tuple[float, float] = (0.01, 0.99)
+    scan: dict[str, Any] = field(default_factory=dict)   # the training run's scan config
+    train: dict[str, Any] = field(default_factory=dict)  # provenance and fit figures
+    created_at: str = ""
+
+    # -- identity and storage
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "version": STACKER_VERSION,
+                "id": self.id, "detectors": self.detectors, "features": self.features,
+                "impute": self.impute, "mean": self.mean, "scale": self.scale,
+                "coef": self.coef, "intercept": self.intercept, "C": self.C,
+                "clip": list(self.clip), "scan": self.scan, "train": self.train,
+                "created_at": self.created_at}
+
+    @property
+    def id(self) -> str:
+        """Digest of the fitted numbers: the combined detector's config_hash."""
+        payload = {"features": self.features, "impute": self.impute, "mean": self.mean,
+                   "scale": self.scale, "coef": self.coef, "intercept": self.intercept,
+                   "clip": list(self.clip), "detectors": self.detectors}
+        text = json.dumps(payload, sort_keys=True, default=float)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def save(self, uri: str) -> str:
+        storage.atomic_write_bytes(uri, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+        return uri
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "<calibrator>") -> "Calibrator":
+        if d.get("format") != FORMAT:
+            raise ValueError(f"{source}: not an xray calibrator (format {d.get('format')!r})")
+        if d.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{source}: calibrator format version {d.get('format_version')!r}; "
+                             f"this xray reads version {FORMAT_VERSION} "
+                             "(refit with xray calibrate)")
+        n = len(d["features"])
+        if not all(len(d[k]) == n for k in ("impute", "mean", "scale", "coef")):
+            raise ValueError(f"{source}: feature, mean, scale and coefficient lists differ "
+                             "in length")
+        cal = cls(detectors=list(d["detectors"]), features=list(d["features"]),
+                  impute=[float(v) for v in d["impute"]], mean=[float(v) for v in d["mean"]],
+                  scale=[float(v) for v in d["scale"]], coef=[float(v) for v in d["coef"]],
+                  intercept=float(d["intercept"]), C=float(d["C"]), clip=tuple(d["clip"]),
+                  scan=dict(d.get("scan") or {}), train=dict(d.get("train") or {}),
+                  created_at=str(d.get("created_at", "")))
+        if d.get("id") and d["id"] != cal.id:
+            raise ValueError(f"{source}: the numbers do not match the stored id (edited file?)")
+        return cal
+
+    @classmethod
+    def load(cls, uri: str) -> "Calibrator":
+        try:
+            d = json.loads(storage.read_text(uri))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{uri}: not a calibrator JSON file ({e})") from None
+        return cls.from_dict(d, uri)
+
+    # -- prediction
+    @property
+    def detector_names(self) -> list[str]:
+        return [d["name"] for d in self.detectors]
+
+    def matrix(self, feature_dicts: Sequence[Mapping[str, float]]) -> np.ndarray:
+        """Raw feature matrix (NaN = missing) with the indicators filled in."""
+        x = np.full((len(feature_dicts), len(self.features)), np.nan)
+        for i, feats in enumerate(feature_dicts):
+            present = {name.split(".", 1)[0] for name in feats if name.endswith(".score")}
+            for j, name in enumerate(self.features):
+                if name.endswith(".missing"):
+                    x[i, j] = 0.0 if name[: -len(".missing")] in present else 1.0
+                elif name in feats:
+                    x[i, j] = feats[name]
+        return x
+
+    def predict(self, feature_dicts: Sequence[Mapping[str, float]]) -> np.ndarray:
+        """Probabilities of being trojaned, clipped to `clip`."""
+        x = self.matrix(feature_dicts)
+        x = np.where(np.isnan(x), np.asarray(self.impute)[None, :], x)
+        z = (x - np.asarray(self.mean)) / np.asarray(self.scale)
+        p = expit(z @ np.asarray(self.coef) + self.intercept)
+        return np.clip(p, *self.clip)
+
+    def predict_results(self, results: Mapping[str, Mapping[str, Any]],
+                        num_classes: int | None) -> float:
+        return float(self.predict([features_from_results(results, num_classes)])[0])
+
+    def scan_config(self):
+        """The ScanConfig the calibrator was trained under (its detectors and settings)."""
+        from xray.config import parse_config
+
+        return parse_config(self.scan or {"detectors": {n: {} for n in self.detector_names}},
+                            source=f"calibrator {self.id}")
+
+
+def _training_frame(scores: pd.DataFrame, detectors: Sequence[str]
+                    ) -> tuple[list[str], list[dict[str, float]], np.ndarray]:
+    results = model_results(scores[scores["detector"].isin(detectors)])
+    truth = scores.sort_values("finished_at").drop_duplicates("model_id", keep="last")
+    ids, feats, y = [], [], []
+    for row in truth.to_dict("records"):
+        gt = row.get("gt_poisoned")
+        if gt is None or (isinstance(gt, float) and math.isnan(gt)) or gt is pd.NA:
+            continue
+        k = row.get("num_classes")
+        k = None if k is None or pd.isna(k) else int(k)
+        ids.append(str(row["model_id"]))
+        feats.append(features_from_results(
+            {d: r for d, r in results.get(str(row["model_id"]), {}).items()}, k))
+        y.append(1.0 if bool(gt) else 0.0)
+    return ids, feats, np.asarray(y)
+
+
+def fit(scores: pd.DataFrame, *, detectors: Sequence[str] | None = None, C: float | None = None,
+        clip: tuple[float, float] = (0.01, 0.99), scan: Mapping[str, Any] | None = None,
+        provenance: Mapping[str, Any] | None = None, seed: int = 0) -> Calibrator:
+    """Fit the stacker on the labelled models of a scores table (see the module docstring)."""
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    from xray.reduce import metrics as M
+
+    scores = scores[scores["detector"] != COMBINED]
+    present = sorted(set(_usable(scores)["detector"]))
+    detectors = list(detectors) if detectors else present
+    missing = sorted(set(detectors) - set(present))
+    if missing:
+        raise ValueError(f"no ok scores of detector(s) {missing} to calibrate; "
+                         f"detectors with scores: {present}")
+    if not detectors:
+        raise ValueError("no ok detector scores to calibrate on")
+    ids, feats, y = _training_frame(scores, detectors)
+    n_pos, n_neg = int(y.sum()), int((1 - y).sum()) if len(y) else 0
+    if min(n_pos, n_neg) < 2:
+        raise ValueError(f"calibration needs at least 2 trojaned and 2 clean labelled models; "
+                         f"found {n_pos} trojaned and {n_neg} clean")
+
+    names = sorted({k for f in feats for k in f})
+    names = [k for k in names if sum(k in f for f in feats) >= len(feats) / 2]
+    names += [f"{d}.missing" for d in detectors]
+    units = scores[scores["detector"].isin(detectors)].drop_duplicates("detector", keep="last")
+    inputs = [{"name": str(r["detector"]), "version": str(r["detector_version"]),
+               "config_hash": str(r["config_hash"])}
+              for r in units.sort_values("detector").to_dict("records")]
+    draft = Calibrator(detectors=inputs,
+                       features=names, impute=[0.0] * len(names), mean=[0.0] * len(names),
+                       scale=[1.0] * len(names), coef=[0.0] * len(names), intercept=0.0, C=1.0,
+                       clip=tuple(clip))
+    x = draft.matrix(feats)
+    with warnings.catch_warnings():  # an all-missing column: imputed with 0 below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        impute = np.nanmean(x, axis=0)
+    impute = np.where(np.isnan(impute), 0.0, impute)
+    x = np.where(np.isnan(x), impute[None, :], x)
+    std = x.std(axis=0)
+    keep = (std > 1e-12) | np.array([n.endswith(".missing") for n in names])
+    names = [n for n, k in zip(names, keep) if k]
+    x, impute, std = x[:, keep], impute[keep], std[keep]
+    mean = x.mean(axis=0)
+    scale = np.where(std > 1e-12, std, 1.0)
+    z = (x - mean) / scale
+
+    folds = min(5, n_pos, n_neg)
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed) if folds >= 2 else None
+    if C is None and folds >= 3:
+        with warnings.catch_warnings():  # scikit-learn 1.8's notices of its 1.10 API change
+            warnings.simplefilter("ignore", FutureWarning)
+            search = LogisticRegressionCV(Cs=list(C_GRID), cv=cv, scoring="neg_log_loss",
+                                          max_iter=2000).fit(z, y)
+            C = float(np.ravel(search.C_)[0])
+    C = float(C if C is not None else 1.0)
+    model = LogisticRegression(C=C, max_iter=2000).fit(z, y)
+    p_in = np.clip(model.predict_proba(z)[:, 1], *clip)
+    train = {"n": len(y), "n_poisoned": n_pos, "n_clean": n_neg, "model_ids": ids,
+             "in_sample": {"cross_entropy": M.cross_entropy(y, p_in).value,
+                           "roc_auc": M.roc_auc(y, p_in).value}, **dict(provenance or {})}
+    if cv is not None:
+        p_cv = np.clip(cross_val_predict(LogisticRegression(C=C, max_iter=2000), z, y, cv=cv,
+                                         method="predict_proba")[:, 1], *clip)
+        train["cross_validated"] = {"folds": folds, "cross_entropy": M.cross_entropy(y, p_cv).value,
+                                    "roc_auc": M.roc_auc(y, p_cv).value}
+    return Calibrator(detectors=draft.detectors, features=names, impute=impute.tolist(),
+                      mean=mean.tolist(), scale=scale.tolist(), coef=model.coef_[0].tolist(),
+                      intercept=float(model.intercept_[0]), C=C, clip=tuple(clip),
+                      scan=dict(scan or {}), train=train,
+                      created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+
+
+def _run_scan_config(out_uri: str, run_id: str | None) -> dict[str, Any]:
+    from xray.results.sink import read_table
+
+    runs = read_table(out_uri, "runs", run_id=run_id)
+    if not len(runs):
+        return {}
+    raw = json.loads(runs.sort_values("started_at").iloc[-1]["config_json"])
+    return {k: raw[k] for k in ("seed", "examples_per_class", "detectors") if k in raw}
+
+
+def calibrate(out_uri: str, train_run: str | None, *, artifact_uri: str | None = None,
+              detectors: Sequence[str] | None = None, C: float | None = None
+              ) -> tuple[Calibrator, str]:
+    """`xray calibrate`: fit on run `train_run` of `out_uri` (all runs when None) and save the
+    artifact (default <out>/calibration/<run or all>-<id>.json). Returns (calibrator, uri)."""
+    from xray.results.sink import read_table
+
+    scores = read_table(out_uri, "scores", run_id=train_run)
+    if not len(scores):
+        raise ValueError(f"no scores under {out_uri}"
+                         + (f" for run {train_run}" if train_run else ""))
+    cal = fit(scores, detectors=detectors, C=C, scan=_run_scan_config(out_uri, train_run),
+              provenance={"out": str(out_uri), "run": train_run})
+    name = f"{train_run or 'all'}-{cal.id}.json"
+    uri = artifact_uri or storage.join(out_uri, "calibration", name)
+    cal.save(uri)
+    return cal, uri
+
+
+# ---------------------------------------------------------------------------------------------
+# Combined rows for the reducer
+
+
+def combined_rows(scores: pd.DataFrame, calibrator: Calibrator | None = None) -> pd.DataFrame:
+    """One `scores`-schema row per model of detector "combined": score = stats.probability =
+    the stacker's probability (or the default map without a calibrator). A model with no usable
+    detector score gets a status "error" row saying so (missing, never filled in)."""
+    from xray.results.schema import SCORES
+
+    scores = scores[scores["detector"] != COMBINED]
+    if not len(scores):
+        return SCORES.empty_table().to_pandas()
+    if calibrator is not None:
+        scores = _matching(scores, calibrator)
+    results = model_results(scores)
+    latest = scores.sort_values("finished_at", kind="stable")
+    latest = latest.drop_duplicates("model_id", keep="last")
+    version = STACKER_VERSION if calibrator is not None else DEFAULT_VERSION
+    config_hash = calibrator.id if calibrator is not None else "default-map"
+    now = dt.datetime.now(dt.timezone.utc)
+    rows = []
+    for base in latest.to_dict("records"):
+        mid = str(base["model_id"])
+        res = results.get(mid, {})
+        k = base.get("num_classes")
+        k = None if k is None or pd.isna(k) else int(k)
+        if calibrator is not None:
+            res = {d: r for d, r in res.items() if d in calibrator.detector_names}
+        inputs = {d: r["score"] for d, r in res.items()}
+        row = {key: base.get(key) for key in SCORES.names}
+        row.update(detector=COMBINED, detector_version=version, config_hash=config_hash,
+                   predicted_target=None, worker="", finished_at=now,
+                   model_digest=str(res[next(iter(res))]["row"]["model_digest"]) if res
+                   else str(base["model_digest"]),
+                   run_id=str(max((r["row"]["run_id"] for r in res.values()),
+                                  default=base["run_id"])),
+                   seconds=float(sum(float(r["row"].get("seconds") or 0.0) for r in res.values())))
+        if not res:
+            row.update(status="error", score=None, error="no detector has an ok score for this "
+                       "model", stats_json=json.dumps({"inputs": {}}))
+        else:
+            if calibrator is not None:
+                p, how = calibrator.predict_results(res, k), f"stacker {calibrator.id}"
+            else:
+                p, best = default_combined(res, k)
+                how = f"default map of {best}"
+            missing = sorted(set(calibrator.detector_names if calibrator else res) - set(res))
+            row.update(status="ok", error=None, score=p, stats_json=json.dumps(
+                {"probability": p, "source": how, "inputs": inputs, "missing": missing},
+                sort_keys=True))
+        rows.append(row)
+    return pd.DataFrame(rows, columns=SCORES.names)
+
+
+def _matching(scores: pd.DataFrame, calibrator: Calibrator) -> pd.DataFrame:
+    """Rows of the detectors the calibrator knows, preferring its version / config hash."""
+    parts = []
+    for d in calibrator.detectors:
+        rows = scores[scores["detector"] == d["name"]]
+        same = rows[(rows["detector_version"] == d["version"])
+                    & (rows["config_hash"] == d["config_hash"])]
+        if len(rows) and not len(same):
+            log.warning("calibrator %s was trained on %s %s [%s]; scoring rows of another "
+                        "version / config", calibrator.id, d["name"], d["version"],
+                        d["config_hash"])
+        parts.append(same if len(same) else rows)
+    return pd.concat(parts) if parts else scores.iloc[0:0]
+
+
+def with_combined(scores: pd.DataFrame, calibrator: Calibrator | None = None) -> pd.DataFrame:
+    """`scores` plus the combined detector's rows: what summarize / render_report take to
+    report the combined detector beside the single ones."""
+    combined = combined_rows(scores, calibrator)
+    if not len(combined):
+        return scores
+    return pd.concat([scores[scores["detector"] != COMBINED], combined], ignore_index=True)
+
+
+def describe(cal: Calibrator) -> str:
+    lines = [f"calibrator {cal.id} ({STACKER_VERSION}, C={cal.C:g}) on "
+             f"{cal.train.get('n')} models ({cal.train.get('n_poisoned')} trojaned)"]
+    for key in ("in_sample", "cross_validated"):
+        if key in cal.train:
+            m = cal.train[key]
+            lines.append(f"  {key}: CE {m['cross_entropy']:.4f}  ROC-AUC {m['roc_auc']:.4f}")
+    for name, c in sorted(zip(cal.features, cal.coef), key=lambda t: -abs(t[1])):
+        lines.append(f"  {name:<32s} {c:+.4f}")
+    return "\n".join(lines)

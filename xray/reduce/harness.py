@@ -1,0 +1,259 @@
+"""Score a test set exactly as the TrojAI harness (rounds 1-4) does, and `xray score-testset`.
+
+    figures = harness_scores(y, p)               # ce, ce_ci95, brier, roc_auc_thresholds, ...
+    result = score_testset(round_dir, out_uri)   # scan (or reuse) + per-model CSV + summary
+
+Harness rules (ref: usnistgov/trojai-test-harness actor_executor/metrics.py, submission.py,
+fs_utils.py; trojai-format.md "Scoring"):
+  * targets: float(first line) of each id-*/ground_truth.csv;
+  * a prediction is float(first line) of the detector's result file; a missing file, a parse
+    failure or NaN is 0.5 (`read_prediction` returns NaN, `harness_scores` fills 0.5);
+    predictions are otherwise used unclipped;
+  * CE_i = -(y ln p + (1-y) ln(1-p)) in float64 with p clipped to [1e-12, 1 - 1e-12]; the score
+    is mean CE_i; CI95 = 1.96 * std(CE_i, ddof 0) / sqrt(n);
+  * Brier = mean((p - y)^2) on unclipped p;
+  * ROC-AUC, rounds 1-4: sklearn.metrics.auc over (FPR, TPR) at thresholds
+    np.arange(0, 1.01, 0.01), detection p >= t (round 1's harness: p > t), no end points added;
+    the current harness: sklearn roc_auc_score. Both are reported.
+These reuse xray.reduce.metrics (cross_entropy, brier, roc_auc_thresholds, roc_auc); only the
+round-1 strict form (p > t) is written here.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import auc as sk_auc
+
+from xray.io import storage
+from xray.reduce import metrics as M
+
+log = logging.getLogger(__name__)
+
+MISSING_PREDICTION = 0.5
+
+
+@dataclass(frozen=True)
+class HarnessScores:
+    """The harness's figures for one detector over one test set (missing/NaN = 0.5)."""
+
+    n: int
+    n_missing: int
+    cross_entropy: float
+    ce_ci95: float
+    brier: float
+    roc_auc_thresholds: float      # rounds 2-4 form: p >= t
+    roc_auc_thresholds_r1: float   # round 1 form: p > t
+    roc_auc: float                 # sklearn roc_auc_score (current harness)
+    reason: str | None = None      # why an AUC is NaN (one class only, ...)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_prediction(uri: str) -> float:
+    """float(first line) of a result file; NaN when the file is missing or does not parse
+    (the harness then uses 0.5)."""
+    try:
+        text = storage.read_text(uri)
+    except (FileNotFoundError, OSError, UnicodeDecodeError):
+        return math.nan
+    lines = text.splitlines()
+    try:
+        return float(lines[0].strip())
+    except (IndexError, ValueError):
+        return math.nan
+
+
+def read_ground_truth(uri: str) -> float:
+    """float(first line) of ground_truth.csv (the harness's target)."""
+    return float(storage.read_text(uri).splitlines()[0].strip().rstrip(","))
+
+
+def fill_missing(probability) -> np.ndarray:
+    """Predictions as the harness holds them: NaN (missing / unparseable) -> 0.5, else as is."""
+    p = np.asarray(probability, dtype=np.float64).reshape(-1)
+    return np.where(np.isnan(p), MISSING_PREDICTION, p)
+
+
+def roc_auc_thresholds_strict(y_true, probability) -> M.Metric:
+    """Round 1's threshold ROC-AUC: detection p > t at np.arange(0, 1.01, 0.01), no end points."""
+    y = np.asarray(y_true, dtype=np.float64).reshape(-1)
+    p = fill_missing(probability)
+    if y.size == 0 or y.min() == y.max():
+        return M.Metric(math.nan, "only one class" if y.size else "no models")
+    pos, neg = y == 1, y == 0
+    pred = p[None, :] > M.TROJAI_THRESHOLDS[:, None]
+    tpr = (pred & pos).sum(axis=1) / pos.sum()
+    fpr = (pred & neg).sum(axis=1) / neg.sum()
+    return M.Metric(float(sk_auc(fpr, tpr)) + 0.0)  # + 0.0: no "-0.0" from a falling curve
+
+
+def harness_scores(y_true, probability) -> HarnessScores:
+    """All harness figures of one detector; NaN predictions count as 0.5."""
+    y = np.asarray(y_true, dtype=np.float64).reshape(-1)
+    raw = np.asarray(probability, dtype=np.float64).reshape(-1)
+    if y.shape != raw.shape:
+        raise ValueError(f"{y.size} targets but {raw.size} predictions")
+    p = fill_missing(raw)
+    ce = M.cross_entropy(y, p)
+    auc_t = M.roc_auc_thresholds(y, p)
+    auc_r1 = roc_auc_thresholds_strict(y, p)
+    auc = M.roc_auc(y, p)
+    return HarnessScores(
+        n=int(y.size), n_missing=int(np.isnan(raw).sum()), cross_entropy=ce.value,
+        ce_ci95=ce.ci95, brier=M.brier(y, p).value, roc_auc_thresholds=auc_t.value + 0.0,
+        roc_auc_thresholds_r1=auc_r1.value, roc_auc=auc.value,
+        reason=auc.reason or auc_t.reason or ce.reason)
+
+
+def score_result_files(targets: Mapping[str, float], results_dir: str,
+                       suffix: str = ".txt") -> tuple[pd.DataFrame, HarnessScores]:
+    """Per-model (model_id, target, prediction) from <results_dir>/<model_id><suffix> files, as
+    the harness collects them, and their scores."""
+    ids = sorted(targets)
+    preds = [read_prediction(storage.join(results_dir, f"{m}{suffix}")) for m in ids]
+    frame = pd.DataFrame({"model_id": ids, "target": [targets[m] for m in ids],
+                          "prediction": preds})
+    return frame, harness_scores(frame["target"], frame["prediction"])
+
+
+# ---------------------------------------------------------------------------------------------
+# score-testset
+
+
+@dataclass
+class TestsetResult:
+    run_id: str
+    per_model: pd.DataFrame     # model_id, target, p_<detector>..., p_combined, status columns
+    summary: pd.DataFrame       # one row per detector (and "combined"): harness figures
+    per_model_uri: str
+    summary_uri: str
+    html_uri: str
+
+
+SUMMARY_ORDER = ["detector", "n", "n_missing", "cross_entropy", "ce_ci95", "brier",
+                 "roc_auc_thresholds", "roc_auc_thresholds_r1", "roc_auc", "reason"]
+
+
+def testset_tables(records: Sequence[Any], scores: pd.DataFrame, calibrator: Any = None
+                   ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(per-model frame, summary frame, combined score rows) for a round's records and the
+    scores of its models. Every record counts; a model without an ok score predicts 0.5."""
+    from xray.reduce import calibrate as C
+
+    labelled = [r for r in records if r.poisoned is not None]
+    if len(labelled) < len(records):
+        log.warning("%d of %d models have no ground truth and are left out of the scores",
+                    len(records) - len(labelled), len(records))
+    ids = [r.model_id for r in labelled]
+    frame = pd.DataFrame({"model_id": ids, "target": [float(r.poisoned) for r in labelled]})
+    scores = scores[scores["model_id"].isin(ids)] if len(scores) else scores
+    combined = C.combined_rows(scores, calibrator) if len(scores) else scores.iloc[0:0]
+    probs = C.detector_probabilities(scores) if len(scores) else pd.DataFrame(index=ids)
+    detectors = list(probs.columns)
+    for name in detectors:
+        frame[f"p_{name}"] = frame["model_id"].map(probs[name]).astype(float)
+    p_comb = combined.set_index("model_id")["stats_json"].map(C.row_probability) \
+        if len(combined) else pd.Series(dtype=float)
+    frame["p_combined"] = frame["model_id"].map(p_comb).astype(float)
+    rows = []
+    for name in [*detectors, "combined"]:
+        col = frame[f"p_{name}"].to_numpy(dtype=float)
+        rows.append({"detector": name, **harness_scores(frame["target"], col).as_dict()})
+    summary = pd.DataFrame(rows, columns=SUMMARY_ORDER)
+    frame["prediction"] = fill_missing(frame["p_combined"])
+    return frame, summary, combined
+
+
+def format_summary(summary: pd.DataFrame) -> str:
+    view = summary.copy()
+    for col in SUMMARY_ORDER[3:-1]:
+        view[col] = view[col].map(lambda x: "-" if pd.isna(x) else f"{x:.4f}")
+    return view.drop(columns="reason").to_string(index=False)
+
+
+def _html(summary: pd.DataFrame, per_model: pd.DataFrame, title: str) -> str:
+    import html
+
+    return ("<!doctype html><meta charset='utf-8'><title>" + html.escape(title) + "</title>"
+            "<style>body{font-family:sans-serif}td,th{padding:2px 8px;text-align:right}</style>"
+            f"<h1>{html.escape(title)}</h1><p>Scored as the TrojAI harness (rounds 1-4): missing "
+            "or NaN predictions = 0.5; CE with p clipped to [1e-12, 1-1e-12] and its 95% "
+            "interval; Brier on unclipped p; ROC-AUC over thresholds 0, 0.01, ..., 1 (p &gt;= t; "
+            "round 1: p &gt; t) and sklearn roc_auc_score.</p><h2>Summary</h2>"
+            + summary.to_html(index=False, float_format=lambda x: f"{x:.4f}", na_rep="-")
+            + "<h2>Per model</h2>"
+            + per_model.to_html(index=False, float_format=lambda x: f"{x:.4f}", na_rep="-"))
+
+
+def _plain_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """DataFrame rows as the sink takes them: NaN / NA -> None, integer columns as int."""
+    import pyarrow as pa
+
+    from xray.results.schema import SCORES
+
+    ints = {f.name for f in SCORES if pa.types.is_integer(f.type)}
+    rows = []
+    for row in frame.to_dict("records"):
+        clean = {}
+        for key, value in row.items():
+            if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+                value = None
+            elif key in ints:
+                value = int(value)
+            clean[key] = value
+        rows.append(clean)
+    return rows
+
+
+def score_testset(round_uri: str, out_uri: str, *, run_id: str | None = None, config: Any = None,
+                  calibrator: Any = None, scan_kwargs: Mapping[str, Any] | None = None,
+                  write_combined: bool = True) -> TestsetResult:
+    """Scan a round's models (skipping those already scored with this config) or reuse run
+    `run_id` of `out_uri`, then score them as the harness does.
+
+    Writes <out>/testset/per_model.csv, summary.csv and testset.html, and (write_combined) the
+    combined detector's rows into <out>/scores so that `xray report` shows it beside the others.
+    """
+    from xray.io.manifest import read_manifest
+    from xray.reduce import calibrate as C
+    from xray.results.sink import read_table, write_part
+
+    records = read_manifest(round_uri)
+    if run_id is None:
+        from xray.config import ScanConfig
+        from xray.runner import run_scan
+
+        config = config or (calibrator.scan_config() if calibrator is not None else ScanConfig())
+        summary = run_scan(round_uri, out_uri, config, **dict(scan_kwargs or {}))
+        run_id = summary.run_id
+        built = [d.build() for d in config.detectors]
+        keys = {(d.name, d.version, config.detector_hash(d)) for d in built}
+        scores = read_table(out_uri, "scores")
+        if len(scores):
+            key = list(zip(scores["detector"], scores["detector_version"], scores["config_hash"]))
+            scores = scores[[k in keys for k in key]]
+    else:
+        scores = read_table(out_uri, "scores", run_id=run_id)
+        if not len(scores):
+            raise ValueError(f"no scores under {out_uri} for run {run_id}")
+    scores = scores[scores["detector"] != C.COMBINED]
+    per_model, summary, combined = testset_tables(records, scores, calibrator)
+    if write_combined and len(combined):
+        for rid, rows in combined.groupby("run_id"):
+            write_part(out_uri, "scores", str(rid), _plain_rows(rows))
+    base = storage.join(out_uri, "testset")
+    per_model_uri = storage.join(base, "per_model.csv")
+    summary_uri = storage.join(base, "summary.csv")
+    html_uri = storage.join(base, "testset.html")
+    storage.write_text(per_model_uri, per_model.to_csv(index=False))
+    storage.write_text(summary_uri, summary.to_csv(index=False))
+    title = f"Test set {os.path.basename(str(round_uri).rstrip('/'))}"
+    storage.write_text(html_uri, _html(summary, per_model, title))
+    return TestsetResult(run_id, per_model, summary, per_model_uri, summary_uri, html_uri)

@@ -1,0 +1,423 @@
+"""The TrojAI detector entrypoint (rounds 1-4): one model in, one probability out.
+
+    trojai-detector --model_filepath M --result_filepath R --scratch_dirpath S \\
+        --examples_dirpath E [--config FILE] [--calibrator FILE] [--time-budget SECONDS] \\
+        [--allow-pickle]
+    xray trojai-detect ...   (the same options)
+
+Writes one float in [0, 1] (probability that the model is trojaned) on the first line of R,
+which is what the harness reads (ref: trojai-test-harness; trojai-format.md "Detector
+entrypoint"). Guarantees:
+
+* R is always written. It holds 0.5 from the first moment (so even a hard kill leaves a valid
+  answer), and is overwritten with the estimate at the end. A broken model file, a missing or
+  empty examples folder, a pickle without --allow-pickle, a failing detector or a time budget too
+  short to finish all end in 0.5 (or the best estimate so far) with the reason on stderr; the
+  exit status is 0 when R holds an estimate from at least one detector, 1 when it holds the 0.5
+  fallback.
+* The model is never unpickled in this (driver) process. A worker process
+  (`python -m xray.trojai_detect --worker S/job.json`) loads the model and runs the detectors,
+  appending each detector's result to S/progress.jsonl as it finishes. TrojAI's model.pt files
+  are whole-module pickles (they run code when loaded): they load only with --allow-pickle
+  (the container entrypoint passes it: the container is the sandbox).
+* Temporary files go to S only: the job file and the progress file, and the worker runs with
+  TMPDIR / TMP / TEMP, XDG_CACHE_HOME, MPLCONFIGDIR and TORCH_HOME pointing into S.
+* --time-budget (default 600 s, the harness's per-model allowance) is counted from the start of
+  this process. The worker is given the deadline (ctx.deadline for detectors that can stop
+  early) and is killed MARGIN before it; R then holds the estimate from the detectors that
+  finished (through the calibrator, which treats the others as missing, or the default map),
+  else 0.5.
+
+Detectors: --config (a scan config YAML: detectors with preset / params, seed,
+examples_per_class), else the calibrator's training config, else DEFAULT_CONFIG (Model X-ray,
+small preset: 4 planes of 32 x 32 points, about 4,100 forwards, a couple of minutes for a 224 x
+224 resnet18 on 2 CPU cores; see bench/trojai.py). Probability: the calibrator's (--calibrator,
+from `xray calibrate`), else the documented default map of xray.reduce.calibrate.
+
+Model facts: a config.json beside M (TrojAI r2-4 or an xray export) gives the preprocessing and
+input shape; otherwise they are inferred from the examples (inferred, not in the harness): 256 x
+256 PNGs -> rounds 2-4 (centre crop 224, x / 255), 224 x 224 -> round 1 (BGR, per-image
+min-max), any other size -> that size, x / 255; --round forces a round's preprocessing. The
+class count is the width of the model's output. The format follows the file name (.safetensors,
+.torchscript.pt / .ts) and is otherwise a whole-module pickle.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+STARTED = time.monotonic()
+DEFAULT_BUDGET = 600.0
+FALLBACK = 0.5
+MIN_BUDGET = 2.0
+DEFAULT_CONFIG: dict[str, Any] = {"seed": 0, "detectors": {"modelxray": {"preset": "small"}}}
+JOB_FILE, PROGRESS_FILE = "job.json", "progress.jsonl"
+ROUNDS = ("r1", "r2", "r3", "r4")
+
+
+def margin(budget: float) -> float:
+    """Seconds kept back at the end of the budget to stop the worker and write R."""
+    return min(10.0, max(0.5, 0.02 * budget))
+
+
+@dataclass
+class Outcome:
+    probability: float
+    estimated: bool                      # True when at least one detector result went into it
+    reason: str                          # how the probability came about, or why it is 0.5
+    results: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.estimated else 1
+
+
+def _write_result(path: str, p: float) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f"{p!r}\n")
+
+
+def _model_format(path: str, given: str | None) -> str:
+    if given:
+        return given
+    name = os.path.basename(path).lower()
+    if name.endswith(".safetensors"):
+        return "safetensors"
+    if name.endswith((".torchscript.pt", ".ts")):
+        return "torchscript"
+    return "pickle"
+
+
+def _has_examples(folder: str) -> bool:
+    import re
+
+    pattern = re.compile(r"^class_(\d+)_example_(\d+)\.png$", re.IGNORECASE)
+    return any(pattern.match(n) for n in os.listdir(folder))
+
+
+def _read_progress(path: str) -> tuple[dict[str, Any], list[str], int | None]:
+    results, errors, k = {}, [], None
+    if not os.path.exists(path):
+        return results, errors, k
+    with open(path) as f:
+        for line in f:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by the kill
+            if event.get("event") == "result":
+                results[event["detector"]] = {"score": event["score"], "stats": event["stats"]}
+                k = event.get("num_classes", k)
+            elif event.get("event") in ("error", "detector_error"):
+                errors.append(event["message"])
+    return results, errors, k
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def detect(model_filepath: str, result_filepath: str, scratch_dirpath: str,
+           examples_dirpath: str, *, config: str | None = None, calibrator: str | None = None,
+           time_budget: float = DEFAULT_BUDGET, allow_pickle: bool = False,
+           round: str | None = None, model_format: str | None = None, device: str = "auto",
+           started: float | None = None) -> Outcome:
+    """Run the entrypoint's work; R is written whatever happens (see the module docstring)."""
+    started = STARTED if started is None else started
+    deadline = started + float(time_budget)
+    _write_result(result_filepath, FALLBACK)
+
+    def fallback(reason: str, results: dict | None = None) -> Outcome:
+        _write_result(result_filepath, FALLBACK)
+        return Outcome(FALLBACK, False, reason, results or {}, time.monotonic() - started)
+
+    if not time_budget or time_budget < MIN_BUDGET:
+        return fallback(f"time budget of {time_budget:g} s is too short to load a model "
+                        f"(minimum {MIN_BUDGET:g} s)")
+    if not os.path.isfile(model_filepath):
+        return fallback(f"model file {model_filepath} does not exist")
+    if not os.path.isdir(examples_dirpath):
+        return fallback(f"examples folder {examples_dirpath} does not exist")
+    if not _has_examples(examples_dirpath):
+        return fallback(f"examples folder {examples_dirpath} holds no class_<c>_example_<i>.png")
+    fmt = _model_format(model_filepath, model_format)
+    if fmt == "pickle" and not allow_pickle:
+        return fallback(f"{model_filepath} is a whole-module pickle: loading it runs arbitrary "
+                        "code from the file. It is loaded only with --allow-pickle "
+                        "(allow_pickle=True), for models you trust or inside a sandbox.")
+    cal_dict = None
+    if calibrator:
+        try:
+            with open(calibrator) as f:
+                cal_dict = json.load(f)
+        except (OSError, ValueError) as e:
+            return fallback(f"cannot read calibrator {calibrator}: {e}")
+    if config:
+        import yaml
+
+        try:
+            with open(config) as f:
+                scan_config = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as e:
+            return fallback(f"cannot read config {config}: {e}")
+    elif cal_dict and cal_dict.get("scan"):
+        scan_config = cal_dict["scan"]
+    else:
+        scan_config = DEFAULT_CONFIG
+
+    scratch = os.path.abspath(scratch_dirpath)
+    os.makedirs(scratch, exist_ok=True)
+    progress = os.path.join(scratch, PROGRESS_FILE)
+    if os.path.exists(progress):
+        os.remove(progress)
+    job = {"model_filepath": os.path.abspath(model_filepath),
+           "examples_dirpath": os.path.abspath(examples_dirpath), "scratch": scratch,
+           "format": fmt, "allow_pickle": bool(allow_pickle), "round": round, "device": device,
+           "config": scan_config, "deadline_epoch": time.time() + (deadline - time.monotonic()),
+           "progress": progress}
+    job_path = os.path.join(scratch, JOB_FILE)
+    with open(job_path, "w") as f:
+        json.dump(job, f)
+    env = dict(os.environ, TMPDIR=scratch, TMP=scratch, TEMP=scratch,
+               XDG_CACHE_HOME=os.path.join(scratch, "cache"),
+               MPLCONFIGDIR=os.path.join(scratch, "mpl"),
+               TORCH_HOME=os.path.join(scratch, "torch"))
+    proc = subprocess.Popen([sys.executable, "-m", "xray.trojai_detect", "--worker", job_path],
+                            env=env, stdout=sys.stderr.fileno() if _has_fileno() else None,
+                            start_new_session=True, cwd=scratch)
+    # The combiner (xray.reduce.calibrate pulls in scipy, scikit-learn, pandas) is imported in a
+    # thread while the worker runs, so that a slow import never delays the deadline.
+    importer = threading.Thread(target=_import_combiner, daemon=True)
+    importer.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=max(0.0, deadline - margin(time_budget) - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        _stop(proc)
+    except BaseException:
+        _stop(proc)
+        raise
+    results, errors, k = _read_progress(progress)
+    why = "; ".join(errors[:3])
+    if timed_out:
+        why = (f"time budget of {time_budget:g} s ran out after {len(results)} detector(s)"
+               + (f" ({why})" if why else ""))
+    elif proc.returncode != 0 and not errors:
+        why = f"the worker process exited with status {proc.returncode}"
+    if not results:
+        return fallback(why or "no detector produced a result", results)
+    importer.join(timeout=max(0.0, deadline - time.monotonic()))
+    if importer.is_alive():
+        return fallback("time budget ran out while loading the combiner", results)
+    from xray.reduce.calibrate import Calibrator, default_combined
+
+    cal = None
+    if cal_dict is not None:
+        try:
+            cal = Calibrator.from_dict(cal_dict, calibrator)
+        except (ValueError, KeyError, TypeError) as e:
+            return fallback(f"calibrator {calibrator}: {e}", results)
+    if cal is not None:
+        p, how = cal.predict_results(results, k), f"calibrator {cal.id}"
+    else:
+        p, best = default_combined(results, k)
+        how = f"default map of {best}"
+    p = float(min(1.0, max(0.0, p))) if math.isfinite(p) else FALLBACK
+    _write_result(result_filepath, p)
+    reason = how + (f"; partial: {why}" if why else "")
+    return Outcome(p, True, reason, results, time.monotonic() - started)
+
+
+def _import_combiner() -> None:
+    try:
+        import xray.reduce.calibrate  # noqa: F401
+    except Exception:  # reported when the names are imported for use
+        pass
+
+
+def _has_fileno() -> bool:
+    try:
+        sys.stderr.fileno()
+        return True
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker process: loads the model and runs the detectors.
+
+
+def _record(job: dict[str, Any]):
+    """The ModelRecord of the job's model (no ground truth)."""
+    from PIL import Image
+
+    from xray.io import trojai
+    from xray.io.examples import list_examples
+    from xray.io.records import ModelRecord
+
+    model_dir = os.path.dirname(job["model_filepath"])
+    facts: dict[str, Any] = {}
+    config_path = os.path.join(model_dir, trojai.CONFIG_FILE)
+    if job["round"] is None and os.path.isfile(config_path):
+        try:
+            with open(config_path) as f:
+                config = json.load(f)  # plain JSON: a jsonpickle file is never decoded
+            if trojai.config_dialect(config) != "zoo":
+                facts = trojai.row_from_config(config, os.path.basename(model_dir), set())
+        except (OSError, ValueError):
+            facts = {}
+    examples = list_examples(job["examples_dirpath"])
+    first = os.path.join(job["examples_dirpath"], examples[0][2])
+    with Image.open(first) as image:
+        size, channels = image.size, (1 if image.mode in ("L", "I", "I;16", "1") else 3)
+    if facts:
+        shape, preprocessing = tuple(facts["input_shape"]), facts["preprocessing"]
+        mean, std = facts.get("mean") or (0.0,), facts.get("std") or (1.0,)
+    else:
+        mean, std = (0.0,), (1.0,)
+        rnd = job["round"] or ("r1" if size == (224, 224) else "r2" if size == (256, 256) else None)
+        if rnd is not None:
+            shape, preprocessing = trojai.INPUT_SHAPE, trojai.PREPROCESSING[rnd]
+        else:
+            shape = (channels, size[1], size[0])
+            preprocessing = {"channel_order": "RGB", "center_crop": None, "scale": "unit"}
+    return ModelRecord(model_id=os.path.basename(model_dir) or "model", uri=job["model_filepath"],
+                       format=job["format"],
+                       architecture=str(facts.get("architecture") or "unknown"),
+                       num_classes=int(facts.get("num_classes") or 1), input_shape=tuple(shape),
+                       mean=tuple(mean), std=tuple(std), examples_uri=job["examples_dirpath"],
+                       preprocessing=dict(preprocessing))
+
+
+def _emit(path: str, event: dict[str, Any]) -> None:
+    from xray.scan import _json_safe
+
+    with open(path, "a") as f:
+        f.write(json.dumps(_json_safe(event)) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def worker(job_path: str) -> int:
+    import dataclasses
+    import logging
+    import tempfile
+
+    with open(job_path) as f:
+        job = json.load(f)
+    tempfile.tempdir = job["scratch"]
+    progress = job["progress"]
+    try:
+        import torch
+
+        from xray.config import parse_config
+        from xray.detectors.base import ScanContext, ScanData
+        from xray.io.examples import load_examples
+        from xray.io.model_loading import load_model
+        from xray.scan import resolve_device
+
+        config = parse_config(job["config"], source="trojai-detect config")
+        device = resolve_device(job["device"] or config.device)
+        record = _record(job)
+        model = load_model(record, allow_pickle=job["allow_pickle"], device=str(device))
+        x, y = load_examples(record, max_per_class=config.examples_per_class)
+        with torch.no_grad():
+            k = int(model(x[:1].to(device)).shape[-1])
+        record = dataclasses.replace(record, num_classes=k)
+        detectors = [spec.build() for spec in config.detectors]
+    except Exception as err:  # reported through the progress file; the driver writes 0.5
+        _emit(progress, {"event": "error", "message": f"{type(err).__name__}: {err}"})
+        print(f"trojai-detect worker: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    data = ScanData(x=x.to(device), y=y.to(device), num_classes=k, mean=tuple(record.mean),
+                    std=tuple(record.std))
+    for detector in detectors:
+        ctx = ScanContext(device=device, seed=config.seed,
+                          logger=logging.getLogger(f"xray.detector.{detector.name}"),
+                          deadline=max(0.0, job["deadline_epoch"] - time.time()))
+        started = time.perf_counter()
+        try:
+            result = detector.score(model, data, ctx)
+        except Exception as err:
+            _emit(progress, {"event": "detector_error",
+                             "message": f"{detector.name}: {type(err).__name__}: {err}"})
+            continue
+        _emit(progress, {"event": "result", "detector": detector.name, "score": result.score,
+                         "stats": result.stats, "num_classes": k,
+                         "seconds": time.perf_counter() - started})
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser(prog: str = "trojai-detector") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="TrojAI (rounds 1-4) detector entrypoint: "
+                                "writes P(trojaned) on the first line of the result file.")
+    p.add_argument("--model_filepath", "--model-filepath", required=True)
+    p.add_argument("--result_filepath", "--result-filepath", required=True)
+    p.add_argument("--scratch_dirpath", "--scratch-dirpath", required=True)
+    p.add_argument("--examples_dirpath", "--examples-dirpath", required=True)
+    p.add_argument("--config", default=None, help="scan config YAML (detectors, seed, ...)")
+    p.add_argument("--calibrator", default=None, help="calibrator JSON from `xray calibrate`")
+    p.add_argument("--time-budget", "--time_budget", type=float, default=DEFAULT_BUDGET,
+                   dest="time_budget", help="seconds for this model (default 600)")
+    p.add_argument("--allow-pickle", "--allow_pickle", action="store_true", dest="allow_pickle",
+                   help="allow whole-module pickles (TrojAI model.pt); they run code when loaded")
+    p.add_argument("--round", choices=ROUNDS, default=None,
+                   help="force a round's example preprocessing (default: inferred)")
+    p.add_argument("--format", dest="model_format", default=None,
+                   choices=("pickle", "state_dict", "safetensors", "torchscript"),
+                   help="model file format (default: from the file name; .pt = pickle)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    return p
+
+
+def run(args: argparse.Namespace | dict[str, Any]) -> int:
+    """Run the entrypoint from parsed options; prints one line on stderr; returns the exit code."""
+    opts = dict(vars(args) if isinstance(args, argparse.Namespace) else args)
+    try:
+        outcome = detect(opts.pop("model_filepath"), opts.pop("result_filepath"),
+                         opts.pop("scratch_dirpath"), opts.pop("examples_dirpath"), **opts)
+    except BaseException as err:  # last resort: R already holds 0.5
+        print(f"trojai-detect: wrote {FALLBACK} (unexpected {type(err).__name__}: {err})",
+              file=sys.stderr)
+        if isinstance(err, KeyboardInterrupt):
+            return 130
+        return 1
+    verb = "wrote" if outcome.estimated else "wrote the fallback"
+    print(f"trojai-detect: {verb} {outcome.probability:.6g} in {outcome.seconds:.1f} s "
+          f"({outcome.reason})", file=sys.stderr)
+    return outcome.exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 2 and argv[0] == "--worker":
+        return worker(argv[1])
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
