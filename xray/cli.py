@@ -101,12 +101,15 @@ def mntd() -> None:
               help="Shadow round directory (built with `xray zoo build --recipe mntd_shadow`).")
 @click.option("--out", default=None, metavar="URI",
               help="Artifact directory to write (default: <shadow>/mntd_meta).")
-@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--epochs", type=int, default=10, show_default=True,
+              help="Query-tuning epochs (each a pass over the training shadow models).")
 @click.option("--repeats", type=int, default=1, show_default=True,
               help="Fresh meta-classifiers to train; the best validation AUC is kept.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the queries, the classifier and the epoch permutations.")
 @click.option("--no-query-tuning", is_flag=True, help="Train the classifier only (--no_qt).")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True,
+              help="torch device for training (cpu, cuda).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_fail_cleanly
 def mntd_train(shadow: str, out: str | None, epochs: int, repeats: int, seed: int,
@@ -232,7 +235,8 @@ def report(out: str, run_id: str | None, html_path: str | None, max_drilldown: i
     write_summary(out, table)
     click.echo(format_table(table))
     path = render_report(out, run_id=run_id, html_path=html_path, max_drilldown=max_drilldown,
-                         drilldown_models=models, planes=planes, thresholds=given or None)
+                         drilldown_models=models, planes=planes, thresholds=given or None,
+                         show_progress=True)
     click.echo(f"report: {path}")
 
 
@@ -246,8 +250,11 @@ def report(out: str, run_id: str | None, html_path: str | None, max_drilldown: i
               default="text", show_default=True, help="Output format.")
 @click.option("--output", default=None, metavar="FILE",
               help="Also write the comparison to FILE (any URI).")
+@click.option("--threshold", "thresholds", multiple=True, metavar="DETECTOR=VALUE",
+              help="Threshold of a detector on both sides instead of calibrating it on "
+                   "known-clean models (verdicts without ground truth need one).")
 def compare(run_a: str, run_b: str, tolerances_uri: str | None, fmt: str,
-            output: str | None) -> None:
+            output: str | None, thresholds: tuple[str, ...]) -> None:
     """Compare scan RUN_B against the baseline RUN_A (output dirs, optionally OUT@RUN_ID).
 
     Per detector x group: deltas of ROC-AUC, CE, accuracy, TPR at the fixed FPR and runtime
@@ -258,7 +265,12 @@ def compare(run_a: str, run_b: str, tolerances_uri: str | None, fmt: str,
     from xray.reduce.compare import CompareUsageError, compare as compare_runs, load_tolerances
 
     try:
-        result = compare_runs(run_a, run_b, load_tolerances(tolerances_uri))
+        given = {k.strip(): float(v) for k, _, v in (t.partition("=") for t in thresholds)}
+    except ValueError:
+        raise click.BadParameter("expected DETECTOR=NUMBER", param_hint="--threshold") from None
+    try:
+        result = compare_runs(run_a, run_b, load_tolerances(tolerances_uri),
+                              thresholds=given or None)
         text = result.format(fmt)
     except CompareUsageError as err:
         raise click.UsageError(str(err)) from err
@@ -281,6 +293,11 @@ def explain(out: str, model_id: str, png: str | None, planes: int) -> None:
 
     path = explain_model(out, model_id, png_uri=png, max_planes=planes)
     click.echo(f"picture: {path}")
+    from xray.explain import explain_triggers  # inverted triggers (nc / abs / karm), if scanned
+
+    triggers_png = explain_triggers(out, model_id)
+    if triggers_png:
+        click.echo(f"triggers: {triggers_png}")
 
 
 @main.command("detectors")
@@ -348,10 +365,14 @@ def calibrate(out: str, train_run: str, detectors: str | None, c_value: float | 
 
 
 @main.command("trojai-detect", context_settings={"ignore_unknown_options": False})
-@click.option("--model_filepath", "--model-filepath", "model_filepath", required=True)
-@click.option("--result_filepath", "--result-filepath", "result_filepath", required=True)
-@click.option("--scratch_dirpath", "--scratch-dirpath", "scratch_dirpath", required=True)
-@click.option("--examples_dirpath", "--examples-dirpath", "examples_dirpath", required=True)
+@click.option("--model_filepath", "--model-filepath", "model_filepath", required=True,
+              help="The model file to judge (TrojAI: a whole-module model.pt).")
+@click.option("--result_filepath", "--result-filepath", "result_filepath", required=True,
+              help="Where to write P(trojaned), one float on the first line.")
+@click.option("--scratch_dirpath", "--scratch-dirpath", "scratch_dirpath", required=True,
+              help="The only folder used for temporary files.")
+@click.option("--examples_dirpath", "--examples-dirpath", "examples_dirpath", required=True,
+              help="Folder of clean example images (class_<c>_example_<i>.png).")
 @click.option("--config", default=None, metavar="FILE", help="Scan config YAML (detectors).")
 @click.option("--calibrator", default=None, metavar="FILE", help="From `xray calibrate`.")
 @click.option("--time-budget", "--time_budget", "time_budget", type=float, default=600.0,
@@ -360,7 +381,8 @@ def calibrate(out: str, train_run: str, detectors: str | None, c_value: float | 
               help="Allow whole-module pickles (TrojAI model.pt); loaded in a worker process.")
 @click.option("--round", "round_", type=click.Choice(["r1", "r2", "r3", "r4"]), default=None,
               help="Force a round's example preprocessing (default: inferred).")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True,
+              help="torch device: auto (cuda when present), cpu or cuda.")
 def trojai_detect(model_filepath: str, result_filepath: str, scratch_dirpath: str,
                   examples_dirpath: str, config: str | None, calibrator: str | None,
                   time_budget: float, allow_pickle: bool, round_: str | None, device: str) -> None:

@@ -36,6 +36,11 @@ def build(name: str, params: dict[str, Any] | None = None, preset: str | None = 
 def _load_builtin() -> None:
     # Import side effect: each module registers its detector. Listed here, one line each.
     from xray.detectors import modelxray  # noqa: F401
+    from xray.detectors import mmbd, mntd  # noqa: F401
+    from xray.detectors.inversion import nc  # noqa: F401
+    from xray.detectors.inversion import abs  # noqa: F401
+    from xray.detectors.inversion import karm  # noqa: F401
+    from xray.detectors import composed  # noqa: F401  (after the scanners it composes)
 
 
 _load_builtin()
