@@ -49,6 +49,7 @@ import pandas as pd
 from scipy.special import expit
 
 from xray.io import storage
+from xray.results.sink import json_object
 
 log = logging.getLogger(__name__)
 
@@ -70,22 +71,10 @@ _EXCLUDED_SUFFIXES = ("_label", "_index", "_indices", "_labels", "_seed")
 # Per-model inputs
 
 
-def _stats(stats_json: Any) -> dict[str, Any]:
-    if isinstance(stats_json, dict):
-        return stats_json
-    if not isinstance(stats_json, str) or not stats_json:
-        return {}
-    try:
-        value = json.loads(stats_json)
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def row_probability(stats_json: Any) -> float:
     """The finite 'probability' statistic of a score row, else NaN."""
     try:
-        p = float(_stats(stats_json).get("probability"))
+        p = float(json_object(stats_json).get("probability"))
     except (TypeError, ValueError):
         return math.nan
     return p if math.isfinite(p) else math.nan
@@ -137,7 +126,7 @@ def model_results(scores: pd.DataFrame) -> dict[str, dict[str, dict[str, Any]]]:
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for row in _latest(scores[scores["detector"] != COMBINED]).to_dict("records"):
         out.setdefault(str(row["model_id"]), {})[str(row["detector"])] = {
-            "score": float(row["score"]), "stats": _stats(row.get("stats_json")), "row": row}
+            "score": float(row["score"]), "stats": json_object(row.get("stats_json")), "row": row}
     return out
 
 

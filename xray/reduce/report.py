@@ -58,6 +58,7 @@ from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import roc_curve
 
 from xray.io import storage
+from xray.results.sink import json_object
 from xray.reduce import metrics as M
 from xray.reduce.summary import load_scores, summarize, unit_frames
 
@@ -560,7 +561,7 @@ def _planes_png(unit: _Unit, model_id: str, record: Any, sources: _Sources,
     plot_planes(drawn, record.num_classes, buffer, max_planes=len(drawn))
     png = base64.b64encode(buffer.getvalue()).decode("ascii")
     note = f"planes 1-{len(drawn)} of the scan's {full}, re-run with its configuration"
-    stored = _stats(unit.per_model.at[model_id, "stats_json"]).get("re_per_plane")
+    stored = json_object(unit.per_model.at[model_id, "stats_json"]).get("re_per_plane")
     if isinstance(stored, list) and len(stored) >= len(drawn):
         rerun = np.array([p["re"] for p in drawn], dtype=float)
         scan = np.array(stored[:len(drawn)], dtype=float)
@@ -570,16 +571,6 @@ def _planes_png(unit: _Unit, model_id: str, record: Any, sources: _Sources,
             note += (f"; per-plane RE differs from the scan (max |diff| "
                      f"{float(np.max(np.abs(rerun - scan))):.3g}): model file or examples changed?")
     return png, note
-
-
-def _stats(text: Any) -> dict[str, Any]:
-    if not isinstance(text, str) or not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def _npy(blob: Any) -> np.ndarray | None:

@@ -51,6 +51,7 @@ import pyarrow.parquet as pq
 from xray.io import storage
 from xray.reduce import metrics as M
 from xray.results.schema import SCORE_KEY, SCORES
+from xray.results.sink import json_object
 
 UNIT = ["detector", "detector_version", "config_hash"]
 CLEAN_QUANTILE = 0.95
@@ -143,18 +144,8 @@ def load_scores(out_uri: str, run_id: str | None = None) -> pd.DataFrame:
 # Per-model preparation
 
 
-def _parse_json(text: Any) -> dict:
-    if not isinstance(text, str) or not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def _stat_probability(stats_json: Any) -> float:
-    value = _parse_json(stats_json).get("probability")
+    value = json_object(stats_json).get("probability")
     try:
         p = float(value)
     except (TypeError, ValueError):
@@ -185,7 +176,7 @@ def _models(scores: pd.DataFrame) -> pd.DataFrame:
             "y": [_label(v) for v in latest["gt_poisoned"]],
             "attack": [_text(v) for v in latest["gt_attack"]],
             "architecture": [_text(v) for v in latest["architecture"]],
-            "tags": [_parse_json(v) for v in latest["tags_json"]],
+            "tags": [json_object(v) for v in latest["tags_json"]],
         }
     ).set_index("model_id")
 

@@ -8,6 +8,7 @@ Part files land under <out>/<table>/run=<run_id>/part-<uuid>.parquet, each writt
 from __future__ import annotations
 
 import io
+import json
 import time
 import uuid
 from typing import Any, Iterable
@@ -88,6 +89,19 @@ def read_table(out_uri: str, table: str, run_id: str | None = None,
     if table == "scores" and dedupe and len(frame):
         frame = dedupe_scores(frame)
     return frame
+
+
+def json_object(value: Any) -> dict[str, Any]:
+    """A stats_json / tags_json cell as a dict ({} when empty, null or not a JSON object)."""
+    if isinstance(value, dict):
+        return value
+    if not isinstance(value, str) or not value:
+        return {}
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
 
 
 def dedupe_scores(frame: pd.DataFrame) -> pd.DataFrame:
