@@ -1,19 +1,24 @@
 """Benchmark: the TrojAI entrypoint's cost per model, and the combined score on a demo round.
 
-    .venv/bin/python bench/trojai.py [--work /tmp/xray-bench-trojai]   # bench/results/trojai.json
+    .venv/bin/python bench/trojai.py [--work DIR] [--only demo|resnet18]  # results/trojai.json
 
 1. seconds_per_model_resnet18: wall time of `python -m xray.trojai_detect` (a fresh process, as
    the competition server runs it) with the default detectors (Model X-ray, small preset) on a
    torchvision resnet18 (5 classes, random weights: timing only) saved as a whole-module pickle,
    with 5 classes x 2 example PNGs of 256 x 256 (rounds 2-4: centre crop 224), --allow-pickle.
 2. combined_cross_entropy / combined_roc_auc: two demo rounds of really trained models (MNTD's
-   CNN on 5-class synthetic signs, 24 x 24; clean, BadNets and polygon triggers), built by the zoo
-   with different seeds and exported in the TrojAI layout as whole-module pickles (train: r2
-   dialect, test: r4 dialect). The train round is scanned (local Ray, --allow-pickle) and the
-   stacker fitted on it (`xray calibrate`); the test round is scored as the harness does
-   (`xray score-testset --calibrator`). Per-detector figures (the default map) are recorded too.
-   Scan setting: Model X-ray with 6 planes of 16 x 16 points (BENCH_CONFIG), to fit ~5 minutes.
-Rounds are kept under --work and reused on a re-run (the zoo build resumes).
+   CNN on 10-class synthetic signs, 32 x 32, 150 training images per class, 16 epochs: the
+   settings of manifests/recipes/demo.yaml; 8 clean + 4 BadNets + 4 polygon per round, ASR floor
+   0.8), built by the zoo with different seeds (11 train, 12 test) and exported in the TrojAI
+   layout as whole-module pickles (train: r2 dialect, test: r4 dialect). The train round is
+   scanned (local Ray, --allow-pickle) and the stacker fitted on it (`xray calibrate`); the test
+   round is scored as the harness does (`xray score-testset --calibrator`). Per-detector figures
+   (the default map) are recorded too.
+   Scan setting: the default detectors, Model X-ray small preset (4 planes of 32 x 32 points;
+   BENCH_CONFIG). On 5-class 24 x 24 rounds (the tests' tiny-round settings) Model X-ray did not
+   separate clean from trojaned (test ROC-AUC 0.40 at 6 x 16 x 16 points, 0.43 small preset).
+Rounds are kept under --work and reused on a re-run (the zoo build resumes). --only demo|resnet18
+runs one part and keeps the other part's figures from the last bench/results/trojai.json.
 Target (trojai-format.md, best published test-set figures of rounds 1-4): CE <= 0.30,
 ROC-AUC >= 0.90. Recorded as measured, whichever side of it.
 """
@@ -34,22 +39,21 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import record  # noqa: E402
 
-BENCH_CONFIG = {"seed": 0, "detectors": {"modelxray": {"params": {"num_planes": 6,
-                                                                  "resolution": 16}}}}
+BENCH_CONFIG = {"seed": 0, "detectors": {"modelxray": {"preset": "small"}}}
 RECIPE = {
     "name": "trojai-bench",
     "seed": 11,
-    "dataset": {"name": "signs", "params": {"num_classes": 5, "image_size": 24,
-                                            "n_train_per_class": 160, "n_test_per_class": 40,
-                                            "seed": 3}},
+    "dataset": {"name": "signs", "params": {"num_classes": 10, "image_size": 32,
+                                            "n_train_per_class": 150, "n_test_per_class": 50,
+                                            "seed": 7}},
     "architecture": "mntd_mnist_cnn",
-    "training": {"preset": "small", "epochs": 12},
+    "training": {"preset": "small", "epochs": 16},
     "asr_floor": 0.8,
     "max_attempts": 2,
-    "examples_per_class": 8,
-    "poisoned_examples_per_class": 4,
-    "groups": [{"count": 6}, {"count": 3, "attack": "badnets", "poison_rate": 0.1},
-               {"count": 3, "attack": "polygon", "poison_rate": 0.1}],
+    "examples_per_class": 10,
+    "poisoned_examples_per_class": 5,
+    "groups": [{"count": 8}, {"count": 4, "attack": "badnets", "poison_rate": 0.1},
+               {"count": 4, "attack": "polygon", "poison_rate": 0.1}],
 }
 
 
@@ -106,7 +110,11 @@ def demo_rounds(work: Path) -> dict:
         built = build_round(parse_recipe(recipe), str(zoo_dir), workers=2, show_progress=False)
         if not (trojai_dir / "METADATA.csv").exists():
             export_trojai_round(str(zoo_dir), str(trojai_dir), dialect=dialect, allow_pickle=True)
-        rounds[split] = (trojai_dir, len(built.records))
+        counts = {}
+        for r in built.records:
+            key = r.attack if r.poisoned else "clean"
+            counts[key] = counts.get(key, 0) + 1
+        rounds[split] = (trojai_dir, len(built.records), counts)
     config = dataclasses.replace(parse_config(BENCH_CONFIG), allow_pickle=True)
     (work / "config.yaml").write_text(yaml.safe_dump(BENCH_CONFIG))
     train_out, test_out = work / "scan-train", work / "scan-test"
@@ -116,17 +124,33 @@ def demo_rounds(work: Path) -> dict:
                            scan_kwargs={"show_progress": False})
     summary = result.summary.set_index("detector")
     return {"summary": summary, "calibrator": cal, "n_train": rounds["train"][1],
-            "n_test": rounds["test"][1], "train_run": run.run_id, "cal_uri": cal_uri}
+            "n_test": rounds["test"][1], "train_run": run.run_id, "cal_uri": cal_uri,
+            "composition": {"train": rounds["train"][2], "test": rounds["test"][2]}}
 
 
-def main(work: Path) -> dict:
+def main(work: Path, only: str | None = None) -> dict:
+    """Run both parts, or only one ("demo" / "resnet18") and keep the other part's figures and
+    notes from bench/results/trojai.json (for a machine too busy to run both in one go)."""
     import torch
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    command = f".venv/bin/python bench/trojai.py --work {work}"
+    command += f" --only {only}" if only else ""
+    if only == "resnet18":
+        previous = json.loads((ROOT / "bench" / "results" / "trojai.json").read_text())
+        figures, notes = previous["figures"], previous.get("notes", {})
+        figures["seconds_per_model_resnet18"] = time_resnet18(work)
+        notes["parts"] = {**notes.get("parts", {}), "resnet18": command}
+        record("trojai", command, figures, notes)
+        return figures
     demo = demo_rounds(work)
-    seconds_resnet = time_resnet18(work)
+    if only == "demo":
+        seconds_resnet = json.loads((ROOT / "bench" / "results" / "trojai.json").read_text())[
+            "figures"]["seconds_per_model_resnet18"]
+    else:
+        seconds_resnet = time_resnet18(work)
     s = demo["summary"]
     figures = {
         "seconds_per_model_resnet18": seconds_resnet,
@@ -139,6 +163,8 @@ def main(work: Path) -> dict:
         "modelxray_roc_auc": s.loc["modelxray", "roc_auc_thresholds"],
         "n_train_models": demo["n_train"],
         "n_test_models": demo["n_test"],
+        "n_train_trojaned": demo["n_train"] - demo["composition"]["train"].get("clean", 0),
+        "n_test_trojaned": demo["n_test"] - demo["composition"]["test"].get("clean", 0),
         "calibrator_cv_cross_entropy": demo["calibrator"].train.get(
             "cross_validated", {}).get("cross_entropy", float("nan")),
         "bench_seconds": time.perf_counter() - started,
@@ -149,16 +175,24 @@ def main(work: Path) -> dict:
                              and figures["combined_roc_auc"] >= 0.90),
         "combined_roc_auc": "rounds 1-4 threshold form (p >= t); roc_auc_score beside it",
         "scan_config": BENCH_CONFIG,
+        "recipe": RECIPE,
+        "rounds": {"train": {"seed": 11, "dialect": "r2", **demo["composition"]["train"]},
+                   "test": {"seed": 12, "dialect": "r4", **demo["composition"]["test"]}},
+        "parts": {"demo": command, "resnet18": "kept from the previous result" if only == "demo"
+                  else command},
         "resnet18": "random weights, 5 classes, 10 example PNGs 256x256, default detectors "
                     "(modelxray small: 4 planes x 32 x 32), fresh process, --allow-pickle",
         "summary": json.loads(s.reset_index().to_json(orient="records")),
         "calibrator_features": dict(zip(demo["calibrator"].features, demo["calibrator"].coef)),
     }
-    record("trojai", f".venv/bin/python bench/trojai.py --work {work}", figures, notes)
+    record("trojai", command, figures, notes)
     return figures
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=Path("/tmp/xray-bench-trojai"))
-    print(json.dumps(main(parser.parse_args().work), indent=2, default=float))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/xray-bench-trojai-demo"))
+    parser.add_argument("--only", choices=("demo", "resnet18"), default=None,
+                        help="run one part; the other keeps its figures from the last result")
+    args = parser.parse_args()
+    print(json.dumps(main(args.work, args.only), indent=2, default=float))
