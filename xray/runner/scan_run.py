@@ -214,6 +214,20 @@ class _ActorPool:
         if env:
             options["runtime_env"] = {"env_vars": env}
         self.actors = [ScanActor.options(**options).remote(config, threads) for _ in range(n)]
+        self._wait_ready(options)
+
+    def _wait_ready(self, options: dict[str, Any], timeout: float = 600.0) -> None:
+        """Block until every actor has started (process up, torch imported, detectors built),
+        so a request the cluster cannot satisfy fails here with a clear message instead of
+        hanging, and scheduling time is not charged with start-up."""
+        ready, pending = ray.wait([a.where.remote() for a in self.actors],
+                                  num_returns=len(self.actors), timeout=timeout)
+        if pending:
+            raise RuntimeError(
+                f"{len(pending)} of {len(self.actors)} scan actors did not start within "
+                f"{timeout:.0f} s (each asks for num_cpus={options['num_cpus']}, "
+                f"num_gpus={options['num_gpus']}; cluster has {ray.cluster_resources()})")
+        ray.get(ready)  # an actor whose constructor failed raises here
 
     def restart(self, index: int) -> None:
         """Kill actor `index` (e.g. stuck past its time limit); Ray restarts it."""
