@@ -267,6 +267,7 @@ def test_report_draws_inverted_triggers(scanned_tiny, tmp_path):
     rows = re.findall(r"<tr><td class=\"text\">modelxray</td><td>(\d)</td><td>(\d)</td>", section)
     assert rows == [("1", str(config["target"])), ("0", "0")]
     assert "ground truth: {" in section and '"name": "badnets"' in section.replace("&#34;", '"')
+    assert "cannot re-apply" not in section  # each stored trigger stamped as its scanner would
 
 
 # ---------------------------------------------------------------------------------------------

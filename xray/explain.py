@@ -18,6 +18,7 @@ from xray.io import storage
 from xray.io.manifest import read_manifest
 from xray.results.sink import read_table
 from xray.scan import scan_model
+from xray.zoo.round import trigger_config
 
 
 def explain_model(out_uri: str, model_id: str, png_uri: str | None = None,
@@ -47,22 +48,6 @@ def explain_model(out_uri: str, model_id: str, png_uri: str | None = None,
 
 
 # ------------------------------------------------------------------ inverted triggers
-
-
-def _ground_truth_trigger(record) -> dict | None:
-    """The round's config.json beside the model file, when it names a trigger (zoo / TrojAI
-    style); None otherwise. Read by explain only, never by a detector."""
-    try:
-        fs, path = storage.filesystem(record.uri)
-        config_path = path.rsplit("/", 1)[0] + "/config.json"
-        if not fs.exists(config_path):
-            return None
-        with fs.open(config_path, "r") as f:
-            config = json.load(f)
-    except Exception:
-        return None
-    trigger = config.get("trigger")
-    return trigger if isinstance(trigger, dict) and trigger.get("name") else None
 
 
 def plot_triggers(candidates, example, truth, out, titles=None) -> None:
@@ -144,7 +129,7 @@ def explain_triggers(out_uri: str, model_id: str, png_uri: str | None = None,
     pick = int(torch.nonzero(y != target).flatten()[0]) if bool((y != target).any()) else 0
     example = x[pick]
     truth = None
-    gt = _ground_truth_trigger(record)
+    gt = trigger_config(record.uri)
     if gt is not None:
         try:
             from xray.zoo.attacks import attack_from_config

@@ -609,23 +609,20 @@ def _model_dir(record: Any) -> str:
 def _ground_truth_trigger(record: Any, x: np.ndarray) -> tuple[dict[str, Any] | None, str]:
     """The true trigger of a trojaned model: applied to `x` (1, C, H, W), from the model dir's
     config.json; else the first poisoned example image. (None, why) when neither is there."""
-    folder = _model_dir(record)
-    config_uri = storage.join(folder, "config.json")
-    description = ""
-    try:
-        if storage.exists(config_uri):
-            config = json.loads(storage.read_text(config_uri))
-            trigger = config.get("trigger")
-            if isinstance(trigger, dict):
-                description = json.dumps(trigger, sort_keys=True)
-                from xray.zoo.attacks import attack_from_config
+    from xray.zoo.round import trigger_config
 
-                stamped = attack_from_config(trigger).apply(x.astype(np.float32))
-                return {"stamped": stamped[0], "diff": np.abs(stamped[0] - x[0]).max(axis=0),
-                        "text": description}, ""
-    except Exception as exc:  # not a zoo config, or an attack this code cannot rebuild
-        description = description or f"config.json unreadable ({type(exc).__name__})"
-    poisoned = storage.join(folder, "poisoned_example_data")
+    trigger = trigger_config(record.uri)
+    description = json.dumps(trigger, sort_keys=True) if trigger else ""
+    if trigger:
+        try:
+            from xray.zoo.attacks import attack_from_config
+
+            stamped = attack_from_config(trigger).apply(x.astype(np.float32))
+            return {"stamped": stamped[0], "diff": np.abs(stamped[0] - x[0]).max(axis=0),
+                    "text": description}, ""
+        except Exception:  # an attack this code cannot rebuild: fall back to an image
+            pass
+    poisoned = storage.join(_model_dir(record), "poisoned_example_data")
     names = [n for n in storage.listdir(poisoned) if n.lower().endswith(".png")]
     if names:
         from PIL import Image
@@ -696,13 +693,17 @@ def _triggers_png(model_id: str, record: Any, truth: float, found: list[tuple[st
             row.append((f"{title}: mask", _as_mask(mask), "gray"))
         if pattern is not None:
             row.append(("pattern", _as_image(pattern), None))
-        if mask is not None and pattern is not None and x is not None:
-            m, p = _as_mask(mask), np.asarray(pattern, dtype=np.float32)
-            while p.ndim > 3 and p.shape[0] == 1:
-                p = p[0]
-            if m.shape == x.shape[2:] and p.shape[-2:] == x.shape[2:]:
-                stamped = (1 - m)[None] * x[0] + m[None] * np.clip(p, 0, 1)
+        if x is not None:  # re-applied exactly as the scanner applied it (TriggerCandidate)
+            try:
+                import torch
+
+                from xray.detectors.inversion.core import TriggerCandidate
+
+                candidate = TriggerCandidate.from_row(r.to_dict())
+                stamped = candidate.apply(torch.as_tensor(x, dtype=torch.float32))[0].numpy()
                 row.append(("stamped example", _as_image(stamped), None))
+            except Exception as exc:  # a row this build cannot re-apply: draw the rest
+                notes.append(f"{title}: cannot re-apply ({type(exc).__name__}: {exc})")
         if not row:
             notes.append(f"{title}: no mask or pattern stored ({_fmt(r['kind'])} trigger)")
             continue

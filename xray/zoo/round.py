@@ -124,6 +124,20 @@ def completed_model_ids(round_uri: str) -> set[str]:
     return done
 
 
+def trigger_config(model_uri: str) -> dict[str, Any] | None:
+    """The trigger recorded in the config.json beside a model file (a zoo round's ground truth,
+    for pictures and reports; never for detectors), or None when there is none."""
+    folder = model_uri.rsplit("/", 1)[0] if "/" in model_uri else "."
+    config_uri = storage.join(folder, CONFIG_FILE)
+    try:
+        if not storage.exists(config_uri):
+            return None
+        trigger = json.loads(storage.read_text(config_uri)).get("trigger")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return trigger if isinstance(trigger, dict) and trigger.get("name") else None
+
+
 def failed_model_ids(round_uri: str) -> set[str]:
     return {n[:-len(".json")] for n in storage.listdir(storage.join(round_uri, "failed"))
             if n.endswith(".json")}
