@@ -18,7 +18,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from _trojai_fixtures import FAST_CONFIG
+from _trojai_fixtures import FAST_CONFIG, PidPayload
 
 
 def _detect(model: Path, examples: Path, tmp: Path, *extra: str, env: dict | None = None):
@@ -72,22 +72,13 @@ def test_writes_the_calibrated_probability_using_only_scratch(trojai_rounds, tin
     assert (tmp_path / "scratch" / "progress.jsonl").is_file()
 
 
-class _Payload:
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        code = f"import os; open({self.path!r}, 'a').write(str(os.getpid()) + '\\n')"
-        return (exec, (code,))
-
-
 def test_payload_runs_nowhere_without_the_opt_in_and_never_in_the_driver(trojai_rounds,
                                                                          tmp_path):
     model_dir = sorted((trojai_rounds["r4"] / "models").iterdir())[0]
     examples = model_dir / "clean_example_data"
     marker = tmp_path / "payload-ran.txt"
     model = tmp_path / "model.pt"
-    torch.save(_Payload(str(marker)), model)
+    torch.save(PidPayload(str(marker)), model)
 
     p, proc, _ = _detect(model, examples, tmp_path, "--config", _config(tmp_path, FAST_CONFIG))
     assert p == 0.5 and proc.returncode == 1

@@ -14,6 +14,8 @@ import torch
 from xray.io.manifest import ManifestError, read_manifest
 from xray.io.trojai import PREPROCESSING, read_round
 
+from _trojai_fixtures import PidPayload
+
 R2 = {"POISONED": True, "MODEL_ARCHITECTURE": "resnet18", "NUMBER_CLASSES": 12,
       "TRIGGER_TYPE": "instagram", "TRIGGER_TYPE_OPTION": "XToasterFilter",
       "TRIGGERED_CLASSES": [1, 2], "TRIGGER_TARGET_CLASS": 7, "TRIGGERED_FRACTION": 0.2}
@@ -106,23 +108,12 @@ def test_exported_rounds_read_as_the_zoo_records(tiny_round, trojai_rounds):
         assert (folder / "METADATA.csv").is_file()
 
 
-class _Payload:
-    """Unpickling this appends the unpickling process's pid to a file (a stand-in for code)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        code = f"import os; open({self.path!r}, 'a').write(str(os.getpid()) + '\\n')"
-        return (exec, (code,))
-
-
 def _add_payload_model(round_dir: Path, template: str, marker: Path) -> str:
     """A model folder whose model.pt runs code when unpickled."""
     src = round_dir / "models" / template
     dst = round_dir / "models" / "id-99999999"
     shutil.copytree(src, dst)
-    torch.save(_Payload(str(marker)), dst / "model.pt")
+    torch.save(PidPayload(str(marker)), dst / "model.pt")
     return "id-99999999"
 
 
