@@ -41,7 +41,7 @@ def test_fit_separates_and_matches_sklearn():
     from sklearn.linear_model import LogisticRegression
 
     scores = _rows()
-    cal = C.fit(scores, C=1.0)
+    cal = C.fit(scores, C=1.0, model="all")
     assert {"a.score", "a.re", "b.score", "a.missing", "b.missing"} <= set(cal.features)
     # labels, seeds and constant features are left out
     assert not any(f.endswith(("target_label", "seed", "log2_num_classes")) for f in cal.features)
@@ -51,6 +51,7 @@ def test_fit_separates_and_matches_sklearn():
     p = cal.predict(feats)
     y = np.array([int(m[-1]) % 2 for m in ids])
     assert cal.train["in_sample"]["roc_auc"] > 0.9 and cal.train["cross_validated"]["folds"] == 5
+    assert cal.train["model"] == "all"
     # the same fit written out with scikit-learn's own pipeline pieces
     x = cal.matrix(feats)
     z = (x - np.array(cal.mean)) / np.array(cal.scale)
@@ -60,7 +61,7 @@ def test_fit_separates_and_matches_sklearn():
 
 def test_missing_detector_is_explicit_and_never_fatal():
     scores = _rows(drop_b=(0, 1, 2, 3, 4, 5))
-    cal = C.fit(scores)
+    cal = C.fit(scores, model="scores")
     assert "b.missing" in cal.features
     results = C.model_results(scores)
     assert "b" not in results["id-00000000"] and "b" in results["id-00000010"]
@@ -94,6 +95,26 @@ def test_artifact_round_trip_and_version_check(tmp_path):
         C.fit(_rows(n=3))
 
 
+def test_selection_prefers_what_predicts_held_out_models():
+    # a informative, b noise: a single detector or the score stack wins, never the base rate
+    cal = C.fit(_rows(n=60))
+    assert cal.train["model"] != "prior"
+    assert set(cal.train["selection"]) == {"prior", "a", "b", "scores", "all"}
+    sel = cal.train["selection"]
+    assert sel[cal.train["model"]]["cross_entropy"] <= min(v["cross_entropy"] for v in sel.values())
+    assert sel["a"]["cross_entropy"] < sel["prior"]["cross_entropy"] < 0.70
+    # only noise: the base rate wins, so every prediction is the training prior, never a
+    # confident mistake
+    noise = _rows(n=60)
+    noise = noise[noise["detector"] == "b"]
+    cal = C.fit(noise)
+    assert cal.train["model"] == "prior" and cal.features == []
+    feats = [C.features_from_results(r, 10) for r in C.model_results(noise).values()]
+    np.testing.assert_allclose(cal.predict(feats), 0.5)
+    with pytest.raises(ValueError, match="choose one of"):
+        C.fit(noise, model="nope")
+
+
 def test_default_map_is_monotone_and_never_hard():
     ps = [C.default_probability("modelxray", -re, {"re": re}, 10) for re in (0.0, 1.0, 2.0, 3.3)]
     assert ps == sorted(ps, reverse=True) and all(0.05 <= p <= 0.95 for p in ps)
@@ -120,7 +141,7 @@ def test_cli_calibrate_on_a_scanned_round(tiny_scores, tmp_path):
     out, run_id, rows, _ = tiny_scores
     artifact = tmp_path / "cal.json"
     result = CliRunner().invoke(main, ["calibrate", str(out), "--train-run", run_id,
-                                       "--artifact", str(artifact)])
+                                       "--model", "modelxray", "--artifact", str(artifact)])
     assert result.exit_code == 0, result.output
     cal = C.Calibrator.load(str(artifact))
     assert cal.detector_names == ["modelxray"] and cal.train["n"] == len(rows)

@@ -110,17 +110,23 @@ def mntd() -> None:
 @click.option("--no-query-tuning", is_flag=True, help="Train the classifier only (--no_qt).")
 @click.option("--device", default="cpu", show_default=True,
               help="torch device for training (cpu, cuda).")
+@click.option("--select", type=click.Choice(["auc_loss", "auc", "last"]), default="auc_loss",
+              show_default=True, help="Epoch kept: best validation AUC, ties broken by lower "
+              "validation loss (auc_loss); the first best AUC (auc: the reference); the last.")
+@click.option("--threads", type=int, default=None,
+              help="torch threads while training (default: torch's; 1 is fastest for small CNNs).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_fail_cleanly
 def mntd_train(shadow: str, out: str | None, epochs: int, repeats: int, seed: int,
-               no_query_tuning: bool, device: str, quiet: bool) -> None:
+               no_query_tuning: bool, device: str, select: str, threads: int | None,
+               quiet: bool) -> None:
     """Train MNTD's meta-classifier on a shadow round and write the artifact the `mntd` detector
     loads (detector parameter `artifact`)."""
     from xray.detectors.mntd import train_meta_classifier
 
     result = train_meta_classifier(shadow, out, epochs=epochs, repeats=repeats, seed=seed,
                                    query_tuning=not no_query_tuning, device=device,
-                                   show_progress=not quiet)
+                                   select=select, threads=threads, show_progress=not quiet)
     click.echo(f"meta-classifier {result.artifact_uri}: {result.n_train} training / "
                f"{result.n_val} validation shadow models, best epoch {result.best_epoch + 1}, "
                f"validation AUC {result.best_val_auc:.3f}")
@@ -346,20 +352,24 @@ def demo(out: str, workers: int | None) -> None:
               help="Detectors to stack (default: every detector with ok scores in the run).")
 @click.option("--C", "c_value", type=float, default=None,
               help="Inverse L2 strength (default: chosen by cross-validation).")
+@click.option("--model", "model", default=None, metavar="NAME",
+              help="Feature subset: 'prior', a detector's name, 'scores' or 'all' (default: "
+                   "the one with the lowest cross-validated cross-entropy).")
 @click.option("--artifact", default=None, metavar="FILE",
               help="Where to save the calibrator (default: OUT/calibration/RUN-ID.json).")
 @_fail_cleanly
 def calibrate(out: str, train_run: str, detectors: str | None, c_value: float | None,
-              artifact: str | None) -> None:
+              model: str | None, artifact: str | None) -> None:
     """Fit the combined detector (regularised logistic regression over the detectors' scores
-    and statistics, missing scores explicit) on a labelled run and save it as a versioned JSON
+    and statistics, missing scores explicit; feature subset and C chosen by cross-validation)
+    on a labelled run and save it as a versioned JSON
     artifact for `xray score-testset --calibrator` and `xray trojai-detect --calibrator`."""
     from xray.reduce.calibrate import calibrate as fit_calibrator
     from xray.reduce.calibrate import describe
 
     names = [n.strip() for n in detectors.split(",") if n.strip()] if detectors else None
     cal, uri = fit_calibrator(out, None if train_run == "all" else train_run,
-                              artifact_uri=artifact, detectors=names, C=c_value)
+                              artifact_uri=artifact, detectors=names, C=c_value, model=model)
     click.echo(describe(cal))
     click.echo(f"calibrator: {uri}")
 

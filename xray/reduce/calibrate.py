@@ -14,9 +14,17 @@ training mean (0 after standardisation), so a missing detector contributes only 
 indicator's weight. Features whose training values are constant or present in fewer than half of
 the labelled models are dropped at fit time.
 
-Model: scikit-learn LogisticRegression (L2, lbfgs) on standardised features. C: `C` when
-given; else chosen by stratified k-fold cross-validation over C_GRID on log-loss
-(LogisticRegressionCV) when every class has >= 3 models, else 1.0. The fitted numbers (feature
+Model: scikit-learn LogisticRegression (L2, lbfgs) on standardised features, over one of the
+`candidate_models` feature subsets: the base rate alone, each detector alone (Platt scaling of
+its score), every detector's score, or scores and statistics. The subset and C (`C` when given,
+else C_GRID) are chosen together by stratified k-fold cross-validation (k = min(5, models per
+class)) on the harness cross-entropy; a richer subset must beat every simpler one by more than
+SELECTION_TOLERANCE (0.01 nats; inferred: chance gains of a noise feature at strong
+regularisation are ~0.001): with the few dozen labelled
+models of a round, the full stacker overfits and an uninformative detector would push every
+prediction to a confident mistake, so the stacker is never chosen over a single detector, or a
+single detector over the base rate, unless it predicts held-out models better. `model` forces
+a subset. The selection figures are kept in the artifact (train.selection). The fitted numbers (feature
 names, imputation means, scales, coefficients, intercept) are stored as a versioned JSON
 artifact (FORMAT / FORMAT_VERSION), never as a pickle: loading a calibrator runs no code, and
 `predict` is numpy (expit(z @ coef + intercept)), so the trojai-detect driver does not need
@@ -62,7 +70,8 @@ DEFAULT_ORDER = ("modelxray",)
 DEFAULT_CLIP = (0.05, 0.95)
 MODELXRAY_DEFAULT_MAP = {"centre": 0.45, "scale": 0.15}
 C_GRID = (0.01, 0.1, 1.0, 10.0)
-EXCLUDED_STATS = {"seed", "num_planes", "resolution", "probability", "num_classes",
+SELECTION_TOLERANCE = 0.01  # nats of cross-validated CE a richer candidate must gain (inferred)
+EXCLUDED_STATS = {"seed", "num_planes", "resolution", "probability", "num_classes", "target",
                   "steps", "seconds"}
 _EXCLUDED_SUFFIXES = ("_label", "_index", "_indices", "_labels", "_seed")
 
@@ -299,11 +308,53 @@ def _training_frame(scores: pd.DataFrame, detectors: Sequence[str]
     return ids, feats, np.asarray(y)
 
 
+def candidate_models(names: Sequence[str], detectors: Sequence[str]) -> dict[str, list[int]]:
+    """The feature subsets `fit` chooses among, simplest first: "prior" (no feature: the base
+    rate), each detector alone (its score and missing indicator: Platt scaling of that
+    detector), "scores" (every detector's score and indicator) and "all" (scores and scalar
+    statistics). Subsets equal to an earlier one are dropped."""
+    def columns(keep) -> list[int]:
+        return [i for i, n in enumerate(names) if keep(n)]
+
+    out: dict[str, list[int]] = {"prior": []}
+    for d in detectors:
+        out[d] = columns(lambda n, d=d: n in (f"{d}.score", f"{d}.missing"))
+    out["scores"] = columns(lambda n: n.endswith((".score", ".missing")))
+    out["all"] = list(range(len(names)))
+    unique: dict[str, list[int]] = {}
+    for name, cols in out.items():
+        if name == "prior" or (cols and cols not in unique.values()):
+            unique[name] = cols
+    return unique
+
+
+def _cv_cross_entropy(z: np.ndarray, y: np.ndarray, C: float | None, cv, clip) -> float:
+    """Cross-validated harness CE of a logistic regression on z (C None, or z without
+    columns: the training folds' base rate)."""
+    from sklearn.linear_model import LogisticRegression
+
+    from xray.reduce import metrics as M
+
+    p = np.empty(len(y))
+    for train, test in cv.split(z, y):
+        if C is None or z.shape[1] == 0:
+            p[test] = y[train].mean()
+        else:
+            model = LogisticRegression(C=C, max_iter=2000).fit(z[train], y[train])
+            p[test] = model.predict_proba(z[test])[:, 1]
+    return M.cross_entropy(y, np.clip(p, *clip)).value
+
+
 def fit(scores: pd.DataFrame, *, detectors: Sequence[str] | None = None, C: float | None = None,
-        clip: tuple[float, float] = (0.01, 0.99), scan: Mapping[str, Any] | None = None,
-        provenance: Mapping[str, Any] | None = None, seed: int = 0) -> Calibrator:
-    """Fit the stacker on the labelled models of a scores table (see the module docstring)."""
-    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+        model: str | None = None, tolerance: float = SELECTION_TOLERANCE,
+        clip: tuple[float, float] = (0.01, 0.99),
+        scan: Mapping[str, Any] | None = None, provenance: Mapping[str, Any] | None = None,
+        seed: int = 0) -> Calibrator:
+    """Fit the stacker on the labelled models of a scores table (see the module docstring).
+    model: one of `candidate_models` ("prior", a detector's name, "scores", "all"); None
+    chooses the candidate and C with the lowest cross-validated cross-entropy; a candidate
+    must beat every simpler one by more than `tolerance` (nats) to be chosen over it."""
+    from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
     from xray.reduce import metrics as M
@@ -348,28 +399,57 @@ def fit(scores: pd.DataFrame, *, detectors: Sequence[str] | None = None, C: floa
     scale = np.where(std > 1e-12, std, 1.0)
     z = (x - mean) / scale
 
+    candidates = candidate_models(names, detectors)
+    if model is not None and model not in candidates:
+        raise ValueError(f"calibrator model {model!r}: choose one of {sorted(candidates)}")
     folds = min(5, n_pos, n_neg)
-    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed) if folds >= 2 else None
-    if C is None and folds >= 3:
-        with warnings.catch_warnings():  # scikit-learn 1.8's notices of its 1.10 API change
-            warnings.simplefilter("ignore", FutureWarning)
-            search = LogisticRegressionCV(Cs=list(C_GRID), cv=cv, scoring="neg_log_loss",
-                                          max_iter=2000).fit(z, y)
-            C = float(np.ravel(search.C_)[0])
-    C = float(C if C is not None else 1.0)
-    model = LogisticRegression(C=C, max_iter=2000).fit(z, y)
-    p_in = np.clip(model.predict_proba(z)[:, 1], *clip)
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    grid = [float(C)] if C is not None else list(C_GRID)
+    # (cv CE, candidate order, name, C); per candidate its best C, then the simplest candidate
+    # within `tolerance` of the best CE.
+    tried = []
+    for order, (name, cols) in enumerate(candidates.items()):
+        if model is not None and name != model:
+            continue
+        for c in ([None] if not cols else grid):
+            tried.append((_cv_cross_entropy(z[:, cols], y, c, cv, clip), order, name, c))
+    per_candidate: dict[str, tuple] = {}
+    for t in sorted(tried, key=lambda t: (t[0], t[1])):
+        per_candidate.setdefault(t[2], t)
+    lowest = min(t[0] for t in per_candidate.values())
+    _, _, chosen, best_c = min((t for t in per_candidate.values() if t[0] <= lowest + tolerance),
+                               key=lambda t: t[1])
+    cols = candidates[chosen]
+    names, impute, mean, scale = ([v[i] for i in cols] for v in (names, impute, mean, scale))
+    z = z[:, cols]
+    C = float(best_c if best_c is not None else (C if C is not None else 1.0))
+    if cols:
+        fitted = LogisticRegression(C=C, max_iter=2000).fit(z, y)
+        coef, intercept = fitted.coef_[0].tolist(), float(fitted.intercept_[0])
+    else:  # the base rate
+        coef, intercept = [], float(np.log(y.mean() / (1.0 - y.mean())))
+    p_in = np.clip(expit(z @ np.asarray(coef) + intercept), *clip)
+    selection = {}
+    for ce, _, name, c in tried:
+        if name not in selection or ce < selection[name]["cross_entropy"]:
+            selection[name] = {"cross_entropy": ce, "C": c}
     train = {"n": len(y), "n_poisoned": n_pos, "n_clean": n_neg, "model_ids": ids,
+             "model": chosen, "selection": selection,
              "in_sample": {"cross_entropy": M.cross_entropy(y, p_in).value,
                            "roc_auc": M.roc_auc(y, p_in).value}, **dict(provenance or {})}
-    if cv is not None:
+    if cols:
         p_cv = np.clip(cross_val_predict(LogisticRegression(C=C, max_iter=2000), z, y, cv=cv,
                                          method="predict_proba")[:, 1], *clip)
-        train["cross_validated"] = {"folds": folds, "cross_entropy": M.cross_entropy(y, p_cv).value,
-                                    "roc_auc": M.roc_auc(y, p_cv).value}
-    return Calibrator(detectors=draft.detectors, features=names, impute=impute.tolist(),
-                      mean=mean.tolist(), scale=scale.tolist(), coef=model.coef_[0].tolist(),
-                      intercept=float(model.intercept_[0]), C=C, clip=tuple(clip),
+    else:
+        p_cv = np.full(len(y), np.nan)
+        for tr, te in cv.split(z, y):
+            p_cv[te] = y[tr].mean()
+        p_cv = np.clip(p_cv, *clip)
+    train["cross_validated"] = {"folds": folds, "cross_entropy": M.cross_entropy(y, p_cv).value,
+                                "roc_auc": M.roc_auc(y, p_cv).value}
+    return Calibrator(detectors=draft.detectors, features=names, impute=list(map(float, impute)),
+                      mean=list(map(float, mean)), scale=list(map(float, scale)), coef=coef,
+                      intercept=intercept, C=C, clip=tuple(clip),
                       scan=dict(scan or {}), train=train,
                       created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
 
@@ -385,8 +465,8 @@ def _run_scan_config(out_uri: str, run_id: str | None) -> dict[str, Any]:
 
 
 def calibrate(out_uri: str, train_run: str | None, *, artifact_uri: str | None = None,
-              detectors: Sequence[str] | None = None, C: float | None = None
-              ) -> tuple[Calibrator, str]:
+              detectors: Sequence[str] | None = None, C: float | None = None,
+              model: str | None = None) -> tuple[Calibrator, str]:
     """`xray calibrate`: fit on run `train_run` of `out_uri` (all runs when None) and save the
     artifact (default <out>/calibration/<run or all>-<id>.json). Returns (calibrator, uri)."""
     from xray.results.sink import read_table
@@ -395,7 +475,7 @@ def calibrate(out_uri: str, train_run: str | None, *, artifact_uri: str | None =
     if not len(scores):
         raise ValueError(f"no scores under {out_uri}"
                          + (f" for run {train_run}" if train_run else ""))
-    cal = fit(scores, detectors=detectors, C=C, scan=_run_scan_config(out_uri, train_run),
+    cal = fit(scores, detectors=detectors, C=C, model=model, scan=_run_scan_config(out_uri, train_run),
               provenance={"out": str(out_uri), "run": train_run})
     name = f"{train_run or 'all'}-{cal.id}.json"
     uri = artifact_uri or storage.join(out_uri, "calibration", name)
@@ -483,8 +563,11 @@ def with_combined(scores: pd.DataFrame, calibrator: Calibrator | None = None) ->
 
 
 def describe(cal: Calibrator) -> str:
-    lines = [f"calibrator {cal.id} ({STACKER_VERSION}, C={cal.C:g}) on "
-             f"{cal.train.get('n')} models ({cal.train.get('n_poisoned')} trojaned)"]
+    lines = [f"calibrator {cal.id} ({STACKER_VERSION}, model {cal.train.get('model', 'all')!r}, "
+             f"C={cal.C:g}) on {cal.train.get('n')} models ({cal.train.get('n_poisoned')} "
+             "trojaned)"]
+    for name, sel in cal.train.get("selection", {}).items():
+        lines.append(f"  candidate {name:<24s} cross-validated CE {sel['cross_entropy']:.4f}")
     for key in ("in_sample", "cross_validated"):
         if key in cal.train:
             m = cal.train[key]
