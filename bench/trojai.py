@@ -16,8 +16,8 @@
    round is scored as the harness does (`xray score-testset --calibrator`). Per-detector figures
    (the default map) are recorded too.
    Scan setting (BENCH_CONFIG): Model X-ray, MM-BD and Neural Cleanse, small presets; the
-   stacker chooses among them by cross-validation (xray.reduce.calibrate). On 5-class 24 x 24 rounds (the tests' tiny-round settings) Model X-ray did not
-   separate clean from trojaned (test ROC-AUC 0.40 at 6 x 16 x 16 points, 0.43 small preset).
+   stacker chooses among them by cross-validation (xray.reduce.calibrate). On 5-class 24 x 24
+   rounds (the tests' tiny-round settings) Model X-ray did not separate clean from trojaned (test ROC-AUC 0.40 at 6 x 16 x 16 points, 0.43 small preset).
 Rounds are kept under --work and reused on a re-run (the zoo build resumes). --only demo|resnet18
 runs one part and keeps the other part's figures from the last bench/results/trojai.json.
 Target (trojai-format.md, best published test-set figures of rounds 1-4): CE <= 0.30,

@@ -1,8 +1,9 @@
 """`make demo` / `xray demo`: the main job on its embedded default.
 
 Builds the demo round (manifests/recipes/demo.yaml: real training of clean and trojaned models on
-synthetic traffic signs), scans it with Model X-ray and MM-BD on a local Ray instance with the demo config
-(manifests/configs/demo.yaml), prints the summary and the ROC-AUC per attack, writes the report.
+synthetic traffic signs), scans it with Model X-ray and MM-BD on a local Ray instance with the
+demo config (manifests/configs/demo.yaml), prints the summary and the ROC-AUC per attack, writes
+the report.
 """
 from __future__ import annotations
 

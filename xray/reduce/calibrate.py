@@ -20,16 +20,16 @@ its score), every detector's score, or scores and statistics. The subset and C (
 else C_GRID) are chosen together by stratified k-fold cross-validation (k = min(5, models per
 class)) on the harness cross-entropy; a richer subset must beat every simpler one by more than
 SELECTION_TOLERANCE (0.01 nats; inferred: chance gains of a noise feature at strong
-regularisation are ~0.001): with the few dozen labelled
-models of a round, the full stacker overfits and an uninformative detector would push every
-prediction to a confident mistake, so the stacker is never chosen over a single detector, or a
-single detector over the base rate, unless it predicts held-out models better. `model` forces
-a subset. The selection figures are kept in the artifact (train.selection). The fitted numbers (feature
-names, imputation means, scales, coefficients, intercept) are stored as a versioned JSON
-artifact (FORMAT / FORMAT_VERSION), never as a pickle: loading a calibrator runs no code, and
-`predict` is numpy (expit(z @ coef + intercept)), so the trojai-detect driver does not need
-scikit-learn. Probabilities are clipped to `clip` (default [0.01, 0.99]), so one confident
-mistake costs at most ln(100) = 4.6 in cross-entropy.
+regularisation are ~0.001): with the few dozen labelled models of a round, the full stacker
+overfits and an uninformative detector would push every prediction to a confident mistake, so
+the stacker is never chosen over a single detector, or a single detector over the base rate,
+unless it predicts held-out models better. `model` forces a subset. The selection figures are
+kept in the artifact (train.selection). The fitted numbers (feature names, imputation means,
+scales, coefficients, intercept) are stored as a versioned JSON artifact (FORMAT /
+FORMAT_VERSION), never as a pickle: loading a calibrator runs no code, and `predict` is numpy
+(expit(z @ coef + intercept)), so the trojai-detect driver does not need scikit-learn.
+Probabilities are clipped to `clip` (default [0.01, 0.99]), so one confident mistake costs at
+most ln(100) = 4.6 in cross-entropy.
 
 Without a calibrator (`default_probability`), the combined probability is a fixed, rank-free
 monotone map of the best available detector (DEFAULT_ORDER): for Model X-ray
@@ -475,7 +475,8 @@ def calibrate(out_uri: str, train_run: str | None, *, artifact_uri: str | None =
     if not len(scores):
         raise ValueError(f"no scores under {out_uri}"
                          + (f" for run {train_run}" if train_run else ""))
-    cal = fit(scores, detectors=detectors, C=C, model=model, scan=_run_scan_config(out_uri, train_run),
+    cal = fit(scores, detectors=detectors, C=C, model=model,
+              scan=_run_scan_config(out_uri, train_run),
               provenance={"out": str(out_uri), "run": train_run})
     name = f"{train_run or 'all'}-{cal.id}.json"
     uri = artifact_uri or storage.join(out_uri, "calibration", name)
