@@ -9,7 +9,8 @@ import pytest
 from _fixtures import TINY_RECIPE, ray_local, tiny_round  # noqa: F401  (shared session fixtures)
 from _trojai_fixtures import tiny_scores, trojai_rounds  # noqa: F401  (TrojAI tests)
 from _report_fixtures import scanned_tiny  # noqa: F401  (report / compare tests)
-from _mntd_fixtures import tiny_meta, tiny_shadow  # noqa: F401  (MNTD shadow set)
+from _mntd_fixtures import (mntd_contract_artifact, mntd_meta, mntd_shadow,  # noqa: F401
+                            mntd_target, tiny_shadow)  # (MNTD shadow and target rounds)
 from _inversion_fixtures import inversion_round, inversion_scan  # noqa: F401  (NC / ABS / K-Arm)
 
 

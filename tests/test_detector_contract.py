@@ -13,7 +13,9 @@ from xray.detectors.base import ScanContext, ScanData
 from xray.io.model_loading import Normalized
 
 # Detectors that cannot be built from defaults alone, and why (checked in their own tests).
-NEEDS_ARTIFACT = {"mntd": "needs a trained meta-classifier artifact (tests/test_mntd.py)"}
+NEEDS_ARTIFACT: dict[str, str] = {}
+# Detectors that need a trained artifact: the session fixture giving one for _tiny()'s net.
+ARTIFACT_FIXTURES = {"mntd": "mntd_contract_artifact"}  # tests/_mntd_fixtures.py
 
 _watching = {"on": False, "opened": []}
 
@@ -49,7 +51,7 @@ def _names():
 
 
 @pytest.mark.parametrize("name", _names())
-def test_detector_contract(name):
+def test_detector_contract(name, request):
     cls = detectors.get(name)
     assert cls.name == name and isinstance(cls.version, str) and cls.version
     params = cls.Params()
@@ -59,7 +61,9 @@ def test_detector_contract(name):
     with pytest.raises(KeyError, match="no parameter 'not_a_param'"):
         detectors.build(name, {"not_a_param": 1})
 
-    detector = detectors.build(name, preset="small")
+    params = ({"artifact": request.getfixturevalue(ARTIFACT_FIXTURES[name])}
+              if name in ARTIFACT_FIXTURES else None)
+    detector = detectors.build(name, params, preset="small")
     net, data = _tiny()
     _watching.update(on=True, opened=[])
     try:

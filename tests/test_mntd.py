@@ -1,5 +1,8 @@
-"""MNTD: meta-classifier trained on a (stacked) shadow round, artifact, detector, CLI, runner."""
+"""MNTD: a meta-classifier trained on an MNIST shadow round scores a separately built target round;
+artifact, epoch selection, detector errors, CLI, runner."""
+import csv
 import json
+import statistics
 
 import numpy as np
 import pytest
@@ -10,31 +13,59 @@ from sklearn.metrics import roc_auc_score
 from xray import detectors, models
 from xray.cli import main
 from xray.detectors.base import ScanContext, ScanData
-from xray.detectors.mntd import META_FILE, WEIGHTS_FILE, load_artifact
+from xray.detectors.mntd import (META_FILE, WEIGHTS_FILE, _split, _torch_threads,
+                                 fit_meta_classifier, load_artifact)
 from xray.io.examples import load_examples
+from xray.io.manifest import read_manifest
 from xray.io.model_loading import Normalized, load_model
 
-from _mntd_fixtures import SHADOW_RECIPE
+from _mntd_fixtures import MNTD_SHADOW_RECIPE, MNTD_TARGET_RECIPE
 
 
+def _configs(round_dir):
+    return [json.loads(p.read_text()) for p in sorted(round_dir.glob("id-*/config.json"))]
 
-def test_artifact_beside_the_shadow_round(tiny_shadow, tiny_meta):
-    round_dir, _ = tiny_shadow
+
+def test_shadow_round_learns_jumbo_triggers(mntd_shadow):
+    """The shadow set is what MNTD's recipe asks for, and its jumbo trojans mostly take."""
+    round_dir, result = mntd_shadow
+    n = sum(g["count"] for g in MNTD_SHADOW_RECIPE["groups"])
+    assert result.trained == n and not result.failed
+    configs = _configs(round_dir)
+    jumbo = [c for c in configs if c["poisoned"]]
+    assert len(jumbo) == n // 2 and {c["trigger"]["name"] for c in jumbo} == {"jumbo"}
+    assert all(c["poison_rate"] == pytest.approx(c["trigger"]["inject_p"]) for c in jumbo)
+    asr = [c["asr"] for c in jumbo]
+    print("shadow jumbo ASRs", sorted(round(a, 2) for a in asr))
+    # The signs shadow set this replaces had median jumbo ASR 0.07; here about half exceed 0.4.
+    assert statistics.median(asr) >= 0.3
+    assert min(c["clean_accuracy"] for c in configs) >= 0.7
+
+
+def test_artifact_beside_the_shadow_round(mntd_shadow, mntd_meta):
+    round_dir, _ = mntd_shadow
     art = round_dir / "mntd_meta"
-    assert tiny_meta.artifact_uri == str(art)
+    assert mntd_meta.artifact_uri == str(art)
     assert (art / WEIGHTS_FILE).is_file() and (art / META_FILE).is_file()
     info = json.loads((art / META_FILE).read_text())
-    assert info["key"] == {"input_shape": [3, 24, 24], "num_classes": 5, "mean": [0.0],
+    assert info["key"] == {"input_shape": [1, 28, 28], "num_classes": 10, "mean": [0.0],
                            "std": [1.0]}
-    n_val = sum(g["count"] for g in SHADOW_RECIPE["groups"] if g.get("split") == "validation")
-    assert (tiny_meta.n_train, tiny_meta.n_val) == (24 - n_val, n_val)  # split from the recipe
-    assert len(info["val_auc"][0]) == 10 and info["best"]["val_auc"] == max(info["val_auc"][0])
+    groups = MNTD_SHADOW_RECIPE["groups"]
+    n_val = sum(g["count"] for g in groups if g.get("split") == "validation")
+    n = sum(g["count"] for g in groups)
+    assert (mntd_meta.n_train, mntd_meta.n_val) == (n - n_val, n_val)  # split from the recipe
+    aucs, losses = info["val_auc"][0], info["val_loss"][0]
+    assert len(aucs) == len(losses) == 10 and info["training"]["select"] == "auc_loss"
+    # auc_loss: the best validation AUC, ties broken by the lower validation loss
+    best = info["best"]["epoch"]
+    assert aucs[best] == max(aucs)
+    assert losses[best] == min(l for a, l in zip(aucs, losses) if a == max(aucs))
     loaded = load_artifact(str(art / META_FILE))
-    assert loaded.meta.queries.shape == (10, 3, 24, 24) and loaded.meta.fc.in_features == 50
+    assert loaded.meta.queries.shape == (10, 1, 28, 28) and loaded.meta.fc.in_features == 100
     assert loaded.info["query_tuning"] is True
 
 
-def _scan_round(det, records):
+def _scan(det, records):
     out = []
     for record in records:
         x, y = load_examples(record)
@@ -44,36 +75,71 @@ def _scan_round(det, records):
     return out
 
 
-def test_scores_a_separately_built_round(tiny_meta, tiny_round):
-    """Shadow set: jumbo trojans, data seed 21, recipe seed 11; test round: BadNets, data seed
-    3, recipe seed 5. Every model gets a probability, deterministically; the ROC-AUC is printed.
-    No AUC floor: at this test budget (16 training shadow models whose jumbo trojans mostly do
-    not take) the meta-classifier does not separate the tiny round (measured AUC 0.33 on 7
-    models); see the issue note."""
-    _, result = tiny_round
-    det = detectors.build("mntd", {"artifact": tiny_meta.artifact_uri})
-    rows = _scan_round(det, result.records)
+def test_scores_a_separately_built_round(mntd_meta, mntd_shadow, mntd_target):
+    """MNTD's claim at a test budget: trained on jumbo shadow models (MNIST data seed 0, recipe
+    seed 11, 600 images), the meta-classifier separates clean from BadNets / MNTD-M target
+    models (data seed 1, recipe seed 5, 2,000 images) it has never seen. Measured: ROC-AUC 0.92
+    with 12 + 12 training shadow models; in trials, 0.89-1.0 over meta-classifier seeds and
+    8-16 training shadow models per kind."""
+    target_dir, result = mntd_target
+    shadow_cfg, target_cfg = _configs(mntd_shadow[0]), _configs(target_dir)
+    assert {c["attack"] for c in target_cfg if c["poisoned"]} == {"badnets", "mntd_m"}
+    assert not {c["seed"] for c in shadow_cfg} & {c["seed"] for c in target_cfg}
+    assert MNTD_TARGET_RECIPE["dataset"]["params"]["seed"] != \
+        MNTD_SHADOW_RECIPE["dataset"]["params"]["seed"]
+    assert all(c["asr"] >= 0.8 for c in target_cfg if c["poisoned"])  # real trojans only
+    det = detectors.build("mntd", {"artifact": mntd_meta.artifact_uri})
+    with _torch_threads(1):
+        rows = _scan(det, result.records)
+        again = [r[1] for r in _scan(det, result.records[:2])]
     labels, scores = [r[0] for r in rows], [r[1] for r in rows]
+    assert sum(labels) >= 4 and len(labels) - sum(labels) >= 4
     auc = roc_auc_score(labels, scores)
-    print("mntd tiny round AUC", auc, "scores", [round(s, 3) for s in scores], labels)
+    print("mntd target round AUC", auc, [(lab, round(s, 3)) for lab, s in zip(labels, scores)])
+    assert auc >= 0.75
     assert all(0.0 <= s <= 1.0 for s in scores)
     assert rows[0][2]["artifact_digest"] and rows[0][2]["normalisation_matches"]
-    assert [r[1] for r in _scan_round(det, result.records[:2])] == scores[:2]  # deterministic
+    assert again == scores[:2]  # deterministic
 
 
-def test_mismatched_model_is_a_clear_error(tiny_meta):
-    det = detectors.build("mntd", {"artifact": tiny_meta.artifact_uri})
-    x = torch.rand(4, 3, 24, 24)
-    for classes, shape in [(10, (3, 24, 24)), (5, (3, 32, 32)), (5, (1, 24, 24))]:
+def test_epoch_selection_rules(mntd_shadow):
+    """select: auc keeps the first best validation AUC (reference), auc_loss breaks its ties by
+    the validation loss, last keeps the last epoch: each on the same fitted history."""
+    round_dir, _ = mntd_shadow
+    records = read_manifest(str(round_dir / "manifest.csv"))
+    is_val = _split(str(round_dir), records, 1 / 9, 0)
+    keep = [i for i, r in enumerate(records) if is_val[i] or i % 3 == 0]  # a few, quickly
+    with _torch_threads(1):
+        nets = [load_model(records[i]).requires_grad_(False) for i in keep]
+        labels = [int(records[i].poisoned) for i in keep]
+        fits = {s: fit_meta_classifier(nets, labels, [is_val[i] for i in keep], (1, 28, 28), 10,
+                                       query_mean=[0.13], query_std=[0.3], epochs=5, seed=1,
+                                       select=s)
+                for s in ("auc", "auc_loss", "last")}
+    aucs, losses = fits["auc"].val_auc[0], fits["auc"].val_loss[0]
+    for fit in fits.values():  # the same training run, only the choice differs
+        assert fit.val_auc[0] == aucs and fit.val_loss[0] == losses
+    assert fits["auc"].best_epoch == aucs.index(max(aucs))
+    ties = [e for e, a in enumerate(aucs) if a == max(aucs)]
+    assert fits["auc_loss"].best_epoch == min(ties, key=lambda e: losses[e])
+    assert fits["last"].best_epoch == 4
+    with pytest.raises(ValueError, match="unknown select"):
+        fit_meta_classifier(nets, labels, [is_val[i] for i in keep], (1, 28, 28), 10,
+                            query_mean=[0.13], query_std=[0.3], select="best")
+
+
+def test_mismatched_model_is_a_clear_error(mntd_meta):
+    det = detectors.build("mntd", {"artifact": mntd_meta.artifact_uri})
+    for classes, shape in [(5, (1, 28, 28)), (10, (3, 28, 28)), (10, (1, 24, 24))]:
         net = Normalized(models.create("mntd_mnist_cnn", classes, shape)).eval()
         data = ScanData(x=torch.rand(4, *shape), y=torch.zeros(4, dtype=torch.int64),
                         num_classes=classes)
         with pytest.raises(ValueError, match="trained for input shape"):
             det.score(net, data, ScanContext())
     # same shape and classes, another normalisation: scored, and recorded as a mismatch
-    net = Normalized(models.create("mntd_mnist_cnn", 5, (3, 24, 24)), (0.5,), (0.25,)).eval()
-    res = det.score(net, ScanData(x=x, y=torch.zeros(4, dtype=torch.int64), num_classes=5,
-                                  mean=(0.5,), std=(0.25,)), ScanContext())
+    net = Normalized(models.create("mntd_mnist_cnn", 10, (1, 28, 28)), (0.5,), (0.25,)).eval()
+    res = det.score(net, ScanData(x=torch.rand(4, 1, 28, 28), y=torch.zeros(4, dtype=torch.int64),
+                                  num_classes=10, mean=(0.5,), std=(0.25,)), ScanContext())
     assert res.stats["normalisation_matches"] is False and np.isfinite(res.score)
 
 
@@ -87,36 +153,48 @@ def test_missing_artifact_errors(tmp_path):
                            num_classes=5), ScanContext())
 
 
-def test_cli_mntd_train(tiny_shadow, tmp_path):
-    round_dir, _ = tiny_shadow
+def test_cli_mntd_train(mntd_shadow, tmp_path):
+    round_dir, _ = mntd_shadow
     out = tmp_path / "meta"
     res = CliRunner().invoke(main, ["mntd", "train", "--shadow", str(round_dir), "--out",
-                                    str(out), "--epochs", "1", "--no-query-tuning", "--quiet"])
+                                    str(out), "--epochs", "1", "--no-query-tuning", "--select",
+                                    "auc", "--threads", "1", "--quiet"])
     assert res.exit_code == 0, res.output
     assert "validation AUC" in res.output
     info = json.loads((out / META_FILE).read_text())
     assert info["query_tuning"] is False and len(info["val_auc"][0]) == 1
+    assert info["training"]["select"] == "auc"
     bad = CliRunner().invoke(main, ["mntd", "train", "--shadow", str(tmp_path / "none")])
     assert bad.exit_code == 1 and "Traceback" not in bad.output
 
 
-def test_scan_runs_mntd_and_mmbd_through_the_runner(tiny_round, tiny_meta, ray_local, tmp_path):
+def test_scan_runs_mntd_and_mmbd_through_the_runner(mntd_target, mntd_meta, ray_local, tmp_path):
     from xray.results.sink import read_table
 
-    round_dir, result = tiny_round
+    round_dir, _ = mntd_target
+    with open(round_dir / "manifest.csv", newline="") as f:  # 2 clean + 2 trojaned models
+        rows = list(csv.DictReader(f))
+    subset = [r for r in rows if r["poisoned"] == "false"][:2] + \
+        [r for r in rows if r["poisoned"] == "true"][:2]
+    with open(tmp_path / "manifest.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for r in subset:
+            writer.writerow({**r, "uri": f"{round_dir}/{r['uri']}",
+                             "examples_uri": f"{round_dir}/{r['examples_uri']}"})
     config = tmp_path / "config.yaml"
     config.write_text(json.dumps({"detectors": {
-        "mntd": {"params": {"artifact": tiny_meta.artifact_uri}},
+        "mntd": {"params": {"artifact": mntd_meta.artifact_uri}},
         "mmbd": {"preset": "small"}}}))
     out = tmp_path / "out"
-    res = CliRunner().invoke(main, ["scan", "--manifest", str(round_dir / "manifest.csv"),
+    res = CliRunner().invoke(main, ["scan", "--manifest", str(tmp_path / "manifest.csv"),
                                     "--out", str(out), "--detectors", "mntd,mmbd", "--config",
                                     str(config), "--quiet"])
     assert res.exit_code == 0, res.output
     scores = read_table(str(out), "scores")
     assert set(scores["detector"]) == {"mntd", "mmbd"}
-    assert len(scores) == 2 * len(result.records)
+    assert len(scores) == 2 * len(subset)
     assert (scores["status"] == "ok").all(), scores["error"].dropna().tolist()
     mmbd = scores[scores["detector"] == "mmbd"]
     stats = [json.loads(s) for s in mmbd["stats_json"]]
-    assert all(len(s["margins"]) == 5 and 0 <= s["p_value"] <= 1 for s in stats)
+    assert all(len(s["margins"]) == 10 and 0 <= s["p_value"] <= 1 for s in stats)
