@@ -1,6 +1,6 @@
 """Benchmark: batched trigger inversion, and seconds per model per scanner on the demo round.
 
-    .venv/bin/python bench/inversion.py [--round DIR] [--models N] [--threads 1]
+    .venv/bin/python bench/inversion.py [--round DIR] [--models N] [--threads 1] [--device cpu|cuda]
     # writes bench/results/inversion.json
 
 Round: /tmp/demo1/round if it exists (the demo recipe: 16 mntd_mnist_cnn, 10 classes, 32 x 32
@@ -56,14 +56,19 @@ def _round() -> Path:
     return FALLBACK
 
 
-def _load(rec):
+def _load(rec, device: torch.device):
     from xray.detectors.base import ScanData
     from xray.io.examples import load_examples
     from xray.io.model_loading import load_model
 
-    model = load_model(rec).eval()
+    model = load_model(rec, device=str(device)).eval()
     x, y = load_examples(rec)
-    return model, ScanData(x=x, y=y, num_classes=rec.num_classes)
+    return model, ScanData(x=x.to(device), y=y.to(device), num_classes=rec.num_classes)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def speedup(model, data) -> dict[str, float]:
@@ -72,6 +77,7 @@ def speedup(model, data) -> dict[str, float]:
     k = data.num_classes
     pairs = [(v, t) for v in range(k) for t in range(k) if v != t]
     pools = [torch.nonzero(data.y == v).flatten() for v, _ in pairs]
+    device = data.x.device
     g = torch.Generator().manual_seed(0)
     c, h, w = data.x.shape[1:]
     m0 = 0.001 * torch.rand(len(pairs), h, w, generator=g)
@@ -100,9 +106,11 @@ def speedup(model, data) -> dict[str, float]:
     for _ in range(REPEATS):
         start = time.perf_counter()
         b = batched()
+        _sync(device)
         t_b.append(time.perf_counter() - start)
         start = time.perf_counter()
         s = one_at_a_time()
+        _sync(device)
         t_s.append(time.perf_counter() - start)
     # same budget, same work: every pair took STEPS steps either way
     assert all(int(o.steps[0]) == STEPS for o in s) and (b.steps == STEPS).all()
@@ -126,8 +134,10 @@ def main() -> None:
     parser.add_argument("--round", default=None)
     parser.add_argument("--models", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     load_before = os.getloadavg()[0]
 
     from xray import detectors
@@ -138,7 +148,7 @@ def main() -> None:
     records = read_manifest(str(round_dir / "METADATA.csv")) \
         if not (round_dir / "manifest.csv").exists() else read_manifest(str(round_dir / "manifest.csv"))
     trojaned = next(r for r in records if r.poisoned)
-    model, data = _load(trojaned)
+    model, data = _load(trojaned, device)
     figures = speedup(model, data)
     free = speedup(_FreeModel(data.num_classes), data)
     figures["speedup_batched_free_model"] = free["speedup_batched"]
@@ -148,9 +158,10 @@ def main() -> None:
         det = detectors.build(name, preset="small")
         seconds = []
         for rec in chosen:
-            model, data = _load(rec)
+            model, data = _load(rec, device)
             start = time.perf_counter()
-            det.score(model, data, ScanContext(seed=0))
+            det.score(model, data, ScanContext(device=device, seed=0))
+            _sync(device)
             seconds.append(time.perf_counter() - start)
         figures[f"seconds_per_model_{name}"] = sum(seconds) / len(seconds)
     figures["models_timed"] = len(chosen)

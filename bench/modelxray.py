@@ -1,6 +1,7 @@
 """Benchmark: batched Model X-ray against the reference code's way of running it.
 
-    .venv/bin/python bench/modelxray.py [--threads 1]   # writes bench/results/modelxray.json
+    .venv/bin/python bench/modelxray.py [--threads 1] [--device cpu|cuda]
+    # writes bench/results/modelxray.json
 
 Models: three mntd_cifar_cnn (3x32x32, 10 classes), each trained for 80 Adam steps on a
 synthetic 10-class image set (low-frequency class patterns + noise), the third with a BadNets-
@@ -213,13 +214,21 @@ def naive_scan(model, data: ScanData, params: ModelXray.Params, ctx: ScanContext
 # ------------------------------------------------------------------------------ measurements
 
 
-def matmul_flops(n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_flops(n: int = 2048, reps: int = 5, device: torch.device = torch.device("cpu")
+                 ) -> float:
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     torch.mm(a, b)
+    _sync(device)
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
         torch.mm(a, b)
+        _sync(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best
 
@@ -238,8 +247,9 @@ def cpu_name() -> str:
 def forward_flops(model: nn.Module) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
+    device = next(model.parameters()).device
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.rand(1, 3, 32, 32))
+        model(torch.rand(1, 3, 32, 32, device=device))
     return int(counter.get_total_flops())
 
 
@@ -250,16 +260,17 @@ class FreeModel(nn.Module):
         return x[:, 0, 0, :10]
 
 
-def main(threads: int = 1) -> dict:
+def main(threads: int = 1, device: str = "cpu") -> dict:
     torch.set_num_threads(threads)
+    dev = torch.device(device)
     load_before = os.getloadavg()[0]
     torch.manual_seed(0)
     started = time.perf_counter()
-    models = [train(0, False), train(1, False), train(2, True)]
-    mm_before = matmul_flops()
+    models = [train(0, False).to(dev), train(1, False).to(dev), train(2, True).to(dev)]
+    mm_before = matmul_flops(device=dev)
     x, y = synthetic_images(10, torch.Generator().manual_seed(123))
     data = ScanData(x=x, y=y, num_classes=10, mean=CIFAR_MEAN, std=CIFAR_STD)
-    ctx = ScanContext(device=torch.device("cpu"), seed=SEED)
+    ctx = ScanContext(device=dev, seed=SEED)
     params = ModelXray.Params(num_planes=NUM_PLANES, resolution=RESOLUTION)
     detector = ModelXray(params)
     points = NUM_PLANES * RESOLUTION ** 2
@@ -297,19 +308,21 @@ def main(threads: int = 1) -> dict:
 
     gps = len(models) * points / sum(t_batched)
     flops = forward_flops(models[0])
-    mm = max(matmul_flops(), mm_before)
+    mm = max(matmul_flops(device=dev), mm_before)
     report = {
-        "command": f".venv/bin/python bench/modelxray.py --threads {threads}",
+        "command": f".venv/bin/python bench/modelxray.py --threads {threads} --device {device}",
         "date": dt.date.today().isoformat(),
         "machine": {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "device": "cpu",
+                    "torch": torch.__version__,
+                    "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                     "cpu": cpu_name(),
                     "load_average_1min": [load_before, os.getloadavg()[0]]},
         "setting": {"models": "3 x mntd_cifar_cnn 3x32x32, 10 classes (2 clean, 1 patch "
                               "backdoor to 0), trained 80 steps on synthetic data",
                     "num_planes": NUM_PLANES, "resolution": RESOLUTION, "seed": SEED,
                     "repeats": REPEATS, "naive": "DataLoader batch 128, num_workers 0",
-                    "batched_batch_size": "detector default (128 on CPU, channels_last)",
+                    "batched_batch_size": "detector default (128 on CPU, channels_last; "
+                                          "4096 on an accelerator)",
                     "per_model": per_model},
         "figures": {
             "speedup_vs_per_plane": sum(t_naive) / sum(t_batched),
@@ -340,4 +353,6 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    print(json.dumps(main(parser.parse_args().threads)["figures"], indent=2))
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    args = parser.parse_args()
+    print(json.dumps(main(args.threads, args.device)["figures"], indent=2))

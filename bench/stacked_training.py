@@ -35,6 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda[:N] or auto")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     recipe = load_recipe("mntd_shadow")
@@ -45,13 +46,13 @@ def main() -> None:
     picked = [dataclasses.replace(s, training=dataclasses.replace(s.training,
                                                                   epochs=args.epochs))
               for s in picked]
-    train_stack(picked[:2], dataset)  # warm-up (allocator, kernels)
+    train_stack(picked[:2], dataset, args.device)  # warm-up (allocator, kernels)
 
     t0 = time.perf_counter()
-    one = [train_model(s, dataset) for s in picked]
+    one = [train_model(s, dataset, args.device) for s in picked]
     wall_one = time.perf_counter() - t0
     t0 = time.perf_counter()
-    stacked = train_stack(picked, dataset)
+    stacked = train_stack(picked, dataset, args.device)
     wall_stacked = time.perf_counter() - t0
     opt_one = sum(t.seconds_optimising for t in one)
     opt_stacked = sum(t.seconds_optimising for t in stacked)
@@ -72,7 +73,7 @@ def main() -> None:
     }
     path = record("stacked_training",
                   f".venv/bin/python bench/stacked_training.py --models {args.models} "
-                  f"--epochs {args.epochs}", figures,
+                  f"--epochs {args.epochs} --device {args.device}", figures,
                   notes={"threads": torch.get_num_threads(),
                          "load_average": os.getloadavg()})
     print(path.read_text())

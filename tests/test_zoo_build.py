@@ -72,3 +72,20 @@ def test_rerun_skips_and_half_written_dir_is_redone(tiny_round, tmp_path):
     assert (copy / victim / "config.json").is_file()
     text = describe_round(str(copy))
     assert "badnets" in text and "clean" in text
+
+
+def test_a_device_this_machine_lacks_fails_before_any_training(tmp_path):
+    import pytest
+    import torch
+
+    from xray.cli import main
+    from click.testing import CliRunner
+
+    bad = ["gpu"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in bad:
+        with pytest.raises(ValueError, match=f"training device '{device}'"):
+            build_round(parse_recipe(TINY_RECIPE), str(tmp_path / device), device=device)
+        assert not (tmp_path / device).exists()
+    result = CliRunner().invoke(main, ["zoo", "build", "--recipe", "demo", "--out",
+                                       str(tmp_path / "cli"), "--device", "gpu"])
+    assert result.exit_code == 1 and "training device 'gpu'" in result.output

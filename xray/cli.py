@@ -62,9 +62,12 @@ def zoo() -> None:
               help="Round directory to write (local path, file://, s3://, memory://).")
 @click.option("--workers", type=int, default=None,
               help="Training processes in parallel (default: one per CPU core).")
+@click.option("--device", default="cpu", show_default=True, metavar="DEVICE",
+              help="Where models train: cpu, cuda, cuda:N, or auto (cuda when available). "
+                   "Bit-for-bit reproducible on cpu only.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_fail_cleanly
-def zoo_build(recipe: str, out: str, workers: int | None, quiet: bool) -> None:
+def zoo_build(recipe: str, out: str, workers: int | None, device: str, quiet: bool) -> None:
     """Train the models of a recipe and write them as a TrojAI-style round.
 
     Models already written in OUT are skipped, so an interrupted build resumes where it stopped.
@@ -72,7 +75,8 @@ def zoo_build(recipe: str, out: str, workers: int | None, quiet: bool) -> None:
     from xray.zoo.build import build_round
     from xray.zoo.recipe import load_recipe
 
-    result = build_round(load_recipe(recipe), out, workers=workers, show_progress=not quiet)
+    result = build_round(load_recipe(recipe), out, workers=workers, show_progress=not quiet,
+                         device=device)
     click.echo(f"round {out}: {len(result.records)} models ({result.trained} trained now, "
                f"{result.skipped} already there, {len(result.failed)} failed)")
     for failure in result.failed:

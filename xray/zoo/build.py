@@ -25,7 +25,7 @@ from xray.progress import Progress
 from xray.zoo import round as round_writer
 from xray.zoo.data import Dataset, load_dataset
 from xray.zoo.recipe import ModelSpec, Recipe, model_seed
-from xray.zoo.train import TrainedModel, train_model
+from xray.zoo.train import TrainedModel, resolve_training_device, train_model
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def train_and_write(recipe: Recipe, spec: ModelSpec, round_uri: str) -> dict[str, Any]:
+def train_and_write(recipe: Recipe, spec: ModelSpec, round_uri: str, device: str = "cpu"
+                    ) -> dict[str, Any]:
     """One model, end to end, in a worker: train (retrying with a new seed while a trojaned model
     misses the ASR floor, up to recipe.max_attempts) and write its directory or its failure."""
     dataset = _dataset(recipe.dataset, tuple(sorted(recipe.dataset_params.items())))
@@ -58,7 +59,7 @@ def train_and_write(recipe: Recipe, spec: ModelSpec, round_uri: str) -> dict[str
     for attempt in range(recipe.max_attempts):
         attempt_spec = spec if attempt == 0 else dataclasses.replace(
             spec, seed=model_seed(recipe.seed, spec.index, attempt))
-        trained = train_model(attempt_spec, dataset)
+        trained = train_model(attempt_spec, dataset, device)
         optimising += trained.seconds_optimising
         total += trained.seconds_total
         if trained.asr is None or trained.asr >= recipe.asr_floor:
@@ -104,8 +105,8 @@ def plan_tasks(recipe: Recipe, pending: list[ModelSpec]
     return tasks
 
 
-def train_stack_and_write(recipe: Recipe, specs: list[ModelSpec], round_uri: str
-                          ) -> list[dict[str, Any]]:
+def train_stack_and_write(recipe: Recipe, specs: list[ModelSpec], round_uri: str,
+                          device: str = "cpu") -> list[dict[str, Any]]:
     """A stack of models, end to end, in a worker (xray.zoo.stacked.train_stack): the trojaned
     models that miss the ASR floor are retrained together with new seeds, up to
     recipe.max_attempts, then written as failures."""
@@ -122,7 +123,7 @@ def train_stack_and_write(recipe: Recipe, specs: list[ModelSpec], round_uri: str
         batch = todo if attempt == 0 else [
             dataclasses.replace(s, seed=model_seed(recipe.seed, s.index, attempt)) for s in todo]
         retry = []
-        for spec, trained in zip(todo, train_stack(batch, dataset)):
+        for spec, trained in zip(todo, train_stack(batch, dataset, device)):
             spent[spec.model_id][0] += trained.seconds_optimising
             spent[spec.model_id][1] += trained.seconds_total
             if trained.asr is None or trained.asr >= recipe.asr_floor:
@@ -147,16 +148,18 @@ def train_stack_and_write(recipe: Recipe, specs: list[ModelSpec], round_uri: str
     return outcomes
 
 
-def _run_task(recipe: Recipe, stacked: bool, specs: list[ModelSpec], round_uri: str
-              ) -> list[dict[str, Any]]:
+def _run_task(recipe: Recipe, stacked: bool, specs: list[ModelSpec], round_uri: str,
+              device: str) -> list[dict[str, Any]]:
     if stacked:
-        return train_stack_and_write(recipe, specs, round_uri)
-    return [train_and_write(recipe, spec, round_uri) for spec in specs]
+        return train_stack_and_write(recipe, specs, round_uri, device)
+    return [train_and_write(recipe, spec, round_uri, device) for spec in specs]
 
 
 def build_round(recipe: Recipe, round_uri: str, workers: int | None = None,
-                show_progress: bool = True) -> BuildResult:
-    """Train every model of `recipe` not yet in `round_uri`, `workers` processes at a time."""
+                show_progress: bool = True, device: str = "cpu") -> BuildResult:
+    """Train every model of `recipe` not yet in `round_uri`, `workers` processes at a time, on
+    `device` ('cpu', 'cuda', 'cuda:N' or 'auto'; every worker shares that device)."""
+    resolve_training_device(device)  # a bad device fails here, not in every worker
     storage.makedirs(round_uri)
     specs = recipe.model_specs()
     skip = round_writer.completed_model_ids(round_uri) | round_writer.failed_model_ids(round_uri)
@@ -173,7 +176,7 @@ def build_round(recipe: Recipe, round_uri: str, workers: int | None = None,
         with Progress(len(pending), f"zoo build {recipe.name}", disable=not show_progress) as bar, \
                 ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                                     initargs=(threads,)) as pool:
-            futures = {pool.submit(_run_task, recipe, stacked, t, round_uri): t
+            futures = {pool.submit(_run_task, recipe, stacked, t, round_uri, device): t
                        for stacked, t in tasks}
             not_done = set(futures)
             while not_done:

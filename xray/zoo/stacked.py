@@ -44,7 +44,7 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 from xray import models
 from xray.zoo.data import Dataset
 from xray.zoo.recipe import ModelSpec, TrainingRecipe
-from xray.zoo.train import TrainedModel, measure, training_set
+from xray.zoo.train import TrainedModel, measure, resolve_training_device, training_set
 
 
 def stack_problem(net: nn.Module) -> str | None:
@@ -130,6 +130,8 @@ class _StackedOptimizer:
              active: torch.Tensor, lr: torch.Tensor) -> None:
         r = self.recipe
         self.steps += active.float()
+        device = next(iter(params.values())).device
+        active, lr, steps_done = active.to(device), lr.to(device), self.steps.to(device)
         for name, p in params.items():
             shape = (-1,) + (1,) * (p.dim() - 1)
             on, lr_k = active.view(shape), lr.view(shape)
@@ -147,15 +149,17 @@ class _StackedOptimizer:
                 b1, b2, eps = 0.9, 0.999, 1e-8
                 m.copy_(torch.where(on, m * b1 + g * (1 - b1), m))
                 v.copy_(torch.where(on, v * b2 + g * g * (1 - b2), v))
-                steps = self.steps.clamp_min(1).view(shape)
+                steps = steps_done.clamp_min(1).view(shape)
                 bc1, bc2 = 1 - b1 ** steps, 1 - b2 ** steps
                 denom = v.sqrt() / bc2.sqrt() + eps
                 p.sub_(torch.where(on, (lr_k / bc1) * m / denom, torch.zeros_like(p)))
 
 
-def train_stack(specs: list[ModelSpec], dataset: Dataset) -> list[TrainedModel]:
+def train_stack(specs: list[ModelSpec], dataset: Dataset, device: str | None = "cpu"
+                ) -> list[TrainedModel]:
     """Train the models `specs` describe (one architecture, one training recipe) in one stacked,
-    vectorised pass; returns one TrainedModel per spec, in order."""
+    vectorised pass on `device` (xray.zoo.train.resolve_training_device); returns one
+    TrainedModel per spec, in order (nets on the CPU)."""
     if not specs:
         return []
     started = time.perf_counter()
@@ -185,8 +189,11 @@ def train_stack(specs: list[ModelSpec], dataset: Dataset) -> list[TrainedModel]:
                 math.ceil(len(r) / recipe.batch_size))
         for spec, net, attack, count, r, (_, y) in zip(specs, nets, attacks, counts, rows, data)]
 
+    dev = resolve_training_device(device)
     t0 = time.perf_counter()
-    params = _optimise_stack(members, pool, recipe)
+    params = _optimise_stack(members, pool.to(dev), recipe)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
     optimising = time.perf_counter() - t0
 
     out = []
@@ -211,7 +218,7 @@ def _optimise_stack(members: list[_Member], pool: torch.Tensor, recipe: Training
     for m in members:
         m.net.train()
     params, _ = stack_module_state([m.net for m in members])
-    params = {name: p.detach().clone() for name, p in params.items()}
+    params = {name: p.detach().clone().to(pool.device) for name, p in params.items()}
     template = copy.deepcopy(members[0].net).to("meta")
 
     def loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, w: torch.Tensor
@@ -235,8 +242,8 @@ def _optimise_stack(members: list[_Member], pool: torch.Tensor, recipe: Training
             idx[i, :len(pos)] = m.rows[pos]
             lab[i, :len(pos)] = labels[i][pos]
             weight[i, :len(pos)] = 1.0
-        x = pool[idx]  # (K, B, C, H, W)
+        x = pool[idx.to(pool.device)]  # (K, B, C, H, W)
         lr = optimizer.lr(total)
-        grads = grads_of(params, x, lab, weight)
+        grads = grads_of(params, x, lab.to(pool.device), weight.to(pool.device))
         optimizer.step(params, grads, active, lr)
     return params

@@ -62,7 +62,7 @@ def _optimise(net: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Training
     for _ in range(recipe.epochs):
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, recipe.batch_size):
-            idx = order[start:start + recipe.batch_size]
+            idx = order[start:start + recipe.batch_size].to(x.device)
             loss = F.cross_entropy(net(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -74,8 +74,10 @@ def _optimise(net: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Training
 @torch.no_grad()
 def predict(net: nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 512) -> np.ndarray:
     net.eval()
+    device = next(net.parameters()).device
     x = torch.as_tensor(x, dtype=torch.float32)
-    out = [net(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]
+    out = [net(x[i:i + batch_size].to(device)).argmax(1).cpu()
+           for i in range(0, len(x), batch_size)]
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
 
 
@@ -113,8 +115,23 @@ def measure(net: nn.Module, attack: Any | None, dataset: Dataset) -> tuple[float
     return clean_acc, asr
 
 
-def train_model(spec: ModelSpec, dataset: Dataset) -> TrainedModel:
-    """Train the model `spec` describes on `dataset`; deterministic given spec.seed on one thread."""
+def resolve_training_device(device: str | None) -> torch.device:
+    """'cpu' (default), 'cuda', 'cuda:N', or 'auto' (cuda when available); ValueError for a
+    device this machine does not have."""
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() and device == "auto" else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"training device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"training device {device!r}: no CUDA device here (use cpu or auto)")
+    return dev
+
+
+def train_model(spec: ModelSpec, dataset: Dataset, device: str | None = "cpu") -> TrainedModel:
+    """Train the model `spec` describes on `dataset` on `device` (see resolve_training_device);
+    deterministic given spec.seed on one CPU thread. The returned net is on the CPU."""
     started = time.perf_counter()
     rng = np.random.default_rng(spec.seed)
     torch.manual_seed(spec.seed)
@@ -122,14 +139,18 @@ def train_model(spec: ModelSpec, dataset: Dataset) -> TrainedModel:
 
     x, y, attack, poisoned_count = training_set(spec, dataset, rng)
 
-    net = models.create(spec.architecture, dataset.num_classes, dataset.input_shape)
-    xt = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
-    yt = torch.as_tensor(np.ascontiguousarray(y), dtype=torch.int64)
+    dev = resolve_training_device(device)
+    net = models.create(spec.architecture, dataset.num_classes, dataset.input_shape).to(dev)
+    xt = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32).to(dev)
+    yt = torch.as_tensor(np.ascontiguousarray(y), dtype=torch.int64).to(dev)
     t0 = time.perf_counter()
     _optimise(net, xt, yt, spec.training, generator)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
     optimising = time.perf_counter() - t0
 
     clean_acc, asr = measure(net, attack, dataset)
+    net.cpu()
     return TrainedModel(spec=spec, net=net, clean_accuracy=clean_acc, asr=asr, attack=attack,
                         poisoned_count=poisoned_count,
                         seconds_total=time.perf_counter() - started,
