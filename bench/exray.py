@@ -9,9 +9,13 @@ flagged when the score reaches the run bound (0.9); TP / FP count trojaned / cle
 abs_exray_r3rule_*: the same masks judged by the (r3) patch rule (exray.md), computed from the
 recorded s1, s2 and accuracies.
 With --nc the same for Neural Cleanse (vanilla flagged = MAD anomaly index > 2).
+abs_exray_true_positives_on_target: flagged trojaned models whose surviving candidates (score >=
+the bound) include one aimed at the true target label (a TP for the right reason).
 
-Cost: seconds per EX-RAY-tested trigger and per model, and batched vs one candidate at a time
-(speedup_batched) on the model with the most tested candidates (same candidates, same params).
+Cost: seconds per EX-RAY-tested trigger (total, and the median over models of each model's
+seconds per trigger, robust to a model scanned while other jobs held the cores) and per model,
+and batched vs one candidate at a time (speedup_batched) on the model with the most tested
+candidates (same candidates, same params).
 Writes bench/results/exray.json (keys: abs_true_positives, abs_false_positives,
 abs_exray_true_positives, abs_exray_false_positives, seconds_per_trigger, speedup_batched, ...).
 """
@@ -117,6 +121,9 @@ def main() -> None:
                     {k: t["exray_" + k] for k in ACC_NAMES}, r3)[0]
             r3_scores.append(0.0 if natural else float(t["reasr"]))
         row["abs_exray_r3rule"] = max(r3_scores)
+        row["surviving_targets"] = sorted({int(t["target"]) for t in res.triggers
+                                           if t.get("upstream_selected")
+                                           and (t.get("exray_score") or 0.0) >= args.bound})
         if nc_ex is not None:
             nres = nc_ex.score(model, data, ScanContext(seed=0))
             row["nc_flag"] = float(nres.stats["upstream"]["trojaned"])
@@ -145,7 +152,14 @@ def main() -> None:
         ntp2, nfp2, _, _ = counts(rows, "nc_exray", args.bound)
         figures.update({"nc_true_positives": ntp, "nc_false_positives": nfp,
                         "nc_exray_true_positives": ntp2, "nc_exray_false_positives": nfp2})
+    figures["abs_exray_true_positives_on_target"] = sum(
+        r["poisoned"] and r["target"] in r["surviving_targets"] for r in rows)
     figures["seconds_per_trigger"] = exray_total / max(tested_total, 1)
+    per_trigger = sorted(r["exray_seconds"] / r["tested"] for r in rows if r["tested"])
+    figures["seconds_per_trigger_median"] = (
+        per_trigger[len(per_trigger) // 2] if len(per_trigger) % 2 else
+        sum(per_trigger[len(per_trigger) // 2 - 1:len(per_trigger) // 2 + 1]) / 2
+    ) if per_trigger else 0.0
     figures["seconds_per_model"] = exray_total / max(len(rows), 1)
     figures["triggers_per_model"] = tested_total / max(len(rows), 1)
 
