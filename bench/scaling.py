@@ -4,7 +4,8 @@ driver's peak memory for a 10,000-row manifest.
     .venv/bin/python bench/scaling.py [--round DIR] [--rows 10000]
 
 - two_node_speedup: models/s with two 1-CPU nodes (ray.cluster_utils.Cluster) over one 1-CPU
-  node, same manifest, same config, measured back to back. The manifest is the round's models
+  node, same manifest, same config, measured back to back; no Ray dashboard (as `xray scan`'s
+  local instance). The manifest is the round's models
   `--copies` times over under distinct model ids (default 4: 64 rows for the 16-model demo
   round): with 16 rows on 2 actors the last model's tail, when one actor idles while the other
   finishes, is ~5% of the run and the figure measures the round size, not the scheduler; real
@@ -53,7 +54,10 @@ def _repeated_manifest(round_dir: str, copies: int, tmp: str) -> str:
 
 
 def _throughput(manifest: str, nodes: int, out: str) -> tuple[float, object]:
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    # No dashboard, as `xray scan` starts its local instance: on 2 shared cores the dashboard
+    # process alone took ~10% of a core from the actors (2.2 vs 2.9 models/s on two nodes).
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 1, "include_dashboard": False})
     for _ in range(nodes - 1):
         cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
