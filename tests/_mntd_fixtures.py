@@ -65,7 +65,9 @@ def _build(tmp_path_factory, recipe: dict, name: str):
     from xray.zoo.recipe import parse_recipe
 
     out = tmp_path_factory.mktemp(name) / "round"
-    result = build_round(parse_recipe(recipe), str(out), workers=2, show_progress=False)
+    # stacking "on": the CPU default ("auto") would train SHADOW_RECIPE's stacks one by one
+    result = build_round(parse_recipe(recipe), str(out), workers=2, show_progress=False,
+                         stacking="on")
     return out, result
 
 

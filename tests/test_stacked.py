@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from xray.zoo.build import plan_tasks, spec_groups
+from xray.zoo.build import plan_tasks, spec_groups, use_stacks
 from xray.zoo.data import load_dataset
 from xray.zoo.recipe import parse_recipe
 from xray.zoo.stacked import train_stack
@@ -108,6 +108,13 @@ def test_plan_tasks_stacks_only_groups_that_ask():
     assert stacks == [[3, 4, 5, 6], [7, 8, 9], [10]]
     # already-written models are not planned again
     assert sum(len(t) for _, t in plan_tasks(recipe, specs[5:])) == len(specs) - 5
+    # stacking off (the CPU default): every model alone
+    assert plan_tasks(recipe, specs, stacked=False) == [(False, [s]) for s in specs]
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert (use_stacks("auto", cpu), use_stacks("auto", gpu)) == (False, True)
+    assert use_stacks("on", cpu) and not use_stacks("off", gpu)
+    with pytest.raises(ValueError, match="choose one of auto, on, off"):
+        use_stacks("sometimes", cpu)
 
 
 def test_stacked_build_writes_a_complete_round(tiny_shadow):

@@ -65,9 +65,14 @@ def zoo() -> None:
 @click.option("--device", default="cpu", show_default=True, metavar="DEVICE",
               help="Where models train: cpu, cuda, cuda:N, or auto (cuda when available). "
                    "Bit-for-bit reproducible on cpu only.")
+@click.option("--stacking", type=click.Choice(["auto", "on", "off"]), default="auto",
+              show_default=True,
+              help="Train a recipe's `stack: K` groups K models at a time: auto = only on a "
+                   "GPU (on CPUs one-by-one training is faster).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_fail_cleanly
-def zoo_build(recipe: str, out: str, workers: int | None, device: str, quiet: bool) -> None:
+def zoo_build(recipe: str, out: str, workers: int | None, device: str, stacking: str,
+              quiet: bool) -> None:
     """Train the models of a recipe and write them as a TrojAI-style round.
 
     Models already written in OUT are skipped, so an interrupted build resumes where it stopped.
@@ -76,7 +81,7 @@ def zoo_build(recipe: str, out: str, workers: int | None, device: str, quiet: bo
     from xray.zoo.recipe import load_recipe
 
     result = build_round(load_recipe(recipe), out, workers=workers, show_progress=not quiet,
-                         device=device)
+                         device=device, stacking=stacking)
     click.echo(f"round {out}: {len(result.records)} models ({result.trained} trained now, "
                f"{result.skipped} already there, {len(result.failed)} failed)")
     for failure in result.failed:
