@@ -371,8 +371,8 @@ def calibrate(out: str, train_run: str, detectors: str | None, c_value: float | 
               model: str | None, artifact: str | None) -> None:
     """Fit the combined detector (regularised logistic regression over the detectors' scores
     and statistics, missing scores explicit; feature subset and C chosen by cross-validation)
-    on a labelled run and save it as a versioned JSON
-    artifact for `xray score-testset --calibrator` and `xray trojai-detect --calibrator`."""
+    on a labelled run and save it as a versioned JSON artifact for `xray score-testset
+    --calibrator` and `xray trojai-detect --calibrator`."""
     from xray.reduce.calibrate import calibrate as fit_calibrator
     from xray.reduce.calibrate import describe
 
