@@ -77,6 +77,7 @@ def main() -> None:
     from xray.io.examples import load_examples
     from xray.io.model_loading import load_model
     from xray.zoo.build import build_round
+    from xray.zoo.round import model_configs
     from xray.zoo.recipe import parse_recipe
 
     work = Path(args.work)
@@ -109,11 +110,8 @@ def main() -> None:
         keep = [row for row in rows if row[0] in ("clean", attack) or attack is None]
         return float(roc_auc_score([k[1] for k in keep], [k[2] for k in keep]))
 
-    def configs(round_dir: Path) -> list[dict]:
-        return [json.loads(p.read_text()) for p in sorted(round_dir.glob("id-*/config.json"))]
-
-    jumbo_asr = [c["asr"] for c in configs(work / "shadow") if c["poisoned"]]
-    target_cfg = configs(work / "target")
+    jumbo_asr = [c["asr"] for c in model_configs(str(work / "shadow")) if c["poisoned"]]
+    target_cfg = model_configs(str(work / "target"))
     troj_asr = [c["asr"] for c in target_cfg if c["poisoned"]]
     by_attack = {a: statistics.median(c["asr"] for c in target_cfg if c["attack"] == a)
                  for a in ("badnets", "mntd_m", "mntd_b")}

@@ -18,12 +18,9 @@ from xray.detectors.mntd import (META_FILE, WEIGHTS_FILE, _split, _torch_threads
 from xray.io.examples import load_examples
 from xray.io.manifest import read_manifest
 from xray.io.model_loading import Normalized, load_model
+from xray.zoo.round import model_configs
 
 from _mntd_fixtures import MNTD_SHADOW_RECIPE, MNTD_TARGET_RECIPE
-
-
-def _configs(round_dir):
-    return [json.loads(p.read_text()) for p in sorted(round_dir.glob("id-*/config.json"))]
 
 
 def test_shadow_round_learns_jumbo_triggers(mntd_shadow):
@@ -31,7 +28,7 @@ def test_shadow_round_learns_jumbo_triggers(mntd_shadow):
     round_dir, result = mntd_shadow
     n = sum(g["count"] for g in MNTD_SHADOW_RECIPE["groups"])
     assert result.trained == n and not result.failed
-    configs = _configs(round_dir)
+    configs = model_configs(str(round_dir))
     jumbo = [c for c in configs if c["poisoned"]]
     assert len(jumbo) == n // 2 and {c["trigger"]["name"] for c in jumbo} == {"jumbo"}
     assert all(c["poison_rate"] == pytest.approx(c["trigger"]["inject_p"]) for c in jumbo)
@@ -82,7 +79,7 @@ def test_scores_a_separately_built_round(mntd_meta, mntd_shadow, mntd_target):
     with 12 + 12 training shadow models; in trials, 0.89-1.0 over meta-classifier seeds and
     8-16 training shadow models per kind."""
     target_dir, result = mntd_target
-    shadow_cfg, target_cfg = _configs(mntd_shadow[0]), _configs(target_dir)
+    shadow_cfg, target_cfg = model_configs(str(mntd_shadow[0])), model_configs(str(target_dir))
     assert {c["attack"] for c in target_cfg if c["poisoned"]} == {"badnets", "mntd_m"}
     assert not {c["seed"] for c in shadow_cfg} & {c["seed"] for c in target_cfg}
     assert MNTD_TARGET_RECIPE["dataset"]["params"]["seed"] != \

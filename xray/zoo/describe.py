@@ -1,21 +1,16 @@
 """`xray zoo describe`: what a round holds, from its model configs."""
 from __future__ import annotations
 
-import json
-
 import pandas as pd
 
-from xray.io import storage
-from xray.zoo.round import CONFIG_FILE, completed_model_ids, failed_model_ids
+from xray.zoo.round import failed_model_ids, model_configs
 
 
 def round_table(round_uri: str) -> pd.DataFrame:
-    rows = []
-    for mid in sorted(completed_model_ids(round_uri)):
-        config = json.loads(storage.read_text(storage.join(round_uri, mid, CONFIG_FILE)))
-        rows.append({"model_id": mid, "architecture": config["architecture"],
-                     "attack": config.get("attack") or "clean",
-                     "clean_accuracy": config.get("clean_accuracy"), "asr": config.get("asr")})
+    rows = [{"model_id": config["model_id"], "architecture": config["architecture"],
+             "attack": config.get("attack") or "clean",
+             "clean_accuracy": config.get("clean_accuracy"), "asr": config.get("asr")}
+            for config in model_configs(round_uri)]
     return pd.DataFrame(rows, columns=["model_id", "architecture", "attack", "clean_accuracy", "asr"])
 
 

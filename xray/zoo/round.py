@@ -124,6 +124,12 @@ def completed_model_ids(round_uri: str) -> set[str]:
     return done
 
 
+def model_configs(round_uri: str) -> list[dict[str, Any]]:
+    """The config.json of every complete model directory of a round, in model-id order."""
+    return [json.loads(storage.read_text(storage.join(round_uri, mid, CONFIG_FILE)))
+            for mid in sorted(completed_model_ids(round_uri))]
+
+
 def trigger_config(model_uri: str) -> dict[str, Any] | None:
     """The trigger recorded in the config.json beside a model file (a zoo round's ground truth,
     for pictures and reports; never for detectors), or None when there is none."""
