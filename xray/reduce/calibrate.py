@@ -328,12 +328,10 @@ def candidate_models(names: Sequence[str], detectors: Sequence[str]) -> dict[str
     return unique
 
 
-def _cv_cross_entropy(z: np.ndarray, y: np.ndarray, C: float | None, cv, clip) -> float:
-    """Cross-validated harness CE of a logistic regression on z (C None, or z without
-    columns: the training folds' base rate)."""
+def _cv_probabilities(z: np.ndarray, y: np.ndarray, C: float | None, cv) -> np.ndarray:
+    """Held-out P(trojaned) of every model from a logistic regression on z fitted on the other
+    folds (C None, or z without columns: the training folds' base rate)."""
     from sklearn.linear_model import LogisticRegression
-
-    from xray.reduce import metrics as M
 
     p = np.empty(len(y))
     for train, test in cv.split(z, y):
@@ -342,7 +340,7 @@ def _cv_cross_entropy(z: np.ndarray, y: np.ndarray, C: float | None, cv, clip) -
         else:
             model = LogisticRegression(C=C, max_iter=2000).fit(z[train], y[train])
             p[test] = model.predict_proba(z[test])[:, 1]
-    return M.cross_entropy(y, np.clip(p, *clip)).value
+    return p
 
 
 def fit(scores: pd.DataFrame, *, detectors: Sequence[str] | None = None, C: float | None = None,
@@ -355,7 +353,7 @@ def fit(scores: pd.DataFrame, *, detectors: Sequence[str] | None = None, C: floa
     chooses the candidate and C with the lowest cross-validated cross-entropy; a candidate
     must beat every simpler one by more than `tolerance` (nats) to be chosen over it."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.model_selection import StratifiedKFold
 
     from xray.reduce import metrics as M
 
@@ -405,20 +403,21 @@ def fit(scores: pd.DataFrame, *, detectors: Sequence[str] | None = None, C: floa
     folds = min(5, n_pos, n_neg)
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     grid = [float(C)] if C is not None else list(C_GRID)
-    # (cv CE, candidate order, name, C); per candidate its best C, then the simplest candidate
-    # within `tolerance` of the best CE.
-    tried = []
+    # per candidate, at its best C: (cv CE, candidate order, C, held-out probabilities); then
+    # the simplest candidate within `tolerance` of the lowest CE.
+    best: dict[str, tuple] = {}
     for order, (name, cols) in enumerate(candidates.items()):
         if model is not None and name != model:
             continue
         for c in ([None] if not cols else grid):
-            tried.append((_cv_cross_entropy(z[:, cols], y, c, cv, clip), order, name, c))
-    per_candidate: dict[str, tuple] = {}
-    for t in sorted(tried, key=lambda t: (t[0], t[1])):
-        per_candidate.setdefault(t[2], t)
-    lowest = min(t[0] for t in per_candidate.values())
-    _, _, chosen, best_c = min((t for t in per_candidate.values() if t[0] <= lowest + tolerance),
-                               key=lambda t: t[1])
+            p = np.clip(_cv_probabilities(z[:, cols], y, c, cv), *clip)
+            ce = M.cross_entropy(y, p).value
+            if name not in best or ce < best[name][0]:
+                best[name] = (ce, order, c, p)
+    lowest = min(t[0] for t in best.values())
+    chosen = min((n for n, t in best.items() if t[0] <= lowest + tolerance),
+                 key=lambda n: best[n][1])
+    _, _, best_c, p_cv = best[chosen]
     cols = candidates[chosen]
     names, impute, mean, scale = ([v[i] for i in cols] for v in (names, impute, mean, scale))
     z = z[:, cols]
@@ -429,22 +428,11 @@ def fit(scores: pd.DataFrame, *, detectors: Sequence[str] | None = None, C: floa
     else:  # the base rate
         coef, intercept = [], float(np.log(y.mean() / (1.0 - y.mean())))
     p_in = np.clip(expit(z @ np.asarray(coef) + intercept), *clip)
-    selection = {}
-    for ce, _, name, c in tried:
-        if name not in selection or ce < selection[name]["cross_entropy"]:
-            selection[name] = {"cross_entropy": ce, "C": c}
+    selection = {name: {"cross_entropy": t[0], "C": t[2]} for name, t in best.items()}
     train = {"n": len(y), "n_poisoned": n_pos, "n_clean": n_neg, "model_ids": ids,
              "model": chosen, "selection": selection,
              "in_sample": {"cross_entropy": M.cross_entropy(y, p_in).value,
                            "roc_auc": M.roc_auc(y, p_in).value}, **dict(provenance or {})}
-    if cols:
-        p_cv = np.clip(cross_val_predict(LogisticRegression(C=C, max_iter=2000), z, y, cv=cv,
-                                         method="predict_proba")[:, 1], *clip)
-    else:
-        p_cv = np.full(len(y), np.nan)
-        for tr, te in cv.split(z, y):
-            p_cv[te] = y[tr].mean()
-        p_cv = np.clip(p_cv, *clip)
     train["cross_validated"] = {"folds": folds, "cross_entropy": M.cross_entropy(y, p_cv).value,
                                 "roc_auc": M.roc_auc(y, p_cv).value}
     return Calibrator(detectors=draft.detectors, features=names, impute=list(map(float, impute)),
