@@ -18,6 +18,12 @@ def machine() -> dict:
             "platform": platform.platform()}
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so wall-clock timings on an accelerator are real."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def record(name: str, command: str, figures: dict[str, float], notes: dict | None = None) -> Path:
     out = RESULTS / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import record  # noqa: E402
+from _common import record, sync  # noqa: E402
 
 STEPS = 10
 REPEATS = 2
@@ -65,10 +65,6 @@ def _load(rec, device: torch.device):
     x, y = load_examples(rec)
     return model, ScanData(x=x.to(device), y=y.to(device), num_classes=rec.num_classes)
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def speedup(model, data) -> dict[str, float]:
@@ -106,11 +102,11 @@ def speedup(model, data) -> dict[str, float]:
     for _ in range(REPEATS):
         start = time.perf_counter()
         b = batched()
-        _sync(device)
+        sync(device)
         t_b.append(time.perf_counter() - start)
         start = time.perf_counter()
         s = one_at_a_time()
-        _sync(device)
+        sync(device)
         t_s.append(time.perf_counter() - start)
     # same budget, same work: every pair took STEPS steps either way
     assert all(int(o.steps[0]) == STEPS for o in s) and (b.steps == STEPS).all()
@@ -161,7 +157,7 @@ def main() -> None:
             model, data = _load(rec, device)
             start = time.perf_counter()
             det.score(model, data, ScanContext(device=device, seed=0))
-            _sync(device)
+            sync(device)
             seconds.append(time.perf_counter() - start)
         figures[f"seconds_per_model_{name}"] = sum(seconds) / len(seconds)
     figures["models_timed"] = len(chosen)

@@ -61,7 +61,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from _common import sync  # noqa: E402
 from xray.detectors.base import ScanContext, ScanData  # noqa: E402
 from xray.detectors.modelxray import ModelXray, draw_triplet  # noqa: E402
 from xray.models import create  # noqa: E402
@@ -214,21 +216,16 @@ def naive_scan(model, data: ScanData, params: ModelXray.Params, ctx: ScanContext
 # ------------------------------------------------------------------------------ measurements
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def matmul_flops(n: int = 2048, reps: int = 5, device: torch.device = torch.device("cpu")
                  ) -> float:
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     torch.mm(a, b)
-    _sync(device)
+    sync(device)
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
         torch.mm(a, b)
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best
 
