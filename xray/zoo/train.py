@@ -116,12 +116,12 @@ def measure(net: nn.Module, attack: Any | None, dataset: Dataset) -> tuple[float
 
 
 def resolve_training_device(device: str | None) -> torch.device:
-    """'cpu' (default), 'cuda', 'cuda:N', or 'auto' (cuda when available); ValueError for a
-    device this machine does not have."""
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() and device == "auto" else "cpu")
+    """xray.scan.resolve_device ('cpu', 'cuda', 'cuda:N', 'auto' = cuda when available; None
+    = cpu), but a device this machine does not have is a ValueError before any training."""
+    from xray.scan import resolve_device
+
     try:
-        dev = torch.device(device)
+        dev = resolve_device(device or "cpu")
     except RuntimeError as e:
         raise ValueError(f"training device {device!r}: {e}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
