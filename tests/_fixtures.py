@@ -22,15 +22,22 @@ TINY_RECIPE = {
 }
 
 
-@pytest.fixture(scope="session")
-def tiny_round(tmp_path_factory):
-    """(round directory, BuildResult) of TINY_RECIPE, built once per session."""
+def build_test_round(tmp_path_factory, recipe: dict, name: str, **build_kwargs):
+    """(round directory, BuildResult) of `recipe`, really trained (2 workers) in a fresh
+    session temp folder `name`; build_kwargs go to build_round."""
     from xray.zoo.build import build_round
     from xray.zoo.recipe import parse_recipe
 
-    out = tmp_path_factory.mktemp("tiny") / "round"
-    result = build_round(parse_recipe(TINY_RECIPE), str(out), workers=2, show_progress=False)
+    out = tmp_path_factory.mktemp(name) / "round"
+    result = build_round(parse_recipe(recipe), str(out), workers=2, show_progress=False,
+                         **build_kwargs)
     return out, result
+
+
+@pytest.fixture(scope="session")
+def tiny_round(tmp_path_factory):
+    """(round directory, BuildResult) of TINY_RECIPE, built once per session."""
+    return build_test_round(tmp_path_factory, TINY_RECIPE, "tiny")
 
 
 @pytest.fixture(scope="module")

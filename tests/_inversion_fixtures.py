@@ -9,7 +9,7 @@ import copy
 
 import pytest
 
-from _fixtures import TINY_RECIPE
+from _fixtures import TINY_RECIPE, build_test_round
 
 INVERSION_RECIPE = copy.deepcopy(TINY_RECIPE)
 INVERSION_RECIPE.update(name="inversion", seed=11, groups=[
@@ -24,12 +24,7 @@ INVERSION_RECIPE.update(name="inversion", seed=11, groups=[
 @pytest.fixture(scope="session")
 def inversion_round(tmp_path_factory):
     """(round directory, BuildResult) of INVERSION_RECIPE, built once per session."""
-    from xray.zoo.build import build_round
-    from xray.zoo.recipe import parse_recipe
-
-    out = tmp_path_factory.mktemp("inversion") / "round"
-    result = build_round(parse_recipe(INVERSION_RECIPE), str(out), workers=2, show_progress=False)
-    return out, result
+    return build_test_round(tmp_path_factory, INVERSION_RECIPE, "inversion")
 
 
 INVERSION_SCAN_CONFIG = {"seed": 0, "detectors": {"nc": {"preset": "small"},

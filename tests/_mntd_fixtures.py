@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import pytest
 
+from _fixtures import build_test_round
+
 # Defender split: 600 MNIST images (the reference uses 2% of the training set, 1,200). Budget:
 # Adam at a constant lr, 8 epochs of batch 50. The reference trains 100 epochs at lr 1e-3,
 # batch 100. Jumbo ASRs are recorded per model; about half of them exceed 0.4 at this budget.
@@ -60,27 +62,16 @@ MNTD_TARGET_RECIPE = {
 }
 
 
-def _build(tmp_path_factory, recipe: dict, name: str):
-    from xray.zoo.build import build_round
-    from xray.zoo.recipe import parse_recipe
-
-    out = tmp_path_factory.mktemp(name) / "round"
-    # stacking "on": the CPU default ("auto") would train SHADOW_RECIPE's stacks one by one
-    result = build_round(parse_recipe(recipe), str(out), workers=2, show_progress=False,
-                         stacking="on")
-    return out, result
-
-
 @pytest.fixture(scope="session")
 def mntd_shadow(tmp_path_factory):
     """(round directory, BuildResult) of MNTD_SHADOW_RECIPE."""
-    return _build(tmp_path_factory, MNTD_SHADOW_RECIPE, "mntd_shadow")
+    return build_test_round(tmp_path_factory, MNTD_SHADOW_RECIPE, "mntd_shadow")
 
 
 @pytest.fixture(scope="session")
 def mntd_target(tmp_path_factory):
     """(round directory, BuildResult) of MNTD_TARGET_RECIPE."""
-    return _build(tmp_path_factory, MNTD_TARGET_RECIPE, "mntd_target")
+    return build_test_round(tmp_path_factory, MNTD_TARGET_RECIPE, "mntd_target")
 
 
 @pytest.fixture(scope="session")
@@ -166,4 +157,5 @@ SHADOW_RECIPE = {
 @pytest.fixture(scope="session")
 def tiny_shadow(tmp_path_factory):
     """(round directory, BuildResult) of SHADOW_RECIPE, trained in stacks of 8."""
-    return _build(tmp_path_factory, SHADOW_RECIPE, "shadow")
+    # stacking "on": the CPU default ("auto") would train the stacks one by one
+    return build_test_round(tmp_path_factory, SHADOW_RECIPE, "shadow", stacking="on")
