@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from xray.config import ScanConfig
-from xray.detectors.base import ScanContext, ScanData
+from xray.detectors.base import DeadlinePassed, ScanContext, ScanData
 from xray.io.examples import load_examples
 from xray.io.model_loading import load_model
 from xray.io.records import ModelRecord
@@ -129,6 +129,16 @@ def scan_model(record: ModelRecord, detectors: Sequence[Any], config: ScanConfig
                       worker=worker, keep_artifacts=keep_artifacts)[0]
 
 
+def stop_margin(time_limit: float) -> float:
+    """Seconds before the runner's kill at which detectors are told their time is up, so they
+    stop with what they have (and their row is written) instead of being killed."""
+    return min(10.0, max(0.2, 0.05 * time_limit))
+
+
+def _status_of(err: BaseException) -> str:
+    return "timeout" if isinstance(err, DeadlinePassed) else "error"
+
+
 def _load_inputs(record: ModelRecord, config: ScanConfig, device: torch.device):
     model = load_model(record, allow_pickle=config.allow_pickle, device=str(device))
     x, y = load_examples(record, max_per_class=config.examples_per_class)
@@ -145,6 +155,16 @@ def scan_stack(records: Sequence[ModelRecord], detectors: Sequence[Any], config:
     caller groups models of one architecture); the others, or a stack that fails, go one by one.
     """
     device = resolve_device(config.device)
+    started = time.monotonic()
+    limit = config.model_time_limit_s
+
+    def context(detector: Any) -> ScanContext:
+        # The runner's time limit covers the whole unit of work (one model or one stack), from
+        # the moment it started here; detectors get what is left of it, less the stop margin.
+        deadline = None if not limit else limit - stop_margin(limit) - (time.monotonic() - started)
+        return ScanContext(device=device, seed=config.seed, deadline=deadline,
+                           logger=logging.getLogger(f"xray.detector.{detector.name}"))
+
     hashes = {d.name: config.detector_hash(d) for d in detectors}
     digests = list(digests or [None] * len(records))
     outs = [{"scores": [], "triggers": [], "artifacts": {}} for _ in records]
@@ -166,15 +186,13 @@ def scan_stack(records: Sequence[ModelRecord], detectors: Sequence[Any], config:
         loaded.append((k, model, data))
 
     for detector in detectors:
-        ctx = ScanContext(device=device, seed=config.seed,
-                          logger=logging.getLogger(f"xray.detector.{detector.name}"))
         results: dict[int, tuple[Any, float]] = {}
         if hasattr(detector, "score_stack") and len(loaded) > 1:
-            started = time.perf_counter()
+            t0 = time.perf_counter()
             try:
                 stacked = detector.score_stack([m for _, m, _ in loaded],
-                                               [d for _, _, d in loaded], ctx)
-                each = (time.perf_counter() - started) / len(loaded)
+                                               [d for _, _, d in loaded], context(detector))
+                each = (time.perf_counter() - t0) / len(loaded)
                 results = {k: (r, each) for (k, _, _), r in zip(loaded, stacked)}
             except Exception as err:  # score them one by one instead
                 log.warning("%s: stacked scoring failed (%s); one model at a time",
@@ -182,16 +200,17 @@ def scan_stack(records: Sequence[ModelRecord], detectors: Sequence[Any], config:
         for k, model, data in loaded:
             record, out = records[k], outs[k]
             if k not in results:
-                started = time.perf_counter()
+                t0 = time.perf_counter()
                 try:
-                    results[k] = (detector.score(model, data, ctx), time.perf_counter() - started)
+                    results[k] = (detector.score(model, data, context(detector)),
+                                  time.perf_counter() - t0)
                 except Exception as err:
                     log.warning("detector %s failed on %s: %s", detector.name,
                                 record.model_id, err)
                     out["scores"].append(score_row(
-                        record, digests[k], detector, hashes[detector.name], "error",
+                        record, digests[k], detector, hashes[detector.name], _status_of(err),
                         run_id=run_id, error=_error_text(err),
-                        seconds=time.perf_counter() - started, worker=worker))
+                        seconds=time.perf_counter() - t0, worker=worker))
                     continue
             result, seconds = results[k]
             out["scores"].append(score_row(

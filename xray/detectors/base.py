@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -48,18 +49,69 @@ class ScanData:
         return z * std.to(z.device) + mean.to(z.device)
 
 
+class DetectorDidNoWork(RuntimeError):
+    """A detector could not take a single step of its work, so it has no verdict to give.
+
+    Raised instead of returning a score computed from an initial state. scan_model turns it into
+    an `error` row (a `timeout` row for DeadlinePassed) carrying the reason."""
+
+
+class DeadlinePassed(DetectorDidNoWork):
+    """The model's time ran out before the detector's first step."""
+
+
+class NoUsableExamples(DetectorDidNoWork):
+    """The clean examples cannot drive the detector (none at all, or none of a needed class)."""
+
+
 @dataclass
 class ScanContext:
+    """device, seed, logger, and the model's time allowance.
+
+    deadline: seconds left for this model when the context was made (None: no limit). Loops ask
+    `ctx.expired()` between steps; `ctx.seconds_left()` gives what remains, counted on a monotonic
+    clock from `created`. A detector that stops early says so in its stats (stopped_early, and
+    its steps), and raises DeadlinePassed when it could take no step at all.
+    """
+
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("xray.detector"))
-    # Seconds left for this model, or None; a detector may use it to stop early.
     deadline: float | None = None
+    created: float = field(default_factory=time.monotonic)
 
     def generator(self, salt: str = "") -> torch.Generator:
         """A CPU generator seeded from the run seed and a salt (one stream per purpose)."""
         digest = hashlib.sha256(f"{self.seed}:{salt}".encode()).digest()
         return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+    def seconds_left(self) -> float | None:
+        """Seconds left for this model now (may be negative), or None without a limit."""
+        if self.deadline is None:
+            return None
+        return float(self.deadline) - (time.monotonic() - self.created)
+
+    def expired(self) -> bool:
+        left = self.seconds_left()
+        return left is not None and left <= 0
+
+    def require_time(self, detector: str) -> None:
+        """Raise DeadlinePassed when no time is left: called before a detector's first step."""
+        if self.expired():
+            raise DeadlinePassed(f"{detector}: the model's time limit ({self.deadline:g} s) "
+                                 "ran out before the first optimisation step")
+
+
+def require_steps(detector: str, steps: int, ctx: ScanContext) -> int:
+    """Proof of work: `steps` (the optimisation steps a detector took) as an int, or a named
+    error when it is 0, so no score is ever computed from an initial state."""
+    steps = int(steps)
+    if steps <= 0:
+        if ctx.expired():
+            raise DeadlinePassed(f"{detector}: the model's time limit ({ctx.deadline:g} s) ran "
+                                 "out before the first optimisation step")
+        raise DetectorDidNoWork(f"{detector}: took no optimisation step")
+    return steps
 
 
 @dataclass

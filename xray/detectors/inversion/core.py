@@ -27,9 +27,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -604,13 +603,22 @@ class PatchOptimizer:
         self.state.update(self.schedule, acc, rows)
         return StepResult(rows, acc, l1, loss, improved)
 
-    def run(self, max_steps: int, deadline: float | None = None) -> None:
-        """Step every live row until it stopped early or took `max_steps` steps."""
+    def run(self, max_steps: int, expired: Callable[[], bool] | None = None) -> bool:
+        """Step every live row until it stopped early or took `max_steps` steps, or until
+        `expired()` (the model's deadline, ScanContext.expired) says time is up. Returns True
+        when it stopped for the deadline with rows still live."""
         while True:
             live = np.flatnonzero(~self.stopped & (self.steps < max_steps))
-            if len(live) == 0 or (deadline is not None and time.time() > deadline):
-                return
+            if len(live) == 0:
+                return False
+            if expired is not None and expired():
+                return True
             self.step(live)
+
+    @property
+    def total_steps(self) -> int:
+        """Optimisation steps taken, summed over rows (the proof-of-work figure)."""
+        return int(self.steps.sum())
 
     def row_stats(self, r: int) -> dict[str, Any]:
         return {"steps": int(self.steps[r]), "l1_best": float(self.best_l1[r]),

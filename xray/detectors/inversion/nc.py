@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from xray.detectors import register
-from xray.detectors.base import DetectorResult, ScanContext, ScanData
+from xray.detectors.base import DetectorResult, ScanContext, ScanData, require_steps
 from xray.detectors.inversion.core import (CostSchedule, PatchOptimizer, candidate_from_row,
                                            eval_mode, init_theta, measure_reasr)
 
@@ -126,6 +126,10 @@ class NeuralCleanse:
 
     def score(self, model: torch.nn.Module, data: ScanData, ctx: ScanContext) -> DetectorResult:
         p = self.params
+        if p.score_stat not in ("anomaly_index", "l1_ratio"):
+            raise ValueError(f"nc: score_stat {p.score_stat!r}; expected anomaly_index or "
+                             "l1_ratio")
+        ctx.require_time(self.name)
         started = time.perf_counter()
         x = data.x.to(ctx.device)
         y = data.y.to(ctx.device)
@@ -145,7 +149,8 @@ class NeuralCleanse:
                 batch_size=p.batch_size, mini_batches=p.mini_batches,
                 early_stop_patience=p.early_stop_patience,
                 early_stop_threshold=p.early_stop_threshold)
-            opt.run(p.steps, deadline=ctx.deadline)
+            stopped_early = opt.run(p.steps, expired=ctx.expired)
+            steps = require_steps(self.name, opt.total_steps, ctx)
             candidates = []
             for t in range(k):
                 cand = candidate_from_row(opt, t, None, binarize=p.binarize,
@@ -166,13 +171,11 @@ class NeuralCleanse:
                  "flagged": decision["flagged"], "trojaned": bool(decision["flagged"]),
                  "min_over_median": float(l1.min() / decision["median"])
                  if decision["median"] > 0 else float("nan"),
-                 "steps": opt.steps.tolist(), "forwards": opt.forwards,
+                 "steps": steps, "steps_per_label": opt.steps.tolist(),
+                 "stopped_early": stopped_early, "forwards": opt.forwards,
                  "reasr_target": candidates[target].reasr, "seed": ctx.seed,
                  "seed_salts": ["nc/holdout", "nc/init", "nc/batches"],
                  "holdout": int(len(held_idx))}
-        if p.score_stat not in ("anomaly_index", "l1_ratio"):
-            raise ValueError(f"nc: score_stat {p.score_stat!r}; expected anomaly_index or "
-                             "l1_ratio")
         score = decision["anomaly_index"] if p.score_stat == "anomaly_index" \
             else float(decision["median"] / max(l1.min(), 1e-12))
         return DetectorResult(score=score, target=target, stats=stats,
