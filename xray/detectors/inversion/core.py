@@ -447,7 +447,9 @@ class PatchOptimizer:
     theta_m (K, H, W), theta_p (K, C, h, w) (h = w = 1 for a single colour), targets (K,),
     pools: K index tensors into x (the images each trigger is trained on). A step = `mini_batches`
     minibatches of `batch_size` images per row (None: one pass over the row's pool, K-Arm's pull);
-    images come from a per-row shuffled cycle over its pool (reshuffled when used up). All active
+    images come from a per-row shuffled cycle over its pool (reshuffled when used up); with
+    `ordered` (K-Arm: DataLoader shuffle=False, drop_last=False) a step is instead one pass over the
+    pool in its stored order, minibatches pool[i:i + batch_size], the last one partial. All active
     rows' minibatches go through the model in one forward.
 
     Rows keep: the cost schedule, the best mask / pattern (acc >= threshold and smaller L1; none
@@ -461,8 +463,9 @@ class PatchOptimizer:
                  lr: float = 0.1, betas: tuple[float, float] = (0.5, 0.9),
                  batch_size: int = 32, mini_batches: int | None = None,
                  tanh_eps: float = TANH_EPS, early_stop_patience: int | None = 25,
-                 early_stop_threshold: float = 1.0) -> None:
+                 early_stop_threshold: float = 1.0, ordered: bool = False) -> None:
         self.model, self.x = model, x
+        self.ordered = bool(ordered)
         device = x.device
         self.theta_m = theta_m.detach().clone().to(device)
         self.theta_p = theta_p.detach().clone().to(device)
@@ -534,8 +537,16 @@ class PatchOptimizer:
         costs = torch.as_tensor(self.state.cost[rows], dtype=self.x.dtype, device=self.x.device)
         for mb in range(max(n_mb)):
             live = np.array([mb < n for n in n_mb])
-            idx = torch.stack([self._next(r, b) if live[j] else torch.zeros(b, dtype=torch.long)
-                               for j, r in enumerate(rows)]).to(self.x.device)
+            if self.ordered:  # one pass in stored order, the last minibatch partial (K-Arm)
+                chunks = [self.pools[r][mb * s:(mb + 1) * s] if live[j] else self.pools[r][:0]
+                          for j, (r, s) in enumerate(zip(rows, sizes))]
+                idx = torch.stack([F.pad(ch, (0, b - len(ch))) for ch in chunks]).to(self.x.device)
+                wl = torch.stack([(torch.arange(b) < len(ch)).float()
+                                  for ch in chunks]).to(self.x.device)
+            else:
+                idx = torch.stack([self._next(r, b) if live[j] else torch.zeros(b, dtype=torch.long)
+                                   for j, r in enumerate(rows)]).to(self.x.device)
+                wl = weight * torch.as_tensor(live, device=self.x.device)[:, None]
             theta_m = self.theta_m[rows_t].detach().requires_grad_(True)
             theta_p = self.theta_p[rows_t].detach().requires_grad_(True)
             m = tanh01(theta_m, self.eps)[:, None, None]  # (R, 1, 1, H, W)
@@ -547,7 +558,6 @@ class PatchOptimizer:
             target = self.targets[rows_t][:, None].expand(-1, b)
             ce = F.cross_entropy(logits.reshape(len(rows) * b, -1), target.reshape(-1),
                                  reduction="none").reshape(len(rows), b)
-            wl = weight * torch.as_tensor(live, device=self.x.device)[:, None]
             ce_mean = (ce * wl).sum(1) / wl.sum(1).clamp_min(1)
             l1 = m.flatten(1).abs().sum(1)
             loss = ce_mean + costs * l1
