@@ -68,7 +68,8 @@ def test_batched_classes_equal_the_reference_loop():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 4))
     p = Params(starts=5, max_steps=40, lr=0.5, tol=0.05, batch_size=7)  # chunks cross classes
     ctx = ScanContext(seed=3)
-    r, steps = maximise_margins(model, 4, (3, 8, 8), p, ctx)
+    r, steps, stopped_early = maximise_margins(model, 4, (3, 8, 8), p, ctx)
+    assert not stopped_early
     x0 = torch.rand((4 * 5, 3, 8, 8), generator=ctx.generator("mmbd/starts")).view(4, 5, 3, 8, 8)
     expected = _reference_margins(model, 4, x0, p.lr, p.max_steps, p.tol)
     assert r == pytest.approx(expected, rel=1e-4, abs=1e-5)

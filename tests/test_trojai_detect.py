@@ -38,7 +38,7 @@ def _detect(model: Path, examples: Path, tmp: Path, *extra: str, env: dict | Non
 
 def _config(tmp: Path, config: dict) -> str:
     path = tmp / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(config, sort_keys=False))  # detectors run in this order
     return str(path)
 
 
@@ -137,3 +137,40 @@ def test_xray_cli_command_and_console_entry(trojai_rounds, tmp_path):
                                       "--scratch_dirpath", "s", "--examples_dirpath", "e"])
     assert args.time_budget == 600.0 and not args.allow_pickle
     shutil.rmtree(tmp_path / "s", ignore_errors=True)
+
+
+def test_optimising_detectors_take_steps_under_the_entrypoint(trojai_rounds, tmp_path):
+    """The entrypoint hands detectors seconds left (ctx.deadline), so NC, K-Arm and ABS+EX-RAY
+    really optimise under it (they used to compare seconds with time.time() and take 0 steps);
+    xray-detect.json in the scratch folder records each one's status, score, seconds and steps."""
+    model_dir = sorted((trojai_rounds["r4"] / "models").iterdir())[0]
+    config = _config(tmp_path, {"seed": 0, "detectors": {
+        "nc": {"params": {"steps": 4}}, "karm": {"params": {"budget": 12}},
+        "abs+exray": {"params": {"exray_epochs": 4}}}})
+    p, proc, _ = _detect(model_dir / "model.pt", model_dir / "clean_example_data", tmp_path,
+                         "--allow-pickle", "--config", config, "--time-budget", "280")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "scratch" / "xray-detect.json").read_text())
+    assert record["probability"] == pytest.approx(p) and record["estimated"]
+    assert list(record["detectors"]) == ["nc", "karm", "abs+exray"]
+    for name, row in record["detectors"].items():
+        assert row["status"] == "ok", (name, row)
+        assert isinstance(row["stats"]["steps"], int) and row["stats"]["steps"] > 0, name
+        assert row["seconds"] > 0 and row["score"] is not None
+
+
+def test_a_budget_spent_before_a_detector_starts_is_a_timeout_in_the_record(trojai_rounds,
+                                                                            tmp_path):
+    """With the budget used up by the first detector, the second is told its time is gone: it
+    takes no step and says so (timeout), never a score from its initial state."""
+    model_dir = sorted((trojai_rounds["r4"] / "models").iterdir())[0]
+    config = _config(tmp_path, {"seed": 0, "detectors": {
+        "nc": {"params": {"steps": 100000, "early_stop_patience": 100000}},
+        "mmbd": {"preset": "small"}}})
+    p, proc, _ = _detect(model_dir / "model.pt", model_dir / "clean_example_data", tmp_path,
+                         "--allow-pickle", "--config", config, "--time-budget", "40")
+    record = json.loads((tmp_path / "scratch" / "xray-detect.json").read_text())
+    nc, mmbd = record["detectors"]["nc"], record["detectors"]["mmbd"]
+    assert nc["status"] == "ok" and nc["stats"]["stopped_early"] and nc["stats"]["steps"] > 0
+    assert mmbd["status"] == "timeout" and mmbd["score"] is None, mmbd
+    assert proc.returncode == 0 and 0.0 <= p <= 1.0

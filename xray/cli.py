@@ -124,21 +124,27 @@ def mntd() -> None:
               "validation loss (auc_loss); the first best AUC (auc: the reference); the last.")
 @click.option("--threads", type=int, default=None,
               help="torch threads while training (default: torch's; 1 is fastest for small CNNs).")
+@click.option("--time-limit", type=float, default=None, metavar="SECONDS",
+              help="Stop training after this long with the best epoch so far (recorded in the "
+              "artifact as stopped_early).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_fail_cleanly
 def mntd_train(shadow: str, out: str | None, epochs: int, repeats: int, seed: int,
                no_query_tuning: bool, device: str, select: str, threads: int | None,
-               quiet: bool) -> None:
+               time_limit: float | None, quiet: bool) -> None:
     """Train MNTD's meta-classifier on a shadow round and write the artifact the `mntd` detector
     loads (detector parameter `artifact`)."""
     from xray.detectors.mntd import train_meta_classifier
 
     result = train_meta_classifier(shadow, out, epochs=epochs, repeats=repeats, seed=seed,
                                    query_tuning=not no_query_tuning, device=device,
-                                   select=select, threads=threads, show_progress=not quiet)
+                                   select=select, threads=threads, show_progress=not quiet,
+                                   time_limit_s=time_limit)
     click.echo(f"meta-classifier {result.artifact_uri}: {result.n_train} training / "
                f"{result.n_val} validation shadow models, best epoch {result.best_epoch + 1}, "
-               f"validation AUC {result.best_val_auc:.3f}")
+               f"validation AUC {result.best_val_auc:.3f}"
+               + (" (stopped early by --time-limit)"
+                  if result.info["training"]["stopped_early"] else ""))
 
 
 # ---------------------------------------------------------------- scan

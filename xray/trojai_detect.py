@@ -20,11 +20,15 @@ entrypoint"). Guarantees:
   appending each detector's result to S/progress.jsonl as it finishes. TrojAI's model.pt files
   are whole-module pickles (they run code when loaded): they load only with --allow-pickle
   (the container entrypoint passes it: the container is the sandbox).
+* S/xray-detect.json says what ran: per configured detector its status (ok; error or timeout
+  with the reason; timeout also for a detector the budget never reached), score, seconds and
+  stats (the optimising detectors' `steps` among them), and how the probability came about.
 * Temporary files go to S only: the job file and the progress file, and the worker runs with
   TMPDIR / TMP / TEMP, XDG_CACHE_HOME, MPLCONFIGDIR and TORCH_HOME pointing into S.
 * --time-budget (default 600 s, the harness's per-model allowance) is counted from the start of
-  this process. The worker is given the deadline (ctx.deadline for detectors that can stop
-  early) and is killed MARGIN before it; R then holds the estimate from the detectors that
+  this process. The worker is killed `margin` before its end; each detector is given what is
+  left until then, less xray.scan.stop_margin, as ctx.deadline (seconds left), so a detector
+  that loops stops with what it has before the kill; R then holds the estimate from the detectors that
   finished (through the calibrator, which treats the others as missing, or the default map),
   else 0.5.
 
@@ -60,7 +64,7 @@ DEFAULT_BUDGET = 600.0
 FALLBACK = 0.5
 MIN_BUDGET = 2.0
 DEFAULT_CONFIG: dict[str, Any] = {"seed": 0, "detectors": {"modelxray": {"preset": "small"}}}
-JOB_FILE, PROGRESS_FILE = "job.json", "progress.jsonl"
+JOB_FILE, PROGRESS_FILE, RECORD_FILE = "job.json", "progress.jsonl", "xray-detect.json"
 ROUNDS = ("r1", "r2", "r3", "r4")
 
 
@@ -107,22 +111,57 @@ def _has_examples(folder: str) -> bool:
     return any(pattern.match(n) for n in os.listdir(folder))
 
 
-def _read_progress(path: str) -> tuple[dict[str, Any], list[str], int | None]:
-    results, errors, k = {}, [], None
+def _read_progress(path: str) -> tuple[dict[str, Any], list[str], int | None,
+                                        dict[str, dict[str, Any]], list[str]]:
+    """(results of the detectors that finished, error messages, class count, per-detector
+    records {name: {status, score, seconds, stats, error}} of every detector that ended, the
+    detectors the worker planned to run)."""
+    results, errors, k, records, planned = {}, [], None, {}, []
     if not os.path.exists(path):
-        return results, errors, k
+        return results, errors, k, records, planned
     with open(path) as f:
         for line in f:
             try:
                 event = json.loads(line)
             except ValueError:
                 continue  # a line cut short by the kill
-            if event.get("event") == "result":
+            if event.get("event") == "plan":
+                planned = list(event["detectors"])
+            elif event.get("event") == "result":
                 results[event["detector"]] = {"score": event["score"], "stats": event["stats"]}
                 k = event.get("num_classes", k)
+                records[event["detector"]] = {
+                    "status": "ok", "score": event["score"], "seconds": event.get("seconds"),
+                    "stats": event["stats"], "error": None}
             elif event.get("event") in ("error", "detector_error"):
                 errors.append(event["message"])
-    return results, errors, k
+                if event.get("detector"):
+                    records[event["detector"]] = {
+                        "status": event.get("status", "error"), "score": None,
+                        "seconds": event.get("seconds"), "stats": {},
+                        "error": event["message"]}
+    return results, errors, k, records, planned
+
+
+def _write_record(scratch: str, planned: list[str], records: dict[str, Any],
+                  outcome: "Outcome", timed_out: bool) -> None:
+    """S/xray-detect.json: what ran and how the probability came about (see module docstring).
+    A planned detector that never ended is a timeout when the budget ran out, else an error (the
+    worker died). Written to a temporary name and renamed: a reader never sees half a file."""
+    from xray.scan import _json_safe
+
+    detectors = {}
+    for name in planned + [n for n in records if n not in planned]:
+        detectors[name] = records.get(name) or {
+            "status": "timeout" if timed_out else "error", "score": None, "seconds": None,
+            "stats": {}, "error": "not finished within the time budget" if timed_out
+            else "the worker stopped before this detector ended"}
+    body = {"probability": outcome.probability, "estimated": outcome.estimated,
+            "reason": outcome.reason, "seconds": outcome.seconds, "detectors": detectors}
+    path = os.path.join(scratch, RECORD_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(_json_safe(body), f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -189,11 +228,12 @@ def detect(model_filepath: str, result_filepath: str, scratch_dirpath: str,
     progress = os.path.join(scratch, PROGRESS_FILE)
     if os.path.exists(progress):
         os.remove(progress)
+    kill_at = deadline - margin(time_budget)  # monotonic time at which the worker is stopped
     job = {"model_filepath": os.path.abspath(model_filepath),
            "examples_dirpath": os.path.abspath(examples_dirpath), "scratch": scratch,
            "format": fmt, "allow_pickle": bool(allow_pickle), "round": round, "device": device,
-           "config": scan_config, "deadline_epoch": time.time() + (deadline - time.monotonic()),
-           "progress": progress}
+           "config": scan_config, "kill_epoch": time.time() + (kill_at - time.monotonic()),
+           "time_budget": float(time_budget), "progress": progress}
     job_path = os.path.join(scratch, JOB_FILE)
     with open(job_path, "w") as f:
         json.dump(job, f)
@@ -210,14 +250,19 @@ def detect(model_filepath: str, result_filepath: str, scratch_dirpath: str,
     importer.start()
     timed_out = False
     try:
-        proc.wait(timeout=max(0.0, deadline - margin(time_budget) - time.monotonic()))
+        proc.wait(timeout=max(0.0, kill_at - time.monotonic()))
     except subprocess.TimeoutExpired:
         timed_out = True
         _stop(proc)
     except BaseException:
         _stop(proc)
         raise
-    results, errors, k = _read_progress(progress)
+    results, errors, k, records, planned = _read_progress(progress)
+
+    def finish(outcome: Outcome) -> Outcome:
+        _write_record(scratch, planned, records, outcome, timed_out)
+        return outcome
+
     why = "; ".join(errors[:3])
     if timed_out:
         why = (f"time budget of {time_budget:g} s ran out after {len(results)} detector(s)"
@@ -225,10 +270,10 @@ def detect(model_filepath: str, result_filepath: str, scratch_dirpath: str,
     elif proc.returncode != 0 and not errors:
         why = f"the worker process exited with status {proc.returncode}"
     if not results:
-        return fallback(why or "no detector produced a result", results)
+        return finish(fallback(why or "no detector produced a result", results))
     importer.join(timeout=max(0.0, deadline - time.monotonic()))
     if importer.is_alive():
-        return fallback("time budget ran out while loading the combiner", results)
+        return finish(fallback("time budget ran out while loading the combiner", results))
     from xray.reduce.calibrate import Calibrator, default_combined
 
     cal = None
@@ -236,7 +281,7 @@ def detect(model_filepath: str, result_filepath: str, scratch_dirpath: str,
         try:
             cal = Calibrator.from_dict(cal_dict, calibrator)
         except (ValueError, KeyError, TypeError) as e:
-            return fallback(f"calibrator {calibrator}: {e}", results)
+            return finish(fallback(f"calibrator {calibrator}: {e}", results))
     if cal is not None:
         p, how = cal.predict_results(results, k), f"calibrator {cal.id}"
     else:
@@ -245,7 +290,7 @@ def detect(model_filepath: str, result_filepath: str, scratch_dirpath: str,
     p = float(min(1.0, max(0.0, p))) if math.isfinite(p) else FALLBACK
     _write_result(result_filepath, p)
     reason = how + (f"; partial: {why}" if why else "")
-    return Outcome(p, True, reason, results, time.monotonic() - started)
+    return finish(Outcome(p, True, reason, results, time.monotonic() - started))
 
 
 def _import_combiner() -> None:
@@ -331,10 +376,10 @@ def worker(job_path: str) -> int:
         import torch
 
         from xray.config import parse_config
-        from xray.detectors.base import ScanContext, ScanData
+        from xray.detectors.base import DeadlinePassed, ScanContext, ScanData
         from xray.io.examples import load_examples
         from xray.io.model_loading import load_model
-        from xray.scan import resolve_device
+        from xray.scan import resolve_device, stop_margin
 
         config = parse_config(job["config"], source="trojai-detect config")
         device = resolve_device(job["device"] or config.device)
@@ -351,15 +396,19 @@ def worker(job_path: str) -> int:
         return 1
     data = ScanData(x=x.to(device), y=y.to(device), num_classes=k, mean=tuple(record.mean),
                     std=tuple(record.std))
+    _emit(progress, {"event": "plan", "detectors": [d.name for d in detectors]})
+    stop_early_by = stop_margin(job["time_budget"])
     for detector in detectors:
         ctx = ScanContext(device=device, seed=config.seed,
                           logger=logging.getLogger(f"xray.detector.{detector.name}"),
-                          deadline=max(0.0, job["deadline_epoch"] - time.time()))
+                          deadline=job["kill_epoch"] - time.time() - stop_early_by)
         started = time.perf_counter()
         try:
             result = detector.score(model, data, ctx)
         except Exception as err:
-            _emit(progress, {"event": "detector_error",
+            _emit(progress, {"event": "detector_error", "detector": detector.name,
+                             "status": "timeout" if isinstance(err, DeadlinePassed) else "error",
+                             "seconds": time.perf_counter() - started,
                              "message": f"{detector.name}: {type(err).__name__}: {err}"})
             continue
         _emit(progress, {"event": "result", "detector": detector.name, "score": result.score,

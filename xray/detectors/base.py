@@ -6,13 +6,14 @@ device, the seed and a logger. It never sees ground truth, never reads storage, 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Iterator, Protocol
 
 import torch
 
@@ -134,6 +135,20 @@ class Detector(Protocol):
     def __init__(self, params: Any) -> None: ...
 
     def score(self, model: torch.nn.Module, data: ScanData, ctx: ScanContext) -> DetectorResult: ...
+
+
+@contextlib.contextmanager
+def eval_mode(*models: torch.nn.Module) -> Iterator[None]:
+    """models in eval mode for the scan; every submodule's own mode is restored after (a
+    detector must leave the model as it found it)."""
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def params_hash(name: str, version: str, params: Any) -> str:

@@ -7,13 +7,17 @@ shared/specs/exray.md "Model-level score".
 
     result = upstream.score(model, data, ctx)           # candidates in artifacts["candidates"]
     selected = the candidates the upstream itself reports (ABS: kept (flip >= keep_flip);
-               NC: labels flagged by the MAD test; K-Arm: its trojaned arms, else all)
+               NC: labels flagged by the MAD test; K-Arm: the arms it calls trojaned,
+               candidate.stats["trojaned"]; none when K-Arm calls the model benign)
     tested = selected with REASR >= run_bound           # default 0.9 (r3); ref 0.99
     EX-RAY (exray.py) on all tested candidates at once; natural -> that candidate's score 0
     score = max surviving REASR over selected candidates (0 if none): a probability, not 0/1
 
 Every trigger row carries the upstream's columns plus exray_tested, exray_score and, when
 tested, EX-RAY's verdict (exray_natural, exray_clause), s1, s2 and the four accuracies.
+stats["steps"] = the upstream's optimisation steps + EX-RAY's mask steps (proof of work);
+stats["stopped_early"] when the model's deadline cut either short (EX-RAY then keeps the
+triggers it could not examine, verdict "deadline").
 
 Params: the upstream's own fields (same names, same defaults), EX-RAY's fields prefixed
 "exray_", and run_bound / upstream_selection; presets merge the upstream's and EX-RAY's ("r3"
@@ -68,7 +72,7 @@ def selected(upstream_name: str, candidate: Any, result: DetectorResult) -> bool
     """Whether the upstream scanner itself reports this candidate (see module docstring)."""
     if upstream_name == "nc":
         return int(candidate.target) in set(result.stats.get("flagged", []))
-    if upstream_name == "karm" and "trojaned" in candidate.stats:
+    if upstream_name == "karm":  # K-Arm marks each arm; a missing mark is a bug, not "all"
         return bool(candidate.stats["trojaned"])
     return bool(candidate.stats.get("kept", True))
 
@@ -102,6 +106,7 @@ class Composed:
         verdicts = self.exray.examine(model, data, [cands[i] for i in tested], ctx) \
             if tested else []
         exray_seconds = time.perf_counter() - started
+        exray_steps = sum(int(v.stats.get("steps", 0)) for v in verdicts)
         verdict_of = dict(zip(tested, verdicts))
         rows, scores = [], []
         for i, c in enumerate(cands):
@@ -122,6 +127,10 @@ class Composed:
                  "pruned": sum(v.natural for v in verdicts),
                  "survivors": sum(1 for s, _ in scores if s >= p.run_bound),
                  "clauses": sorted({v.clause for v in verdicts}),
+                 "steps": int(result.stats["steps"]) + exray_steps,
+                 "exray_steps": exray_steps,
+                 "stopped_early": bool(result.stats.get("stopped_early"))
+                 or any(v.stats.get("stopped_early") for v in verdicts),
                  "exray_seconds": exray_seconds,
                  "exray_seconds_per_trigger": exray_seconds / len(tested) if tested else 0.0,
                  "best_reasr_upstream": max((float(c.reasr) for c, ok in zip(cands, chosen)

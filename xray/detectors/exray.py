@@ -9,7 +9,9 @@ naiyeleo/ABS TrojAI_competition/round3/abs_pytorch1_color_simple_filter4_10_5_de
 
 An upstream scanner (NC / ABS / K-Arm, composed.py) gives a trigger t flipping victim V to
 target T. At an inner layer (xray.models.layers.split_model: h = input -> layer, g = the rest)
-EX-RAY learns two channel masks, m = tanh(theta)/2 + 0.5 per channel, theta init 4:
+EX-RAY learns two channel masks, m = tanh(theta)/2 + 0.5 per channel, theta init 4, on the
+features relu(h(x)) (ref: F.relu on the inner outputs of V, V+t and T; it matters where the split
+output can be negative: PreActResNet layer3, VGG-BN, DenseNet, MobileNetV2):
 
     m1 on (A = V, B = T)       the channels that carry "T rather than V" in natural images
     m2 on (A = V, B = V+t)     the channels the trigger changes
@@ -48,6 +50,9 @@ Deviations, each on purpose:
     meets base by construction and would make every trigger look natural (s ~ 1) (inferred:
     the ref's abort when no mask qualifies can only happen this way).
   - No mask qualifies (the ref aborts): the trigger is kept unpruned, verdict "no_mask", logged.
+  - The model's deadline (ctx.expired, asked before each epoch) ends the epochs early: the masks
+    are the best so far (stats stopped_early, steps); none yet -> kept unpruned, verdict
+    "deadline" (the ref has no time limit).
   - alpha: the ref's fixed logit weight w = 10; the paper's alpha (0.1) weights a cross-entropy
     that the ref does not use. `alpha` is the ref's w; the r3 schedule doubles it when the best
     has not improved for `weight_patience` epochs (at most every `weight_patience` epochs).
@@ -64,9 +69,10 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from xray.detectors.base import ScanContext, ScanData
 from xray.detectors.inversion.core import BatchedAdam, TriggerCandidate, eval_mode
@@ -134,18 +140,22 @@ class MaskResult:
     best_epoch: list[int]
     weights: list[float]
     forwards: int = 0
+    steps: list[int] = field(default_factory=list)  # Adam steps per row (proof of work)
+    stopped_early: bool = False  # the model's deadline ended the epochs
 
 
 def optimise_masks(g: torch.nn.Module, a_feats: Sequence[torch.Tensor],
                    b_feats: Sequence[torch.Tensor], a_labels: Sequence[int],
                    b_labels: Sequence[int], params: Any,
-                   generators: Sequence[torch.Generator]) -> MaskResult:
+                   generators: Sequence[torch.Generator],
+                   expired: Callable[[], bool] | None = None) -> MaskResult:
     """Optimise one channel mask per row r on the pairs (A_r[i], B_r[i]) (spec "Masks").
 
     a_feats[r], b_feats[r]: (n_r, C, ...) features h(A), h(B) of equal length n_r; a_labels[r]
     (V) and b_labels[r] (T); generators[r] draws row r's permutation each epoch. All rows step
     together: one g forward per minibatch index; a row's trajectory does not depend on the
-    other rows.
+    other rows. `expired()` (the model's deadline) is asked before each epoch: the masks are
+    then the best found so far (stopped_early).
     """
     p = params
     rows = len(a_feats)
@@ -176,8 +186,13 @@ def optimise_masks(g: torch.nn.Module, a_feats: Sequence[torch.Tensor],
     last_improve = [0] * rows
     last_double = [0] * rows
     forwards = 0
+    steps = torch.zeros(rows, dtype=torch.long, device=dev)
+    stopped_early = False
     ridx = torch.arange(rows, device=dev)
     for epoch in range(int(p.epochs)):
+        if expired is not None and expired():
+            stopped_early = True
+            break
         perms = [torch.randperm(n, generator=gen).to(dev) for n, gen in zip(ns, generators)]
         last_f = torch.zeros(rows, device=dev)
         last_b = torch.zeros(rows, device=dev)
@@ -229,6 +244,7 @@ def optimise_masks(g: torch.nn.Module, a_feats: Sequence[torch.Tensor],
             if epoch > 0:  # epoch 0: forward only (ref)
                 (grad,) = torch.autograd.grad((loss * live).sum(), [leaf])
                 adam.step([grad], live)
+                steps += live.long()
         with torch.no_grad():
             if epoch == 0:
                 base_f, base_b = last_f.clone(), last_b.clone()
@@ -245,7 +261,8 @@ def optimise_masks(g: torch.nn.Module, a_feats: Sequence[torch.Tensor],
     masks = [None if best_epoch[r] < 0 else best_mask[r].clone() for r in range(rows)]
     return MaskResult(masks=masks, sums=[float(s) for s in best_sum.tolist()],
                       base_f=base_f.tolist(), base_b=base_b.tolist(), best_epoch=best_epoch,
-                      weights=weight.tolist(), forwards=forwards)
+                      weights=weight.tolist(), forwards=forwards, steps=steps.tolist(),
+                      stopped_early=stopped_early)
 
 
 def _take_best(rows, sums, acc_f, acc_b, base_f, base_b, best_sum, best_mask, masks,
@@ -407,8 +424,8 @@ class ExRay:
                 if pair is None:
                     out[i] = Verdict(False, "no_images", stats={"layer": layer_name})
                     continue
-                with torch.no_grad():
-                    bb, tb, bo = (h(pair.x_v), h(pair.x_vt), h(pair.x_t))
+                with torch.no_grad():  # relu as the ref: split outputs may be pre-activation
+                    bb, tb, bo = (F.relu(h(pair.x_v)), F.relu(h(pair.x_vt)), F.relu(h(pair.x_t)))
                 jobs.append((i, cand, pair, bb, tb, bo))
             if jobs:
                 # rows 2k: m1 (A = V, B = T); rows 2k + 1: m2 (A = V, B = V+t)
@@ -420,7 +437,7 @@ class ExRay:
                 # same masks examined alone or with others
                 gens = [ctx.generator(f"exray/perm/{cand.kind}/{pair.victim}/{pair.target}/{m}")
                         for _, cand, pair, *_ in jobs for m in ("m1", "m2")]
-                res = optimise_masks(g, a_feats, b_feats, a_lab, b_lab, p, gens)
+                res = optimise_masks(g, a_feats, b_feats, a_lab, b_lab, p, gens, ctx.expired)
                 seconds = (time.perf_counter() - started) / len(jobs)
                 for k, (i, cand, pair, bb, tb, bo) in enumerate(jobs):
                     out[i] = self._verdict(g, cand, pair, bb, tb, bo, res, 2 * k, layer_name,
@@ -436,7 +453,12 @@ class ExRay:
                  "m1_best_epoch": res.best_epoch[r], "m2_best_epoch": res.best_epoch[r + 1],
                  "base_m1": [res.base_f[r], res.base_b[r]],
                  "base_m2": [res.base_f[r + 1], res.base_b[r + 1]],
-                 "channels": int(bb.shape[1])}
+                 "channels": int(bb.shape[1]), "steps": res.steps[r] + res.steps[r + 1],
+                 "stopped_early": res.stopped_early}
+        if (m1 is None or m2 is None) and res.stopped_early:
+            ctx.logger.info("exray: the deadline came before a mask met base for trigger %s -> "
+                            "%s; kept unpruned", pair.victim, pair.target)
+            return Verdict(False, "deadline", pair.victim, pair.target, stats=stats)
         if m1 is None or m2 is None:
             ctx.logger.info("exray: no mask met base for trigger %s -> %s (m1 %s, m2 %s); "
                             "kept unpruned", pair.victim, pair.target, m1 is not None,

@@ -37,6 +37,9 @@ Deviations from the reference code, each on purpose:
   - Batched over classes with per-class stopping, as above (reference: one class at a time).
   - A gamma fit that raises, returns non-finite parameters, or has fewer than 3 null points
     gives p = 1 with the reason in stats["fit_error"] (the reference would crash or print nan).
+  - The model's deadline (ctx.deadline, seconds left) ends the ascent early: the margins of the
+    last step are used and stats["stopped_early"] says so; no step at all -> DeadlinePassed.
+    stats["steps"] is the total step count over classes (per class in steps_per_class).
   - The "small" preset (CPU tests) uses fewer starts and steps and a larger step (lr 0.1);
     "reference" is the published budget (30 starts, 300 steps, lr 0.01).
 """
@@ -51,7 +54,8 @@ import numpy as np
 import torch
 
 from xray.detectors import register
-from xray.detectors.base import DetectorResult, ScanContext, ScanData
+from xray.detectors.base import (DetectorResult, ScanContext, ScanData, eval_mode,
+                                 require_steps)
 
 
 @dataclass(frozen=True)
@@ -81,22 +85,22 @@ class MMBD:
         p = self.params
         k = int(data.num_classes)
         shape = tuple(int(s) for s in data.x.shape[1:])
-        modes = {m: m.training for m in model.modules()}
-        model.eval()
-        try:
-            margins, steps = maximise_margins(model, k, shape, p, ctx)
-        finally:
-            for m, mode in modes.items():
-                m.train(mode)
+        ctx.require_time(self.name)
+        with eval_mode(model):
+            margins, steps, stopped_early = maximise_margins(model, k, shape, p, ctx)
         stats = null_test(margins, p.alpha)
-        stats["steps"] = steps
+        stats["steps"] = require_steps(self.name, sum(steps), ctx)
+        stats["steps_per_class"] = steps
+        stats["stopped_early"] = stopped_early
         stats["starts"] = p.starts
         return DetectorResult(score=1.0 - stats["p_value"], target=stats["target"], stats=stats)
 
 
 def maximise_margins(model: torch.nn.Module, k: int, shape: tuple[int, ...], p: Params,
-                     ctx: ScanContext) -> tuple[list[float], list[int]]:
-    """r_t for every class t (max margin over its starts) and each class's step count."""
+                     ctx: ScanContext) -> tuple[list[float], list[int], bool]:
+    """r_t for every class t (max margin over its starts), each class's step count, and whether
+    the model's deadline (ctx.expired, asked before each step) stopped the ascent early. Every
+    step moves every active class, so one step taken means every class has a margin."""
     device = ctx.device
     s = p.starts
     x = torch.rand((k * s,) + shape, generator=ctx.generator("mmbd/starts")).to(device)
@@ -122,9 +126,13 @@ def maximise_margins(model: torch.nn.Module, k: int, shape: tuple[int, ...], p: 
             out_g.append(g)
         return torch.cat(out_m), torch.cat(out_g)
 
+    stopped_early = False
     for _ in range(p.max_steps):
         classes = torch.nonzero(active).flatten()
         if len(classes) == 0:
+            break
+        if ctx.expired():
+            stopped_early = True
             break
         rows = (classes.view(-1, 1) * s + torch.arange(s).view(1, -1)).flatten().to(device)
         m, g = margins_and_grad(rows)
@@ -139,7 +147,7 @@ def maximise_margins(model: torch.nn.Module, k: int, shape: tuple[int, ...], p: 
                 active[t] = False
             last_loss[t] = loss[i]
     r = margin_last.view(k, s).max(1).values
-    return [float(v) for v in r], steps
+    return [float(v) for v in r], steps, stopped_early
 
 
 def null_test(r: list[float], alpha: float = 0.05) -> dict[str, Any]:

@@ -88,7 +88,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from xray.detectors import register
-from xray.detectors.base import DetectorResult, ScanContext, ScanData
+from xray.detectors.base import DeadlinePassed, DetectorResult, ScanContext, ScanData
 
 log = logging.getLogger(__name__)
 
@@ -266,13 +266,13 @@ def _shadow_records(shadow_uri: str) -> list[Any]:
     return read_manifest(manifest) if storage.exists(manifest) else read_round_dir(shadow_uri)
 
 
-def measure_query_init(records: list[Any], per_model: int = 1
-                       ) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of the shadow round's clean example images."""
+def measure_query_init(records: list[Any]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the clean example images of all shadow records (each
+    examples folder read once: shadow models usually share one)."""
     from xray.io.examples import load_examples
 
-    xs = [load_examples(r)[0] for r in records[:per_model]]
-    x = torch.cat(xs)
+    by_folder = {r.examples_uri: r for r in records}
+    x = torch.cat([load_examples(r)[0] for r in by_folder.values()])
     return x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).tolist()
 
 
@@ -297,6 +297,7 @@ class MetaFit:
     best_epoch: int
     val_auc: list[list[float]]  # per repeat, per epoch
     val_loss: list[list[float]] = field(default_factory=list)  # per repeat, per epoch
+    stopped_early: bool = False  # time_limit_s ended the training before its epochs
 
 
 def fit_meta_classifier(nets: Sequence[nn.Module], labels: Sequence[int], is_val: Sequence[bool],
@@ -305,14 +306,18 @@ def fit_meta_classifier(nets: Sequence[nn.Module], labels: Sequence[int], is_val
                         epochs: int = 10, lr: float = 1e-3, n_queries: int = 10, hidden: int = 20,
                         query_tuning: bool = True, query_mode: str = "reference",
                         repeats: int = 1, seed: int = 0, select: str = "auc_loss",
-                        device: str = "cpu", show_progress: bool = False) -> MetaFit:
+                        device: str = "cpu", show_progress: bool = False,
+                        time_limit_s: float | None = None) -> MetaFit:
     """Query tuning on in-memory shadow models (ref run_meta.py / utils_meta.epoch_meta_train).
 
     `nets` take pixel-space input on `device`; labels 1 = trojaned; is_val marks the validation
     shadow models that choose the best epoch. select="auc" (ref run_meta.py): strictly higher
     ROC-AUC, the first epoch on ties; "auc_loss" (inferred): ties broken by a lower validation
     BCE loss -- with a few validation models the AUC reaches 1.0 within an epoch or two, and
-    "auc" then keeps a barely trained meta-classifier; "last": the last epoch."""
+    "auc" then keeps a barely trained meta-classifier; "last": the last epoch.
+
+    time_limit_s: asked before each epoch; once passed, training stops with the best epoch so far
+    (MetaFit.stopped_early). No epoch at all in time -> DeadlinePassed."""
     if select not in ("auc", "auc_loss", "last"):
         raise ValueError(f"unknown select {select!r} (auc | auc_loss | last)")
     from xray.progress import Progress
@@ -328,7 +333,12 @@ def fit_meta_classifier(nets: Sequence[nn.Module], labels: Sequence[int], is_val
     best: tuple[float, float, int, int, dict[str, torch.Tensor]] | None = None
     history: list[list[float]] = []
     losses: list[list[float]] = []
+    clock = ScanContext(deadline=time_limit_s)
+    stopped_early = False
     for repeat in range(repeats):
+        if clock.expired():
+            stopped_early = True
+            break
         gen = torch.Generator().manual_seed(seed * 1000 + repeat)
         torch.manual_seed(seed * 1000 + repeat)  # FC initialisation and dropout draws
         meta = MetaClassifier(input_shape, num_classes, n_queries, hidden)
@@ -342,6 +352,9 @@ def fit_meta_classifier(nets: Sequence[nn.Module], labels: Sequence[int], is_val
         with Progress(epochs, f"mntd meta-train (repeat {repeat + 1}/{repeats})",
                       disable=not show_progress) as bar:
             for epoch in range(epochs):
+                if clock.expired():
+                    stopped_early = True
+                    break
                 meta.train()
                 for i in order_rng.permutation(train_idx):
                     with _mode(nets[i], modes[i]):
@@ -369,10 +382,12 @@ def fit_meta_classifier(nets: Sequence[nn.Module], labels: Sequence[int], is_val
                 bar.update(ok=True)
         history.append(aucs)
         losses.append(val_losses)
-    assert best is not None
+    if best is None:
+        raise DeadlinePassed(f"mntd meta-training: the time limit of {time_limit_s:g} s ran out "
+                             "before the first epoch")
     meta = MetaClassifier(input_shape, num_classes, n_queries, hidden)
     meta.load_state_dict(best[4])
-    return MetaFit(meta, best[0], best[2], best[3], history, losses)
+    return MetaFit(meta, best[0], best[2], best[3], history, losses, stopped_early)
 
 
 def _better(select: str, auc: float, loss: float, best: tuple | None) -> bool:
@@ -390,7 +405,8 @@ def train_meta_classifier(shadow_uri: str, out_uri: str | None = None, *, epochs
                           query_mean: Sequence[float] | None = None,
                           query_std: Sequence[float] | None = None, select: str = "auc_loss",
                           device: str = "cpu", threads: int | None = None,
-                          show_progress: bool = True) -> MetaTrainResult:
+                          show_progress: bool = True,
+                          time_limit_s: float | None = None) -> MetaTrainResult:
     """Train MNTD's meta-classifier on the shadow round at `shadow_uri` and write the artifact to
     `out_uri` (default <shadow_uri>/mntd_meta). Labels: the records' ground truth (poisoned).
 
@@ -430,7 +446,8 @@ def train_meta_classifier(shadow_uri: str, out_uri: str | None = None, *, epochs
                 nets, labels, is_val, input_shape, num_classes, query_mean=query_mean,
                 query_std=query_std, epochs=epochs, lr=lr, n_queries=n_queries, hidden=hidden,
                 query_tuning=query_tuning, query_mode=query_mode, repeats=repeats, seed=seed,
-                select=select, device=device, show_progress=show_progress)
+                select=select, device=device, show_progress=show_progress,
+                time_limit_s=time_limit_s)
         except ValueError as e:
             raise ValueError(f"{shadow_uri}: {e}") from None
     shadow_digest = None
@@ -444,7 +461,9 @@ def train_meta_classifier(shadow_uri: str, out_uri: str | None = None, *, epochs
         "query_mode": query_mode, "query_init": {"mean": list(query_mean),
                                                  "std": list(query_std)},
         "training": {"epochs": epochs, "lr": lr, "optimizer": "adam", "repeats": repeats,
-                     "seed": seed, "val_fraction": val_fraction, "select": select},
+                     "seed": seed, "val_fraction": val_fraction, "select": select,
+                     "time_limit_s": time_limit_s, "stopped_early": fit.stopped_early,
+                     "epochs_done": [len(a) for a in fit.val_auc]},
         "best": {"repeat": fit.best_repeat, "epoch": fit.best_epoch, "val_auc": fit.best_val_auc},
         "val_auc": fit.val_auc,
         "val_loss": fit.val_loss,

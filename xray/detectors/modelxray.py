@@ -69,7 +69,7 @@ import numpy as np
 import torch
 
 from xray.detectors import register
-from xray.detectors.base import DetectorResult, ScanContext, ScanData
+from xray.detectors.base import DetectorResult, ScanContext, ScanData, eval_mode
 
 # Paper thresholds (Su et al. 2024; eta 5, R 100, alpha 10, T 0.5). Lower RE / ATS = suspicious.
 PUBLISHED_RE_THRESHOLDS = {"cifar10": 0.873, "gtsrb": 2.040, "cifar100": 1.194}
@@ -248,6 +248,7 @@ def predict_planes(model: torch.nn.Module, data: ScanData, planes: Sequence[Plan
     return preds.view(len(planes), r, r).numpy()
 
 
+@torch.inference_mode()
 def predict_planes_stacked(models: Sequence[torch.nn.Module], datas: Sequence[ScanData],
                            planes: Sequence[Sequence[Plane]], batch_size: int | None,
                            device: torch.device | str) -> list[np.ndarray]:
@@ -402,13 +403,8 @@ class ModelXray:
         p = self.params
         planes = draw_planes(data, p.num_planes, p.resolution, p.eta,
                              ctx.generator("modelxray/triplets"))
-        modes = [(m, m.training) for m in model.modules()]
-        model.eval()
-        try:
+        with eval_mode(model):
             grids = predict_planes(model, data, planes, p.batch_size, ctx.device)
-        finally:
-            for m, training in modes:
-                m.training = training
         return summarise(grids, planes, data.num_classes, p, ctx.seed)
 
     def score_stack(self, models: Sequence[torch.nn.Module], datas: Sequence[ScanData],
@@ -418,9 +414,8 @@ class ModelXray:
         p = self.params
         planes = [draw_planes(d, p.num_planes, p.resolution, p.eta,
                               ctx.generator("modelxray/triplets")) for d in datas]
-        for m in models:
-            m.eval()
-        grids = predict_planes_stacked(models, datas, planes, p.batch_size, ctx.device)
+        with eval_mode(*models):
+            grids = predict_planes_stacked(models, datas, planes, p.batch_size, ctx.device)
         return [summarise(g, pl, d.num_classes, p, ctx.seed)
                 for g, pl, d in zip(grids, planes, datas)]
 
