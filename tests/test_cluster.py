@@ -90,3 +90,29 @@ def test_time_limit_gives_timeout_rows(two_nodes, tiny_round, tmp_path):
     _one_row_per_key(scores)
     assert (scores["status"] == "timeout").all()
     assert scores["error"].str.contains("time limit").all()
+
+
+def test_time_limit_reaches_detectors_so_they_stop_before_the_kill(two_nodes, tiny_round,
+                                                                 tmp_path):
+    """The runner's per-model time limit is the detectors' ctx.deadline (less a stop margin):
+    an NC with a budget far past the limit stops at it with what it has (an ok row that says
+    stopped_early, with its steps) instead of being killed into a timeout row."""
+    import json
+
+    import pandas as pd
+
+    round_dir, _ = tiny_round
+    manifest = tmp_path / "two.csv"
+    rows = pd.read_csv(round_dir / "manifest.csv").head(2)
+    for column in ("uri", "examples_uri"):  # the round's URIs are relative to its manifest
+        rows[column] = [str(round_dir / v) for v in rows[column]]
+    rows.to_csv(manifest, index=False)
+    limited = parse_config({"seed": 0, "model_time_limit_s": 12.0, "detectors": {"nc": {
+        "params": {"steps": 100000, "early_stop_patience": 100000}}}})
+    out = str(tmp_path / "out")
+    run_scan(str(manifest), out, limited, num_actors=1, show_progress=False)
+    scores = read_table(out, "scores", dedupe=False)
+    assert len(scores) == 2 and (scores["status"] == "ok").all(), scores["error"].tolist()
+    for stats in map(json.loads, scores["stats_json"]):
+        assert stats["stopped_early"] is True and stats["steps"] > 0
+    assert (scores["seconds"] < 12.0).all()

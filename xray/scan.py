@@ -131,8 +131,10 @@ def scan_model(record: ModelRecord, detectors: Sequence[Any], config: ScanConfig
 
 def stop_margin(time_limit: float) -> float:
     """Seconds before the runner's kill at which detectors are told their time is up, so they
-    stop with what they have (and their row is written) instead of being killed."""
-    return min(10.0, max(0.2, 0.05 * time_limit))
+    stop with what they have (and their row is written) instead of being killed. The runner's
+    clock starts when it hands the model over, a little before this process starts on it, and
+    the result still has to travel back: 10% of the limit, 1 s to 30 s."""
+    return min(30.0, max(1.0, 0.1 * time_limit))
 
 
 def _status_of(err: BaseException) -> str:
