@@ -181,3 +181,19 @@ def test_mntd_query_init_measures_every_shadow_examples_folder(tmp_path):
     mean, std = measure_query_init(records)
     assert mean == pytest.approx([0.5, 0.5, 0.5], abs=1e-6)
     assert std == pytest.approx([0.5] * 3, abs=0.01)
+
+
+def test_karm_exray_examines_only_the_arms_karm_calls_trojaned():
+    """karm+exray used to read a mark K-Arm never set and so examined every arm, unconverged ones
+    included; now it takes K-Arm's own trojaned arms (none on a model K-Arm calls benign)."""
+    net, data = _tiny()
+    result = detectors.build("karm+exray", preset="small").score(net, data, ScanContext(seed=0))
+    cands = result.artifacts["candidates"]
+    assert cands, "the tiny net should give K-Arm some arms to try"
+    trojaned = [bool(c.stats["trojaned"]) for c in cands]
+    assert [row["upstream_selected"] for row in result.triggers] == trojaned
+    assert result.stats["selected"] == sum(trojaned)
+    assert sum(trojaned) <= 1 and (sum(trojaned) == 1) == result.stats["upstream"]["trojaned"]
+    if not any(trojaned):
+        assert result.score == 0.0 and result.target is None
+    assert result.stats["steps"] >= result.stats["upstream"]["steps"] > 0
