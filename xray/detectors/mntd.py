@@ -39,9 +39,14 @@ The config hash covers the artifact path, not its content: write a new artifact 
 (stats["artifact_digest"] records which content scored each model).
 
 Deviations from the reference code, each on purpose:
-  - Query initialisation mean / std: per channel, measured on the shadow round's clean example
-    images (inferred; the reference hard-codes MNIST 0.1307 / 0.3081 and CIFAR-10's stats, which
-    those measurements approximate). Overridable (query_mean / query_std).
+  - Query initialisation mean / std: per channel, measured on the clean example images of every
+    shadow record (each examples folder once; it used to be the first record's alone) (inferred;
+    the reference hard-codes MNIST 0.1307 / 0.3081 and CIFAR-10's stats, the statistics of its
+    whole training data, which these measurements approximate). Overridable (query_mean /
+    query_std).
+  - Meta-training time limit (`time_limit_s`, `xray mntd train --time-limit`): asked before each
+    epoch; training then keeps the best epoch so far and the artifact records stopped_early (the
+    reference has none). Scoring is one forward of the queries: no loop, no deadline.
   - Query mode: the reference queries shadow and target models in train() mode (dropout active
     on its CIFAR CNN). query_mode="reference" does that for models without BatchNorm and uses
     eval() for models with BatchNorm (inferred, spec); "train" / "eval" force one. Dropout draws
