@@ -12,7 +12,8 @@ test (mad_outlier_detection.py, plain numpy) was run as written; its cost schedu
 bookkeeping (visualizer.py) was run with the Keras calls stripped, on a fixed sequence of step
 means; both figures are also checked by hand against shared/specs/inversion.md.
 
-Discrepancies with the reference are documented as strict xfails (not fixed here).
+Two discrepancies these tests found (EX-RAY's target on ties, NC's cost after its early stop)
+were fixed in the detectors; the tests now pin the reference's behaviour.
 """
 from __future__ import annotations
 
@@ -461,11 +462,6 @@ class _PixelLabel(nn.Module):
 
 
 @pytest.mark.parametrize("case", sorted(REF_EXRAY_TARGETS))
-@pytest.mark.xfail(strict=True, reason=(
-    "EX-RAY target label on ties: the reference (mask_prune_by_neuron_mask) takes "
-    "np.argmax(np.bincount(tbpreds)), i.e. the SMALLEST label among the most common, and "
-    "np.argsort(bincount)[-2] when that is the victim; xray/detectors/exray.py pairing() takes "
-    "Counter(preds).most_common(), which breaks ties by first occurrence"))
 def test_exray_target_tie_break_matches_reference(case):
     from xray.detectors.exray import pairing
     from xray.detectors.inversion.core import TriggerCandidate
@@ -581,11 +577,6 @@ def test_nc_cost_schedule_and_early_stop_match_reference():
     assert costs[11] == 1e-3 and costs[15] == 2e-3  # by hand, see above
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "NC cost after the early stop: the reference (visualizer.py visualize) breaks out of the "
-    "step BEFORE that step's cost modification; xray/detectors/inversion/core.py "
-    "PatchOptimizer._after_step sets stopped and still calls state.update, so the reported "
-    "cost_final can be one change further (here x2: 0.0113 vs 0.00566)"))
 def test_nc_final_cost_after_early_stop_matches_reference():
     opt = _nc_optimizer()
     _drive(opt)

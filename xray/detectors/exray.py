@@ -35,8 +35,9 @@ cross-validation accuracies (masks swapped between the pairs, all images):
 Data (ref): all clean examples with their true labels, no filtering by prediction. V = the
 label with the highest per-label REASR of t (the candidate's own victim when it has no
 per-label REASR); V+t = t applied to V's images (patch mask binarised, `candidate.apply`);
-T = the majority prediction on V+t, the second most common if that is V (the candidate's
-target when V+t is never flipped (inferred)).
+T = the majority prediction on V+t (ties: the smallest label, np.argmax of the bincount as the
+ref), the second of the bincount's argsort if that is V (the candidate's target when V+t is
+never flipped (inferred)).
 
 Batching: the 2 masks of every candidate of a model are rows of one optimisation; each
 minibatch stacks every row's mixed feature maps (forward and backward mixes) into ONE pass
@@ -67,10 +68,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -309,9 +310,16 @@ def pairing(model: torch.nn.Module, candidate: TriggerCandidate, x: torch.Tensor
                       for i in range(0, len(x_v), batch_size)])
     preds = torch.cat([model(x_vt[i:i + batch_size]).argmax(1)
                        for i in range(0, len(x_vt), batch_size)])
-    common = [lbl for lbl, _ in Counter(preds.tolist()).most_common()]
-    others = [lbl for lbl in common if lbl != victim]
-    target = others[0] if others else int(candidate.target)
+    # ref: np.argmax(np.bincount(preds)) (ties -> the smallest label), the victim -> the
+    # second of np.argsort(bincount); never flipped off V -> the candidate's target (inferred)
+    counts = np.bincount(preds.cpu().numpy())
+    majority = int(np.argmax(counts))
+    if majority != victim:
+        target = majority
+    elif (counts > 0).sum() > 1:
+        target = int(np.argsort(counts)[-2])
+    else:
+        target = int(candidate.target)
     x_t = x[y == target]
     n = min(len(x_v), len(x_t))
     if n == 0:
@@ -319,7 +327,7 @@ def pairing(model: torch.nn.Module, candidate: TriggerCandidate, x: torch.Tensor
     return Pairing(victim, target, x_v[:n], x_vt[:n], x_t[:n],
                    {"n_pairs": n, "victim_reasr": per_label.get(victim, float("nan")),
                     "flip_v": float((preds == target).float().mean()),
-                    "majority_is_victim": bool(common and common[0] == victim)})
+                    "majority_is_victim": majority == victim})
 
 
 def _mix(m: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

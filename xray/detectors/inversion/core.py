@@ -610,7 +610,9 @@ class PatchOptimizer:
                 if (self.state.up_flag[r] and self.state.down_flag[r]
                         and self.early_counter[r] >= self.early_stop_patience):
                     self.stopped[r] = True
-        self.state.update(self.schedule, acc, rows)
+        # NC ref (visualizer.py): the early stop breaks out before that step's cost change
+        going = ~self.stopped[rows]
+        self.state.update(self.schedule, acc[going], rows[going])
         return StepResult(rows, acc, l1, loss, improved)
 
     def run(self, max_steps: int, expired: Callable[[], bool] | None = None) -> bool:
