@@ -1,6 +1,8 @@
 """One contract over the registry (STYLE.md section 8): every detector has frozen, hashable
 Params, gives a finite score on a tiny CPU net, the same score for the same seed, and opens no
-file while scoring. New detectors get these checks for free."""
+file while scoring; an optimising detector proves its work (stats["steps"], an int > 0) and
+refuses to answer when the model's time is already up. New detectors get these checks for
+free."""
 import dataclasses
 import math
 import sys
@@ -9,11 +11,15 @@ import pytest
 import torch
 
 from xray import detectors, models
-from xray.detectors.base import ScanContext, ScanData
+from xray.detectors.base import DeadlinePassed, ScanContext, ScanData
 from xray.io.model_loading import Normalized
 
 # Detectors that cannot be built from defaults alone, and why (checked in their own tests).
 NEEDS_ARTIFACT: dict[str, str] = {}
+# Detectors that optimise (trigger inversion, margin ascent, EX-RAY masks): they report their
+# step count and cannot answer without steps. Model X-ray and MNTD are a fixed number of
+# forward passes (no loop to cut short).
+OPTIMISING = {"nc", "abs", "karm", "nc+exray", "abs+exray", "karm+exray", "mmbd"}
 # Detectors that need a trained artifact: the session fixture giving one for _tiny()'s net.
 ARTIFACT_FIXTURES = {"mntd": "mntd_contract_artifact"}  # tests/_mntd_fixtures.py
 
@@ -76,3 +82,11 @@ def test_detector_contract(name, request):
     assert first.target is None or 0 <= first.target < data.num_classes
     opened = [p for p in map(str, _watching["opened"]) if not _import_machinery(p)]
     assert not opened, f"{name} opened files while scoring: {opened[:3]}"
+    if name in OPTIMISING:
+        steps = first.stats["steps"]
+        assert isinstance(steps, int) and steps > 0, f"{name} steps {steps!r}"
+        assert first.stats["stopped_early"] is False
+        with pytest.raises(DeadlinePassed):
+            detector.score(net, data, ScanContext(seed=3, deadline=0.0))
+    else:
+        assert name in ("modelxray", "mntd"), f"{name}: add it to OPTIMISING or say why not"
