@@ -13,7 +13,8 @@ from xray.reduce import calibrate as C
 from xray.results.schema import SCORES
 
 
-def _rows(n: int = 40, seed: int = 0, drop_b: tuple[int, ...] = ()) -> pd.DataFrame:
+def _rows(n: int = 40, seed: int = 0, drop_b: tuple[int, ...] = (),
+          digest: str = "d") -> pd.DataFrame:
     """Score rows of two detectors on n labelled models: a is informative, b is noise."""
     rng = np.random.default_rng(seed)
     now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -25,7 +26,7 @@ def _rows(n: int = 40, seed: int = 0, drop_b: tuple[int, ...] = ()) -> pd.DataFr
                                                                    "target_label": 3, "seed": 0}),
                 ("b", float(rng.normal(0.0, 1.0)), {})):
             missing = det == "b" and i in drop_b
-            rows.append({"run_id": "r", "model_id": f"id-{i:08d}", "model_digest": "d",
+            rows.append({"run_id": "r", "model_id": f"id-{i:08d}", "model_digest": digest,
                          "detector": det, "detector_version": "1", "config_hash": f"h{det}",
                          "status": "error" if missing else "ok",
                          "error": "boom" if missing else None,
@@ -150,3 +151,104 @@ def test_cli_calibrate_on_a_scanned_round(tiny_scores, tmp_path):
     assert cal.scan_config().detectors[0].params == (("num_planes", 2), ("resolution", 16))
     bad = CliRunner().invoke(main, ["calibrate", str(out), "--train-run", "no-such-run"])
     assert bad.exit_code == 1 and "no scores" in bad.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Leakage: the artifact remembers its training models
+
+
+def test_artifact_remembers_training_models_and_old_ones_still_load(tmp_path):
+    scores = _rows()
+    cal = C.fit(scores)
+    assert cal.training_models == sorted([f"id-{i:08d}", "d"] for i in range(40))
+    again = C.Calibrator.load(cal.save(str(tmp_path / "cal.json")))
+    assert again.training_models == cal.training_models and again.trained_on("id-00000003", "d")
+    # same id, other weights: another model; other id, same digest: another model too
+    assert again.trained_on("id-00000003", "other") is False
+    assert again.trained_on("id-99999999", "d") is False
+    # a format-1 artifact (no list): loads, same id and predictions, with a warning
+    d = json.loads((tmp_path / "cal.json").read_text())
+    old = {k: v for k, v in d.items() if k != "training_models"} | {"format_version": 1}
+    with pytest.warns(C.LeakageUncheckedWarning, match="cannot be checked"):
+        v1 = C.Calibrator.from_dict(old, "old.json")
+    assert v1.id == cal.id and v1.training_models is None
+    assert v1.trained_on("id-00000003", "d") is None
+    v1.refuse_training_models([("id-00000003", "d")])  # cannot tell: nothing to refuse
+    rows = C.combined_rows(scores, v1)
+    assert all(json.loads(v)["trained_on"] is None for v in rows["stats_json"])
+
+
+def test_refusal_names_the_models_and_the_calibrator(tmp_path):
+    cal = C.Calibrator.load(C.fit(_rows()).save(str(tmp_path / "cal.json")))
+    cal.refuse_training_models([("id-00000001", "new-digest"), ("id-00000999", "d")])
+    with pytest.raises(C.TrainingModelError) as err:
+        cal.refuse_training_models([("id-00000001", "d"), ("id-00000002", "d"),
+                                    ("id-00000999", "d")], hint="do something else")
+    text = str(err.value)
+    assert "id-00000001, id-00000002" in text and "id-00000999" not in text
+    assert cal.id in text and "cal.json" in text and "do something else" in text
+    assert isinstance(err.value, ValueError)  # the CLI turns it into one clean line
+
+
+def test_combined_rows_summary_and_report_mark_training_models():
+    from xray.reduce.report import _leakage_warning
+    from xray.reduce.summary import summarize
+
+    train = _rows()
+    cal = C.fit(train)
+    # the training round itself: every combined row marked, summary counts and says so
+    rows = C.combined_rows(train, cal)
+    assert rows["stats_json"].map(C.trained_on_flag).eq(True).all()
+    table = summarize(C.with_combined(train, cal))
+    overall = table[table["group_by"] == "all"].set_index("detector")
+    assert overall.loc["combined", "n_training_models"] == 40
+    assert "training models of calibrator " + cal.id in overall.loc["combined", "notes"]
+    assert overall.loc["a", "n_training_models"] == 0
+    warning = _leakage_warning(table)
+    assert warning.startswith("WARNING") and cal.id in warning and "40 of 40" in warning
+    # other models (same ids, other weights): not marked, no warning
+    fresh = _rows(seed=1, digest="other")
+    assert not C.combined_rows(fresh, cal)["stats_json"].map(C.trained_on_flag).any()
+    table = summarize(C.with_combined(fresh, cal))
+    assert (table["n_training_models"] == 0).all() and _leakage_warning(table) == ""
+    # a corpus holding both: only the training half is counted
+    both = pd.concat([train, fresh.assign(model_id=fresh["model_id"] + "-new")])
+    table = summarize(C.with_combined(both, cal))
+    assert table.set_index(["detector", "group_by"]).loc[("combined", "all"),
+                                                         "n_training_models"] == 40
+
+
+# ---------------------------------------------------------------------------------------------
+# Nested cross-validation: the reported figure is not flattered by the selection
+
+
+def _noise_rows(n: int, k: int, seed: int) -> pd.DataFrame:
+    """n labelled models, k detectors of pure noise."""
+    rng = np.random.default_rng(seed)
+    base = _rows(n=n)
+    base = base[base["detector"] == "a"].drop(columns="detector")
+    parts = [base.assign(detector=f"n{d:02d}", config_hash="h",
+                         score=rng.normal(size=len(base)), stats_json="{}") for d in range(k)]
+    return pd.concat(parts, ignore_index=True)[SCORES.names]
+
+
+def test_nested_figure_is_not_flattered_by_selection_over_noise():
+    chance = np.log(2.0)
+    flattered = []
+    for seed in (1, 2, 3):
+        cal = C.fit(_noise_rows(30, 8, seed))
+        cv = cal.train["cross_validated"]
+        selection_ce = cal.train["selection"][cal.train["model"]]["cross_entropy"]
+        assert cv["nested"] and len(cv["chosen_per_fold"]) == cv["folds"] == 5
+        # the selection's own figure of what it chose is optimistic; the nested one is not
+        assert cv["cross_entropy"] >= selection_ce
+        assert cv["cross_entropy"] >= chance - 0.02
+        flattered.append(selection_ce)
+    assert np.mean(flattered) < chance - 0.01  # there was something to flatter
+
+
+def test_nested_figure_is_still_good_on_informative_data():
+    cal = C.fit(_rows(n=60))
+    cv = cal.train["cross_validated"]
+    assert cv["nested"] and cv["cross_entropy"] < 0.45 and cv["roc_auc"] > 0.85
+    assert "nested, 5 outer folds" in C.describe(cal)

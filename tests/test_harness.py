@@ -111,3 +111,82 @@ def test_score_testset_reuses_a_run_and_reports_combined(tiny_round, tiny_scores
     table = summarize(read_table(str(out), "scores"))
     assert {"modelxray", "combined"} <= set(table["detector"])
     assert "combined" in result.output and "cross_entropy" in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Leakage: a test set holding the calibrator's training models
+
+
+def _records(scores: pd.DataFrame) -> list:
+    from types import SimpleNamespace
+
+    truth = scores.drop_duplicates("model_id")
+    return [SimpleNamespace(model_id=m, poisoned=bool(p))
+            for m, p in zip(truth["model_id"], truth["gt_poisoned"])]
+
+
+def test_testset_refuses_training_models_or_marks_them_with_a_held_out_row():
+    from test_calibrate import _rows
+
+    from xray.reduce import calibrate as C
+    from xray.reduce.harness import HELD_OUT, testset_tables, training_warning
+
+    train = _rows()
+    cal = C.fit(train)
+    fresh = _rows(seed=1, digest="other")  # same ids, other weights: held out
+    fresh = fresh.assign(model_id=fresh["model_id"] + "-new")
+    corpus = pd.concat([train[train["model_id"] < "id-00000010"], fresh], ignore_index=True)
+    with pytest.raises(C.TrainingModelError, match=rf"calibrator {cal.id} was trained on 10 "):
+        testset_tables(_records(corpus), corpus, cal)
+    # a test set it was not trained on: nothing to mark, no extra row
+    per_model, summary, _ = testset_tables(_records(fresh), fresh, cal)
+    assert not per_model["in_training"].any() and HELD_OUT not in set(summary["detector"])
+    assert training_warning(per_model, cal) is None
+    # a corpus that includes the training round: marked, and the held-out figure beside it
+    per_model, summary, combined = testset_tables(_records(corpus), corpus, cal,
+                                                  allow_training_models=True)
+    trained = per_model["in_training"].eq(True)
+    assert trained.sum() == 10 and set(per_model.loc[trained, "model_id"]) == {
+        f"id-{i:08d}" for i in range(10)}
+    assert combined["stats_json"].map(C.trained_on_flag).sum() == 10
+    rows = summary.set_index("detector")
+    assert (rows["n_training_models"].drop(HELD_OUT) == 10).all()
+    held = per_model[~trained]
+    s = harness_scores(held["target"], held["p_combined"])
+    assert rows.loc[HELD_OUT, "n"] == 40 and rows.loc[HELD_OUT, "n_training_models"] == 0
+    assert rows.loc[HELD_OUT, "cross_entropy"] == pytest.approx(s.cross_entropy)
+    warning = training_warning(per_model, cal)
+    assert "10 of 50" in warning and cal.id in warning and HELD_OUT in warning
+
+
+def test_score_testset_cli_with_a_calibrator_of_the_same_round(tiny_round, tiny_scores,
+                                                               tmp_path):
+    import shutil
+
+    from xray.cli import main
+
+    round_dir, _ = tiny_round
+    src, run_id, rows, _ = tiny_scores
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    artifact = tmp_path / "cal.json"
+    fit = CliRunner().invoke(main, ["calibrate", str(out), "--train-run", run_id,
+                                    "--model", "modelxray", "--artifact", str(artifact)])
+    assert fit.exit_code == 0, fit.output
+    assert "cross-validated (nested" in fit.output
+    args = ["score-testset", str(round_dir), "--out", str(out), "--run", run_id,
+            "--calibrator", str(artifact)]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 1 and "was trained on" in refused.output
+    assert str(artifact) in refused.output and "--allow-training-models" in refused.output
+    assert not (out / "testset").exists()
+    result = CliRunner().invoke(main, [*args, "--allow-training-models"])
+    assert result.exit_code == 0, result.output
+    assert "WARNING" in result.output and "in-sample" in result.output
+    per_model = pd.read_csv(out / "testset" / "per_model.csv")
+    summary = pd.read_csv(out / "testset" / "summary.csv").set_index("detector")
+    assert per_model["in_training"].all() and len(per_model) == len(rows)
+    assert summary.loc["combined", "n_training_models"] == len(rows)
+    assert math.isnan(summary.loc["combined_held_out", "cross_entropy"])
+    assert "every test model" in summary.loc["combined_held_out", "reason"]
+    assert "WARNING" in (out / "testset" / "testset.html").read_text()

@@ -378,7 +378,13 @@ def calibrate(out: str, train_run: str, detectors: str | None, c_value: float | 
     """Fit the combined detector (regularised logistic regression over the detectors' scores
     and statistics, missing scores explicit; feature subset and C chosen by cross-validation)
     on a labelled run and save it as a versioned JSON artifact for `xray score-testset
-    --calibrator` and `xray trojai-detect --calibrator`."""
+    --calibrator` and `xray trojai-detect --calibrator`.
+
+    The printed "cross-validated" CE / ROC-AUC is NESTED: the selection of subset and C is
+    repeated inside each outer fold, so it estimates how the whole procedure does on models it
+    has not seen (the per-candidate "selection CE" lines are optimistic). The artifact lists
+    its training models (id, digest); `xray score-testset` refuses to score them unless
+    --allow-training-models, and marks them when it does."""
     from xray.reduce.calibrate import calibrate as fit_calibrator
     from xray.reduce.calibrate import describe
 
@@ -429,6 +435,10 @@ def trojai_detect(model_filepath: str, result_filepath: str, scratch_dirpath: st
 @click.option("--config", "config_uri", default=None, metavar="FILE",
               help="Scan config YAML (default: the calibrator's training config, else modelxray).")
 @click.option("--calibrator", default=None, metavar="FILE", help="From `xray calibrate`.")
+@click.option("--allow-training-models", is_flag=True,
+              help="Score a corpus that includes the calibrator's training models (same id and "
+                   "digest) instead of refusing it: they are marked (per model in_training, "
+                   "summary n_training_models) and a 'combined_held_out' row scores the others.")
 @click.option("--stack", "stack_size", type=int, default=1, show_default=True,
               help="Send up to this many models of one architecture to an actor together; "
                    "Model X-ray scores a stack in one vmapped pass (use 8-32 on GPUs).")
@@ -439,11 +449,14 @@ def trojai_detect(model_filepath: str, result_filepath: str, scratch_dirpath: st
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_fail_cleanly
 def score_testset(round_dir: str, out: str, run_id: str | None, config_uri: str | None,
-                  calibrator: str | None, stack_size: int, allow_pickle: bool,
-                  actors: int | None, address: str | None, quiet: bool) -> None:
+                  calibrator: str | None, allow_training_models: bool, stack_size: int,
+                  allow_pickle: bool, actors: int | None, address: str | None,
+                  quiet: bool) -> None:
     """Score a test set as the TrojAI harness does: CE (clipped) with its 95% interval, Brier,
     ROC-AUC (rounds 1-4 threshold form and roc_auc_score), missing = 0.5, per detector and for
-    the combined detector. Writes OUT/testset/{per_model.csv,summary.csv,testset.html}."""
+    the combined detector. Writes OUT/testset/{per_model.csv,summary.csv,testset.html}.
+    A test set holding models the calibrator was trained on is refused (its figures would be
+    in-sample) unless --allow-training-models."""
     import dataclasses
 
     from xray.config import load_config
@@ -457,8 +470,9 @@ def score_testset(round_dir: str, out: str, run_id: str | None, config_uri: str 
     result = run_score_testset(round_dir, out, run_id=run_id, config=config, calibrator=cal,
                                scan_kwargs={"num_actors": actors, "address": address,
                                             "show_progress": not quiet,
-                                            "stack_size": stack_size})
-    click.echo(format_summary(result.summary))
+                                            "stack_size": stack_size},
+                               allow_training_models=allow_training_models)
+    click.echo(format_summary(result.summary, result.warning))
     click.echo(f"per model: {result.per_model_uri}\nsummary: {result.summary_uri}\n"
                f"report: {result.html_uri}")
 

@@ -24,10 +24,27 @@ regularisation are ~0.001): with the few dozen labelled models of a round, the f
 overfits and an uninformative detector would push every prediction to a confident mistake, so
 the stacker is never chosen over a single detector, or a single detector over the base rate,
 unless it predicts held-out models better. `model` forces a subset. The selection figures are
-kept in the artifact (train.selection). The fitted numbers (feature names, imputation means,
-scales, coefficients, intercept) are stored as a versioned JSON artifact (FORMAT /
-FORMAT_VERSION), never as a pickle: loading a calibrator runs no code, and `predict` is numpy
-(expit(z @ coef + intercept)), so the trojai-detect driver does not need scikit-learn.
+kept in the artifact (train.selection); they are the minimum over many candidates of figures on
+the very folds that chose them, so they flatter the chosen one.
+
+The reported figure (train.cross_validated, printed by `xray calibrate`) comes from NESTED
+cross-validation: the whole selection above (subset and C, on inner folds) is repeated on the
+training part of each outer fold, and the model it picks is fitted there and scored on the
+held-out outer fold. It estimates how well the *procedure* (select, then fit) predicts models it
+has not seen, which is what the artifact will be used for. Imputation means and standardisation
+are computed once on all models (they do not see the labels).
+
+Leakage: the artifact remembers its training models as (model_id, model_digest) pairs
+(`training_models`). A prediction for one of them is in-sample. `combined_rows` marks such
+rows (stats ``trained_on``), the summary counts them (``n_training_models`` and a note), the
+report warns, and `xray score-testset` refuses a test set holding any unless told to score a
+corpus that includes the training round (then its summary has a held-out row as well).
+Calibrators of format version 1 have no list: they load with a `LeakageUncheckedWarning`.
+
+The fitted numbers (feature names, imputation means, scales, coefficients, intercept) are
+stored as a versioned JSON artifact (FORMAT / FORMAT_VERSION), never as a pickle: loading a
+calibrator runs no code, and `predict` is numpy (expit(z @ coef + intercept)), so the
+trojai-detect driver does not need scikit-learn.
 Probabilities are clipped to `clip` (default [0.01, 0.99]), so one confident mistake costs at
 most ln(100) = 4.6 in cross-entropy.
 
@@ -48,9 +65,9 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import dataclass, field
 import warnings
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -63,7 +80,8 @@ log = logging.getLogger(__name__)
 
 COMBINED = "combined"
 FORMAT = "xray-calibrator"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: training_models (model_id, model_digest) pairs; 1 still loads
+READABLE_VERSIONS = (1, 2)
 STACKER_VERSION = "stacker-1"
 DEFAULT_VERSION = "default-map-1"
 DEFAULT_ORDER = ("modelxray",)
@@ -186,6 +204,15 @@ def detector_probabilities(scores: pd.DataFrame) -> pd.DataFrame:
 # The stacker
 
 
+class LeakageUncheckedWarning(UserWarning):
+    """A calibrator without its training-model list (format version 1): whether it is applied
+    to its own training models cannot be checked."""
+
+
+class TrainingModelError(ValueError):
+    """A calibrator applied to models it was trained on, where that is refused."""
+
+
 @dataclass
 class Calibrator:
     detectors: list[dict[str, str]]       # [{name, version, config_hash}] it was trained on
@@ -200,6 +227,10 @@ class Calibrator:
     scan: dict[str, Any] = field(default_factory=dict)   # the training run's scan config
     train: dict[str, Any] = field(default_factory=dict)  # provenance and fit figures
     created_at: str = ""
+    # [[model_id, model_digest], ...] of every score row it was fitted on; None: unknown (an
+    # artifact of format version 1), so leakage cannot be checked
+    training_models: list[list[str]] | None = None
+    source: str = field(default="", compare=False)  # where it was loaded from (for messages)
 
     # -- identity and storage
     def to_dict(self) -> dict[str, Any]:
@@ -208,7 +239,7 @@ class Calibrator:
                 "impute": self.impute, "mean": self.mean, "scale": self.scale,
                 "coef": self.coef, "intercept": self.intercept, "C": self.C,
                 "clip": list(self.clip), "scan": self.scan, "train": self.train,
-                "created_at": self.created_at}
+                "created_at": self.created_at, "training_models": self.training_models}
 
     @property
     def id(self) -> str:
@@ -224,25 +255,36 @@ class Calibrator:
         return uri
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], source: str = "<calibrator>") -> "Calibrator":
+    def from_dict(cls, d: Mapping[str, Any], source: str = "") -> "Calibrator":
+        where = source or "<calibrator>"
         if d.get("format") != FORMAT:
-            raise ValueError(f"{source}: not an xray calibrator (format {d.get('format')!r})")
-        if d.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{source}: calibrator format version {d.get('format_version')!r}; "
-                             f"this xray reads version {FORMAT_VERSION} "
+            raise ValueError(f"{where}: not an xray calibrator (format {d.get('format')!r})")
+        if d.get("format_version") not in READABLE_VERSIONS:
+            raise ValueError(f"{where}: calibrator format version {d.get('format_version')!r}; "
+                             f"this xray reads versions {list(READABLE_VERSIONS)} "
                              "(refit with xray calibrate)")
         n = len(d["features"])
         if not all(len(d[k]) == n for k in ("impute", "mean", "scale", "coef")):
-            raise ValueError(f"{source}: feature, mean, scale and coefficient lists differ "
+            raise ValueError(f"{where}: feature, mean, scale and coefficient lists differ "
                              "in length")
         cal = cls(detectors=list(d["detectors"]), features=list(d["features"]),
                   impute=[float(v) for v in d["impute"]], mean=[float(v) for v in d["mean"]],
                   scale=[float(v) for v in d["scale"]], coef=[float(v) for v in d["coef"]],
                   intercept=float(d["intercept"]), C=float(d["C"]), clip=tuple(d["clip"]),
                   scan=dict(d.get("scan") or {}), train=dict(d.get("train") or {}),
-                  created_at=str(d.get("created_at", "")))
+                  created_at=str(d.get("created_at", "")), source=source)
         if d.get("id") and d["id"] != cal.id:
-            raise ValueError(f"{source}: the numbers do not match the stored id (edited file?)")
+            raise ValueError(f"{where}: the numbers do not match the stored id (edited file?)")
+        # The training list is provenance, not a fitted number: it is not part of the id, so
+        # version-1 artifacts keep their ids.
+        pairs = d.get("training_models")
+        if pairs is None:
+            warnings.warn(f"calibrator {cal.name} has no list of its training models (format "
+                          f"version {d.get('format_version')}): whether it is applied to the "
+                          "models it was trained on cannot be checked; refit with xray "
+                          "calibrate", LeakageUncheckedWarning, stacklevel=2)
+        else:
+            cal.training_models = [[str(m), str(g)] for m, g in pairs]
         return cal
 
     @classmethod
@@ -252,6 +294,33 @@ class Calibrator:
         except json.JSONDecodeError as e:
             raise ValueError(f"{uri}: not a calibrator JSON file ({e})") from None
         return cls.from_dict(d, uri)
+
+    # -- leakage: is a model one of those it was trained on?
+    @property
+    def name(self) -> str:
+        return f"{self.id} ({self.source})" if self.source else self.id
+
+    def trained_on(self, model_id: str, model_digest: str) -> bool | None:
+        """Whether (model_id, model_digest) is one of its training models (both must match: a
+        reused id with other weights is another model); None when it cannot tell."""
+        if self.training_models is None:
+            return None
+        return [str(model_id), str(model_digest)] in self.training_models
+
+    def training_overlap(self, pairs: Iterable[tuple[str, str]]) -> list[str]:
+        """Sorted model ids among (model_id, model_digest) `pairs` it was trained on."""
+        return sorted({str(m) for m, g in pairs if self.trained_on(m, g)})
+
+    def refuse_training_models(self, pairs: Iterable[tuple[str, str]], hint: str = "") -> None:
+        """Raise TrainingModelError naming the calibrator and the models when any of `pairs`
+        is one of its training models."""
+        ids = self.training_overlap(pairs)
+        if ids:
+            shown = ", ".join(ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+            raise TrainingModelError(
+                f"calibrator {self.name} was trained on {len(ids)} of these models ({shown}): "
+                "its probabilities for them are in-sample, not a held-out figure"
+                + (f"; {hint}" if hint else ""))
 
     # -- prediction
     @property
@@ -328,19 +397,88 @@ def candidate_models(names: Sequence[str], detectors: Sequence[str]) -> dict[str
     return unique
 
 
-def _cv_probabilities(z: np.ndarray, y: np.ndarray, C: float | None, cv) -> np.ndarray:
-    """Held-out P(trojaned) of every model from a logistic regression on z fitted on the other
-    folds (C None, or z without columns: the training folds' base rate)."""
+def _fit_predict(z_train: np.ndarray, y_train: np.ndarray, C: float | None,
+                 z_test: np.ndarray) -> np.ndarray:
+    """P(trojaned) of z_test from a logistic regression fitted on the training rows (C None, or
+    no columns: the training rows' base rate)."""
     from sklearn.linear_model import LogisticRegression
 
+    if C is None or z_train.shape[1] == 0:
+        return np.full(len(z_test), y_train.mean())
+    model = LogisticRegression(C=C, max_iter=2000).fit(z_train, y_train)
+    return model.predict_proba(z_test)[:, 1]
+
+
+def _folds(y: np.ndarray, seed: int):
+    """Stratified k-fold with k = min(5, models per class); None when a class has < 2."""
+    from sklearn.model_selection import StratifiedKFold
+
+    k = min(5, int(y.sum()), int((1 - y).sum()))
+    return StratifiedKFold(n_splits=k, shuffle=True, random_state=seed) if k >= 2 else None
+
+
+def _cv_probabilities(z: np.ndarray, y: np.ndarray, C: float | None, cv) -> np.ndarray:
+    """Held-out P(trojaned) of every model, each from a fit on the other folds."""
     p = np.empty(len(y))
     for train, test in cv.split(z, y):
-        if C is None or z.shape[1] == 0:
-            p[test] = y[train].mean()
-        else:
-            model = LogisticRegression(C=C, max_iter=2000).fit(z[train], y[train])
-            p[test] = model.predict_proba(z[test])[:, 1]
+        p[test] = _fit_predict(z[train], y[train], C, z[test])
     return p
+
+
+@dataclass
+class _Selection:
+    model: str                              # the chosen candidate
+    C: float | None                         # its C (None: the base rate)
+    figures: dict[str, tuple[float, float | None]]  # candidate -> (CV CE at its best C, C)
+    p_cv: np.ndarray | None                 # the chosen candidate's held-out probabilities
+
+
+def _select(z: np.ndarray, y: np.ndarray, candidates: Mapping[str, list[int]],
+            grid: Sequence[float], *, model: str | None, tolerance: float,
+            clip: tuple[float, float], seed: int) -> _Selection:
+    """The model selection (see the module docstring): per candidate its best C by k-fold CE,
+    then the simplest candidate within `tolerance` of the lowest CE. With fewer than 2 models
+    of a class there is nothing to cross-validate: the simplest allowed candidate (`model`, else
+    the base rate) at the first C of `grid`."""
+    from xray.reduce import metrics as M
+
+    cv = _folds(y, seed)
+    if cv is None:
+        name = model or "prior"
+        c = grid[0] if candidates[name] else None
+        return _Selection(name, c, {}, None)
+    # per candidate, at its best C: (cv CE, candidate order, C, held-out probabilities)
+    best: dict[str, tuple] = {}
+    for order, (name, cols) in enumerate(candidates.items()):
+        if model is not None and name != model:
+            continue
+        for c in ([None] if not cols else grid):
+            p = np.clip(_cv_probabilities(z[:, cols], y, c, cv), *clip)
+            ce = M.cross_entropy(y, p).value
+            if name not in best or ce < best[name][0]:
+                best[name] = (ce, order, c, p)
+    lowest = min(t[0] for t in best.values())
+    chosen = min((n for n, t in best.items() if t[0] <= lowest + tolerance),
+                 key=lambda n: best[n][1])
+    return _Selection(chosen, best[chosen][2], {n: (t[0], t[2]) for n, t in best.items()},
+                      best[chosen][3])
+
+
+def _nested_cv(z: np.ndarray, y: np.ndarray, candidates: Mapping[str, list[int]],
+               grid: Sequence[float], *, model: str | None, tolerance: float,
+               clip: tuple[float, float], seed: int) -> tuple[np.ndarray, int, list[str]]:
+    """Held-out probabilities in which every outer fold's model was selected (`_select`, on
+    inner folds) and fitted on the other outer folds only, so the selection cannot flatter
+    them. Returns (probabilities, outer folds, the candidate chosen in each outer fold)."""
+    outer = _folds(y, seed)
+    p, chosen = np.empty(len(y)), []
+    for train, test in outer.split(z, y):
+        sel = _select(z[train], y[train], candidates, grid, model=model, tolerance=tolerance,
+                      clip=clip, seed=seed)
+        cols = candidates[sel.model]
+        p[test] = _fit_predict(z[train][:, cols], y[train], sel.C, z[test][:, cols])
+        chosen.append(sel.model)
+    return np.clip(p, *clip), outer.get_n_splits(), chosen
 
 
 def fit(scores: pd.DataFrame, *, detectors: Sequence[str] | None = None, C: float | None = None,
@@ -351,9 +489,10 @@ def fit(scores: pd.DataFrame, *, detectors: Sequence[str] | None = None, C: floa
     """Fit the stacker on the labelled models of a scores table (see the module docstring).
     model: one of `candidate_models` ("prior", a detector's name, "scores", "all"); None
     chooses the candidate and C with the lowest cross-validated cross-entropy; a candidate
-    must beat every simpler one by more than `tolerance` (nats) to be chosen over it."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold
+    must beat every simpler one by more than `tolerance` (nats) to be chosen over it.
+    train.cross_validated holds the nested cross-validated figures of this whole procedure;
+    train.selection the (optimistic) figures the selection compared."""
+    from threadpoolctl import threadpool_limits
 
     from xray.reduce import metrics as M
 
@@ -371,6 +510,10 @@ def fit(scores: pd.DataFrame, *, detectors: Sequence[str] | None = None, C: floa
     if min(n_pos, n_neg) < 2:
         raise ValueError(f"calibration needs at least 2 trojaned and 2 clean labelled models; "
                          f"found {n_pos} trojaned and {n_neg} clean")
+    # every (model_id, model_digest) of a labelled model's rows: the leakage check's list
+    labelled = scores[scores["model_id"].astype(str).isin(ids)]
+    training_models = sorted({(str(m), str(g)) for m, g in
+                              zip(labelled["model_id"], labelled["model_digest"])})
 
     names = sorted({k for f in feats for k in f})
     names = [k for k in names if sum(k in f for f in feats) >= len(feats) / 2]
@@ -400,46 +543,42 @@ def fit(scores: pd.DataFrame, *, detectors: Sequence[str] | None = None, C: floa
     candidates = candidate_models(names, detectors)
     if model is not None and model not in candidates:
         raise ValueError(f"calibrator model {model!r}: choose one of {sorted(candidates)}")
-    folds = min(5, n_pos, n_neg)
-    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     grid = [float(C)] if C is not None else list(C_GRID)
-    # per candidate, at its best C: (cv CE, candidate order, C, held-out probabilities); then
-    # the simplest candidate within `tolerance` of the lowest CE.
-    best: dict[str, tuple] = {}
-    for order, (name, cols) in enumerate(candidates.items()):
-        if model is not None and name != model:
-            continue
-        for c in ([None] if not cols else grid):
-            p = np.clip(_cv_probabilities(z[:, cols], y, c, cv), *clip)
-            ce = M.cross_entropy(y, p).value
-            if name not in best or ce < best[name][0]:
-                best[name] = (ce, order, c, p)
-    lowest = min(t[0] for t in best.values())
-    chosen = min((n for n, t in best.items() if t[0] <= lowest + tolerance),
-                 key=lambda n: best[n][1])
-    _, _, best_c, p_cv = best[chosen]
-    cols = candidates[chosen]
+    how = dict(model=model, tolerance=tolerance, clip=tuple(clip), seed=seed)
+    # Hundreds of fits of a few dozen rows: BLAS threads only add start-up cost (5-10x slower
+    # on a busy machine), so one thread.
+    with threadpool_limits(limits=1):
+        sel = _select(z, y, candidates, grid, **how)
+        # the figure to report: the same selection repeated inside each outer fold
+        p_nested, outer_folds, fold_choices = _nested_cv(z, y, candidates, grid, **how)
+
+    cols = candidates[sel.model]
     names, impute, mean, scale = ([v[i] for i in cols] for v in (names, impute, mean, scale))
     z = z[:, cols]
-    C = float(best_c if best_c is not None else (C if C is not None else 1.0))
+    C = float(sel.C if sel.C is not None else (C if C is not None else 1.0))
     if cols:
+        from sklearn.linear_model import LogisticRegression
+
         fitted = LogisticRegression(C=C, max_iter=2000).fit(z, y)
         coef, intercept = fitted.coef_[0].tolist(), float(fitted.intercept_[0])
     else:  # the base rate
         coef, intercept = [], float(np.log(y.mean() / (1.0 - y.mean())))
     p_in = np.clip(expit(z @ np.asarray(coef) + intercept), *clip)
-    selection = {name: {"cross_entropy": t[0], "C": t[2]} for name, t in best.items()}
-    train = {"n": len(y), "n_poisoned": n_pos, "n_clean": n_neg, "model_ids": ids,
-             "model": chosen, "selection": selection,
+    train = {"n": len(y), "n_poisoned": n_pos, "n_clean": n_neg, "model": sel.model,
+             "selection": {name: {"cross_entropy": ce, "C": c}
+                           for name, (ce, c) in sel.figures.items()},
              "in_sample": {"cross_entropy": M.cross_entropy(y, p_in).value,
                            "roc_auc": M.roc_auc(y, p_in).value}, **dict(provenance or {})}
-    train["cross_validated"] = {"folds": folds, "cross_entropy": M.cross_entropy(y, p_cv).value,
-                                "roc_auc": M.roc_auc(y, p_cv).value}
+    train["cross_validated"] = {
+        "nested": True, "folds": outer_folds, "chosen_per_fold": fold_choices,
+        "cross_entropy": M.cross_entropy(y, p_nested).value,
+        "roc_auc": M.roc_auc(y, p_nested).value}
     return Calibrator(detectors=draft.detectors, features=names, impute=list(map(float, impute)),
                       mean=list(map(float, mean)), scale=list(map(float, scale)), coef=coef,
                       intercept=intercept, C=C, clip=tuple(clip),
                       scan=dict(scan or {}), train=train,
-                      created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+                      created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                      training_models=[list(t) for t in training_models])
 
 
 def _run_scan_config(out_uri: str, run_id: str | None) -> dict[str, Any]:
@@ -479,7 +618,12 @@ def calibrate(out_uri: str, train_run: str | None, *, artifact_uri: str | None =
 def combined_rows(scores: pd.DataFrame, calibrator: Calibrator | None = None) -> pd.DataFrame:
     """One `scores`-schema row per model of detector "combined": score = stats.probability =
     the stacker's probability (or the default map without a calibrator). A model with no usable
-    detector score gets a status "error" row saying so (missing, never filled in)."""
+    detector score gets a status "error" row saying so (missing, never filled in).
+
+    With a calibrator, stats.trained_on says whether the model is one of its training models
+    (`Calibrator.trained_on`; None: the artifact cannot tell). Such rows are marked, not
+    refused: scoring a corpus that includes the training round is legitimate, and the readers
+    (summary, report, score-testset) say which figures are in-sample."""
     from xray.results.schema import SCORES
 
     scores = scores[scores["detector"] != COMBINED]
@@ -520,11 +664,30 @@ def combined_rows(scores: pd.DataFrame, calibrator: Calibrator | None = None) ->
                 p, best = default_combined(res, k)
                 how = f"default map of {best}"
             missing = sorted(set(calibrator.detector_names if calibrator else res) - set(res))
-            row.update(status="ok", error=None, score=p, stats_json=json.dumps(
-                {"probability": p, "source": how, "inputs": inputs, "missing": missing},
-                sort_keys=True))
+            stats = {"probability": p, "source": how, "inputs": inputs, "missing": missing}
+            if calibrator is not None:
+                stats["trained_on"] = _trained_on(calibrator, mid, res)
+            row.update(status="ok", error=None, score=p,
+                       stats_json=json.dumps(stats, sort_keys=True))
         rows.append(row)
     return pd.DataFrame(rows, columns=SCORES.names)
+
+
+def _trained_on(calibrator: Calibrator, model_id: str,
+                results: Mapping[str, Mapping[str, Any]]) -> bool | None:
+    """Whether the model, as any of its input rows has it, is a training model."""
+    flags = {calibrator.trained_on(model_id, r["row"]["model_digest"]) for r in results.values()}
+    return True if True in flags else (None if None in flags else False)
+
+
+def trained_on_flag(stats_json: Any) -> bool | None:
+    """A score row's trained_on mark, as the summary, report and score-testset read it: True
+    (a training model of the calibrator that made the row), None (a calibrator that cannot
+    tell), False (not one, or a row no calibrator made)."""
+    stats = json_object(stats_json)
+    if "trained_on" not in stats:
+        return False
+    return stats["trained_on"] if isinstance(stats["trained_on"], bool) else None
 
 
 def _matching(scores: pd.DataFrame, calibrator: Calibrator) -> pd.DataFrame:
@@ -556,11 +719,18 @@ def describe(cal: Calibrator) -> str:
              f"C={cal.C:g}) on {cal.train.get('n')} models ({cal.train.get('n_poisoned')} "
              "trojaned)"]
     for name, sel in cal.train.get("selection", {}).items():
-        lines.append(f"  candidate {name:<24s} cross-validated CE {sel['cross_entropy']:.4f}")
-    for key in ("in_sample", "cross_validated"):
-        if key in cal.train:
-            m = cal.train[key]
-            lines.append(f"  {key}: CE {m['cross_entropy']:.4f}  ROC-AUC {m['roc_auc']:.4f}")
+        lines.append(f"  candidate {name:<24s} selection CE {sel['cross_entropy']:.4f}")
+    if "in_sample" in cal.train:
+        m = cal.train["in_sample"]
+        lines.append(f"  in sample: CE {m['cross_entropy']:.4f}  ROC-AUC {m['roc_auc']:.4f}")
+    if "cross_validated" in cal.train:
+        m = cal.train["cross_validated"]
+        what = (f"nested, {m.get('folds')} outer folds, selection repeated in each"
+                if m.get("nested") else "NOT nested: flattered by the selection")
+        lines.append(f"  cross-validated ({what}): CE {m['cross_entropy']:.4f}  "
+                     f"ROC-AUC {m['roc_auc']:.4f}")
+    n_train = len(cal.training_models) if cal.training_models is not None else "unknown"
+    lines.append(f"  training models (model_id, digest) remembered: {n_train}")
     for name, c in sorted(zip(cal.features, cal.coef), key=lambda t: -abs(t[1])):
         lines.append(f"  {name:<32s} {c:+.4f}")
     return "\n".join(lines)

@@ -17,6 +17,12 @@ fs_utils.py; trojai-format.md "Scoring"):
     the current harness: sklearn roc_auc_score. Both are reported.
 These reuse xray.reduce.metrics (cross_entropy, brier, roc_auc_thresholds, roc_auc); only the
 round-1 strict form (p > t) is written here.
+
+Leakage: a test set holding models the calibrator was trained on (same model_id and model
+digest) is refused (`TrainingModelError`), since its "combined" figures would be in-sample.
+With allow_training_models (`--allow-training-models`: a corpus that includes the training
+round), they are scored but marked: per model ``in_training``, per summary row
+``n_training_models``, and a ``combined_held_out`` row over the other models only.
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ from xray.reduce import metrics as M
 log = logging.getLogger(__name__)
 
 MISSING_PREDICTION = 0.5
+HELD_OUT = "combined_held_out"  # summary row: the combined detector over non-training models
 
 
 @dataclass(frozen=True)
@@ -130,21 +137,42 @@ def score_result_files(targets: Mapping[str, float], results_dir: str,
 @dataclass
 class TestsetResult:
     run_id: str
-    per_model: pd.DataFrame     # model_id, target, p_<detector>..., p_combined, status columns
+    per_model: pd.DataFrame     # model_id, target, p_<detector>..., p_combined, in_training, ...
     summary: pd.DataFrame       # one row per detector (and "combined"): harness figures
     per_model_uri: str
     summary_uri: str
     html_uri: str
+    warning: str | None = None  # the calibrator's training models among the test models
 
 
-SUMMARY_ORDER = ["detector", "n", "n_missing", "cross_entropy", "ce_ci95", "brier",
-                 "roc_auc_thresholds", "roc_auc_thresholds_r1", "roc_auc", "reason"]
+SUMMARY_ORDER = ["detector", "n", "n_missing", "n_training_models", "cross_entropy", "ce_ci95",
+                 "brier", "roc_auc_thresholds", "roc_auc_thresholds_r1", "roc_auc", "reason"]
+_FIGURES = ["cross_entropy", "ce_ci95", "brier", "roc_auc_thresholds", "roc_auc_thresholds_r1",
+            "roc_auc"]
 
 
-def testset_tables(records: Sequence[Any], scores: pd.DataFrame, calibrator: Any = None
+def training_warning(per_model: pd.DataFrame, calibrator: Any) -> str | None:
+    """The line every testset output carries when the calibrator saw some test models."""
+    if calibrator is None:
+        return None
+    if calibrator.training_models is None:
+        return (f"calibrator {calibrator.name} does not list its training models: whether "
+                "the 'combined' figures are in-sample cannot be checked")
+    n = int(per_model["in_training"].eq(True).sum())
+    if not n:
+        return None
+    return (f"{n} of {len(per_model)} test models are training models of calibrator "
+            f"{calibrator.name}: the 'combined' figures are partly in-sample; "
+            f"'{HELD_OUT}' scores the other {len(per_model) - n} models only")
+
+
+def testset_tables(records: Sequence[Any], scores: pd.DataFrame, calibrator: Any = None,
+                   *, allow_training_models: bool = False
                    ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(per-model frame, summary frame, combined score rows) for a round's records and the
-    scores of its models. Every record counts; a model without an ok score predicts 0.5."""
+    scores of its models. Every record counts; a model without an ok score predicts 0.5.
+    Test models the calibrator was trained on: refused, or with allow_training_models marked
+    (see the module docstring)."""
     from xray.reduce import calibrate as C
 
     labelled = [r for r in records if r.poisoned is not None]
@@ -154,6 +182,11 @@ def testset_tables(records: Sequence[Any], scores: pd.DataFrame, calibrator: Any
     ids = [r.model_id for r in labelled]
     frame = pd.DataFrame({"model_id": ids, "target": [float(r.poisoned) for r in labelled]})
     scores = scores[scores["model_id"].isin(ids)] if len(scores) else scores
+    if calibrator is not None and not allow_training_models and len(scores):
+        calibrator.refuse_training_models(
+            zip(scores["model_id"], scores["model_digest"]),
+            hint="score a test set it was not trained on, or pass --allow-training-models "
+                 f"(allow_training_models=True) to mark them and add a '{HELD_OUT}' row")
     combined = C.combined_rows(scores, calibrator) if len(scores) else scores.iloc[0:0]
     probs = C.detector_probabilities(scores) if len(scores) else pd.DataFrame(index=ids)
     detectors = list(probs.columns)
@@ -162,31 +195,51 @@ def testset_tables(records: Sequence[Any], scores: pd.DataFrame, calibrator: Any
     p_comb = combined.set_index("model_id")["stats_json"].map(C.row_probability) \
         if len(combined) else pd.Series(dtype=float)
     frame["p_combined"] = frame["model_id"].map(p_comb).astype(float)
+    # True / False; None: no calibrator, no combined row, or a calibrator that cannot tell
+    flags = combined.set_index("model_id")["stats_json"].map(C.trained_on_flag) \
+        if len(combined) else pd.Series(dtype=object)
+    frame["in_training"] = frame["model_id"].map(flags).astype(object)
+    frame["in_training"] = frame["in_training"].where(frame["in_training"].notna(), None)
+    trained = frame["in_training"].eq(True).to_numpy()
     rows = []
     for name in [*detectors, "combined"]:
         col = frame[f"p_{name}"].to_numpy(dtype=float)
-        rows.append({"detector": name, **harness_scores(frame["target"], col).as_dict()})
+        rows.append({"detector": name, "n_training_models": int(trained.sum()),
+                     **harness_scores(frame["target"], col).as_dict()})
+    if trained.any():  # the honest figure of the combined detector: models it did not see
+        held = frame[~trained]
+        row = {"detector": HELD_OUT, "n_training_models": 0,
+               **harness_scores(held["target"], held["p_combined"]).as_dict()}
+        if not len(held):
+            row.update({k: math.nan for k in _FIGURES},
+                       reason="every test model is a training model")
+        rows.append(row)
     summary = pd.DataFrame(rows, columns=SUMMARY_ORDER)
     frame["prediction"] = fill_missing(frame["p_combined"])
     return frame, summary, combined
 
 
-def format_summary(summary: pd.DataFrame) -> str:
+def format_summary(summary: pd.DataFrame, warning: str | None = None) -> str:
     view = summary.copy()
-    for col in SUMMARY_ORDER[3:-1]:
+    for col in _FIGURES:
         view[col] = view[col].map(lambda x: "-" if pd.isna(x) else f"{x:.4f}")
-    return view.drop(columns="reason").to_string(index=False)
+    text = view.drop(columns="reason").to_string(index=False)
+    return f"WARNING: {warning}\n{text}" if warning else text
 
 
-def _html(summary: pd.DataFrame, per_model: pd.DataFrame, title: str) -> str:
+def _html(summary: pd.DataFrame, per_model: pd.DataFrame, title: str,
+          warning: str | None = None) -> str:
     import html
 
+    banner = (f"<p style='color:#a00;font-weight:bold'>WARNING: {html.escape(warning)}</p>"
+              if warning else "")
     return ("<!doctype html><meta charset='utf-8'><title>" + html.escape(title) + "</title>"
             "<style>body{font-family:sans-serif}td,th{padding:2px 8px;text-align:right}</style>"
-            f"<h1>{html.escape(title)}</h1><p>Scored as the TrojAI harness (rounds 1-4): missing "
-            "or NaN predictions = 0.5; CE with p clipped to [1e-12, 1-1e-12] and its 95% "
-            "interval; Brier on unclipped p; ROC-AUC over thresholds 0, 0.01, ..., 1 (p &gt;= t; "
-            "round 1: p &gt; t) and sklearn roc_auc_score.</p><h2>Summary</h2>"
+            f"<h1>{html.escape(title)}</h1>{banner}"
+            "<p>Scored as the TrojAI harness (rounds 1-4): missing or NaN predictions = 0.5; "
+            "CE with p clipped to [1e-12, 1-1e-12] and its 95% interval; Brier on unclipped p; "
+            "ROC-AUC over thresholds 0, 0.01, ..., 1 (p &gt;= t; round 1: p &gt; t) and sklearn "
+            "roc_auc_score.</p><h2>Summary</h2>"
             + summary.to_html(index=False, float_format=lambda x: f"{x:.4f}", na_rep="-")
             + "<h2>Per model</h2>"
             + per_model.to_html(index=False, float_format=lambda x: f"{x:.4f}", na_rep="-"))
@@ -214,12 +267,15 @@ def _plain_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
 
 def score_testset(round_uri: str, out_uri: str, *, run_id: str | None = None, config: Any = None,
                   calibrator: Any = None, scan_kwargs: Mapping[str, Any] | None = None,
-                  write_combined: bool = True) -> TestsetResult:
+                  write_combined: bool = True,
+                  allow_training_models: bool = False) -> TestsetResult:
     """Scan a round's models (skipping those already scored with this config) or reuse run
     `run_id` of `out_uri`, then score them as the harness does.
 
     Writes <out>/testset/per_model.csv, summary.csv and testset.html, and (write_combined) the
     combined detector's rows into <out>/scores so that `xray report` shows it beside the others.
+    Models the calibrator was trained on: TrainingModelError (after a scan, whose rows are
+    kept), unless allow_training_models (then marked; see the module docstring).
     """
     from xray.io.manifest import read_manifest
     from xray.reduce import calibrate as C
@@ -244,7 +300,12 @@ def score_testset(round_uri: str, out_uri: str, *, run_id: str | None = None, co
         if not len(scores):
             raise ValueError(f"no scores under {out_uri} for run {run_id}")
     scores = scores[scores["detector"] != C.COMBINED]
-    per_model, summary, combined = testset_tables(records, scores, calibrator)
+    try:
+        per_model, summary, combined = testset_tables(
+            records, scores, calibrator, allow_training_models=allow_training_models)
+    except C.TrainingModelError as e:  # say how to reuse the scan
+        raise C.TrainingModelError(f"{e} (the scores are in run {run_id})") from None
+    warning = training_warning(per_model, calibrator)
     if write_combined and len(combined):
         for rid, rows in combined.groupby("run_id"):
             write_part(out_uri, "scores", str(rid), _plain_rows(rows))
@@ -255,5 +316,6 @@ def score_testset(round_uri: str, out_uri: str, *, run_id: str | None = None, co
     storage.write_text(per_model_uri, per_model.to_csv(index=False))
     storage.write_text(summary_uri, summary.to_csv(index=False))
     title = f"Test set {os.path.basename(str(round_uri).rstrip('/'))}"
-    storage.write_text(html_uri, _html(summary, per_model, title))
-    return TestsetResult(run_id, per_model, summary, per_model_uri, summary_uri, html_uri)
+    storage.write_text(html_uri, _html(summary, per_model, title, warning))
+    return TestsetResult(run_id, per_model, summary, per_model_uri, summary_uri, html_uri,
+                         warning)

@@ -78,7 +78,7 @@ _SUMMARY_VIEW = [
     ("CE ci95", "ce_ci95"), ("Brier", "brier"), ("CE miss=0.5", "ce_missing_as_half"),
     ("AUC miss=0.5", "roc_auc_missing_as_half"), ("p source", "probability_source"),
     ("p50 s", "runtime_p50"), ("p90 s", "runtime_p90"), ("max s", "runtime_max"),
-    ("notes", "notes"),
+    ("train models", "n_training_models"), ("notes", "notes"),
 ]
 _SUMMARY_TEXT = {"detector", "group", "thr source", "p source", "notes"}
 
@@ -405,6 +405,18 @@ def _model_table(units: Sequence[_Unit], drilled: set[str]) -> tuple[dict[str, A
     rows = [{"cells": cells, "link": model_id in drilled}
             for model_id, cells in zip(shown.index, shown.to_numpy().tolist())]
     return {"columns": list(table.columns), "rows": rows}, len(table) - len(shown)
+
+
+def _leakage_warning(summary: pd.DataFrame) -> str:
+    """The warning put before the summary when a calibrator scored its own training models
+    (the summary's n_training_models; see xray.reduce.summary)."""
+    overall = summary[(summary["group_by"] == "all") & (summary["n_training_models"] > 0)]
+    if not len(overall):
+        return ""
+    units = ", ".join(f"{r.detector} [{r.config_hash}]: {r.n_training_models} of {r.n}"
+                      for r in overall.itertuples())
+    return (f"WARNING: models a calibrator was trained on are scored by it ({units}); those "
+            "rows' figures are in-sample, not held out (column 'train models'). ")
 
 
 def _summary_view(summary: pd.DataFrame) -> dict[str, Any]:
@@ -893,7 +905,7 @@ def render_report(
         coverage_missing=coverage_missing,
         coverage_left_out=coverage_left_out,
         summary=_summary_view(summary),
-        summary_help=_SUMMARY_HELP,
+        summary_help=_leakage_warning(summary) + _SUMMARY_HELP,
         roc_png=roc_png,
         roc_note=roc_note,
         detectors=detectors,

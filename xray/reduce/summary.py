@@ -30,6 +30,11 @@ Summarising (`summarize`) works on *units* and *models*:
   Brier through it compare runs of one detector, not detectors with each other; a fitted
   calibrator will replace it. ``probability_source`` says which was used (stats / logistic /
   mixed).
+* Leakage: ``n_training_models`` counts the group's models whose row a calibrator made for one
+  of its own training models (the combined detector's stats ``trained_on``, see
+  xray.reduce.calibrate); their probabilities are in-sample, and ``notes`` says so (or that a
+  calibrator without its training list could not be checked). Marked, not refused: a corpus
+  may legitimately include the training round.
 * Models without ground truth (gt_poisoned null) are counted (``n_unlabelled``, ``n_flagged``,
   ``score_median``) but left out of every metric; a group with no labelled model has NaN metrics
   with the reason in ``roc_auc_reason`` / ``notes``.
@@ -50,6 +55,7 @@ import pyarrow.parquet as pq
 
 from xray.io import storage
 from xray.reduce import metrics as M
+from xray.reduce.calibrate import trained_on_flag
 from xray.results.schema import SCORE_KEY, SCORES
 from xray.results.sink import json_object
 
@@ -68,12 +74,12 @@ SUMMARY_COLUMNS = [
     "ce", "ce_ci95", "brier", "probability_source",
     "ce_missing_as_half", "ce_ci95_missing_as_half", "roc_auc_missing_as_half",
     "score_median", "runtime_p50", "runtime_p90", "runtime_p99", "runtime_max",
-    "n_superseded", "notes",
+    "n_superseded", "n_training_models", "notes",
 ]
 _INT_COLUMNS = [
     "n", "n_poisoned", "n_clean", "n_unlabelled", "n_ok", "n_missing", "n_error", "n_timeout",
     "n_crashed", "n_not_scored", "n_bad_score", "n_flagged", "TP", "FP", "FN", "TN",
-    "n_superseded",
+    "n_superseded", "n_training_models",
 ]
 _STR_COLUMNS = [
     "detector", "detector_version", "config_hash", "group_by", "group", "threshold_source",
@@ -356,6 +362,15 @@ def _group_row(
     if n_lab and n - n_lab:
         left_out = f"{n - n_lab} unlabelled models left out of metrics"
         notes = "; ".join(filter(None, [notes, left_out]))
+    flags = [trained_on_flag(v) for v in sub.loc[usable, "stats_json"]]
+    row["n_training_models"] = sum(f is True for f in flags)
+    if row["n_training_models"]:
+        notes = "; ".join(filter(None, [notes, (
+            f"{row['n_training_models']} of {n} models are training models of calibrator "
+            f"{unit['config_hash']}: in-sample, not held-out figures")]))
+    elif any(f is None for f in flags):
+        notes = "; ".join(filter(None, [notes, (
+            f"calibrator {unit['config_hash']} lists no training models: leakage not checked")]))
     row["notes"] = notes or None
     return row
 
