@@ -24,15 +24,16 @@ NC and K-Arm use eps = 1e-7 (ref), ABS eps = 0.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from xray.detectors.base import eval_mode  # noqa: F401  (re-exported for the scanners)
 
 KINDS = ("patch", "filter")
 TANH_EPS = 1e-7  # NC / K-Arm: tanh(.) / (2 - 1e-7) + 0.5 keeps values strictly inside (0, 1)
@@ -407,18 +408,6 @@ class ScheduleState:
 
 
 # ----------------------------------------------------------------------------- model helpers
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """model.eval() for the scan; every submodule's mode is restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, mode in modes:
-            m.train(mode)
 
 
 def seeds_from(generator: torch.Generator) -> int:
