@@ -46,6 +46,7 @@ def test_writes_the_calibrated_probability_using_only_scratch(trojai_rounds, tin
                                                              tmp_path):
     from xray.config import parse_config
     from xray.io.manifest import read_manifest
+    from xray.io.model_loading import model_digest
     from xray.reduce.calibrate import calibrate
     from xray.scan import scan_model
 
@@ -70,6 +71,25 @@ def test_writes_the_calibrated_probability_using_only_scratch(trojai_rounds, tin
     assert f"calibrator {cal.id}" in proc.stderr
     assert list(own_tmp.iterdir()) == []  # temporary files went to the scratch folder only
     assert (tmp_path / "scratch" / "progress.jsonl").is_file()
+    assert json.loads((tmp_path / "scratch" / "xray-detect.json").read_text())[
+        "in_training"] is False
+
+    # A calibrator that lists this model (its folder name and file digest) among its training
+    # models: refused (0.5, the reason), unless --allow-training-models, which marks it.
+    leaky = json.loads(Path(cal_uri).read_text())
+    leaky["training_models"].append([model_dir.name, model_digest(str(model_dir / "model.pt"))])
+    leaky_uri = tmp_path / "leaky.json"
+    leaky_uri.write_text(json.dumps(leaky))
+    p, proc, _ = _detect(model_dir / "model.pt", model_dir / "clean_example_data", tmp_path,
+                         "--calibrator", str(leaky_uri), "--allow-pickle")
+    assert p == 0.5 and proc.returncode == 1 and "was trained on 1 of these models" in proc.stderr
+    assert "--allow-training-models" in proc.stderr
+    p, proc, _ = _detect(model_dir / "model.pt", model_dir / "clean_example_data", tmp_path,
+                         "--calibrator", str(leaky_uri), "--allow-pickle",
+                         "--allow-training-models")
+    assert proc.returncode == 0 and p == pytest.approx(expected, abs=1e-12)
+    assert "in-sample" in proc.stderr
+    assert json.loads((tmp_path / "scratch" / "xray-detect.json").read_text())["in_training"]
 
 
 def test_payload_runs_nowhere_without_the_opt_in_and_never_in_the_driver(trojai_rounds,

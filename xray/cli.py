@@ -410,13 +410,16 @@ def calibrate(out: str, train_run: str, detectors: str | None, c_value: float | 
               show_default=True, help="Seconds for this model; R is written before it ends.")
 @click.option("--allow-pickle", "--allow_pickle", "allow_pickle", is_flag=True,
               help="Allow whole-module pickles (TrojAI model.pt); loaded in a worker process.")
+@click.option("--allow-training-models", is_flag=True,
+              help="Score a model the calibrator was trained on (in-sample; marked).")
 @click.option("--round", "round_", type=click.Choice(["r1", "r2", "r3", "r4"]), default=None,
               help="Force a round's example preprocessing (default: inferred).")
 @click.option("--device", default="auto", show_default=True,
               help="torch device: auto (cuda when present), cpu or cuda.")
 def trojai_detect(model_filepath: str, result_filepath: str, scratch_dirpath: str,
                   examples_dirpath: str, config: str | None, calibrator: str | None,
-                  time_budget: float, allow_pickle: bool, round_: str | None, device: str) -> None:
+                  time_budget: float, allow_pickle: bool, allow_training_models: bool,
+                  round_: str | None, device: str) -> None:
     """The TrojAI detector entrypoint: writes P(trojaned) on the first line of the result file,
     always (0.5 with the reason on stderr when it cannot do better). Also installed as
     `trojai-detector`."""
@@ -425,7 +428,8 @@ def trojai_detect(model_filepath: str, result_filepath: str, scratch_dirpath: st
     sys.exit(run({"model_filepath": model_filepath, "result_filepath": result_filepath,
                   "scratch_dirpath": scratch_dirpath, "examples_dirpath": examples_dirpath,
                   "config": config, "calibrator": calibrator, "time_budget": time_budget,
-                  "allow_pickle": allow_pickle, "round": round_, "device": device}))
+                  "allow_pickle": allow_pickle, "allow_training_models": allow_training_models,
+                  "round": round_, "device": device}))
 
 
 @main.command("score-testset")

@@ -26,6 +26,7 @@ from xray.io.examples import load_examples
 from xray.io.model_loading import load_model
 from xray.io.records import ModelRecord
 from xray.io.storage import filesystem
+from xray.jsonsafe import json_safe
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +60,6 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, (np.generic,)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_json_safe(v) for v in list(value)]
-    return value
 
 
 def _npy(array: Any) -> bytes | None:
@@ -89,7 +80,7 @@ def score_row(record: ModelRecord, digest: str, detector: Any, config_hash: str,
         "config_hash": config_hash, "status": status, "error": error,
         "score": None if score is None or not math.isfinite(score) else float(score),
         "predicted_target": None if target is None else int(target),
-        "stats_json": json.dumps(_json_safe(stats or {}), sort_keys=True),
+        "stats_json": json.dumps(json_safe(stats or {}), sort_keys=True),
         "seconds": seconds, "worker": worker, "architecture": record.architecture,
         "num_classes": record.num_classes, "gt_poisoned": record.poisoned,
         "gt_target": record.target, "gt_attack": record.attack,
@@ -109,7 +100,7 @@ def trigger_rows(record: ModelRecord, digest: str, detector: Any, config_hash: s
             "detector": detector.name, "config_hash": config_hash, "trigger_index": i,
             "victim": t.get("victim"), "target": t.get("target"), "kind": t.get("kind"),
             "size": t.get("size"), "reasr": t.get("reasr"),
-            "stats_json": json.dumps(_json_safe(stats), sort_keys=True),
+            "stats_json": json.dumps(json_safe(stats), sort_keys=True),
             "mask": _npy(t.get("mask")), "pattern": _npy(t.get("pattern")),
             "kernel": _npy(t.get("kernel")),
         })

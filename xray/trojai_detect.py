@@ -36,7 +36,10 @@ Detectors: --config (a scan config YAML: detectors with preset / params, seed,
 examples_per_class), else the calibrator's training config, else DEFAULT_CONFIG (Model X-ray,
 small preset: 4 planes of 32 x 32 points, about 4,100 forwards, a couple of minutes for a 224 x
 224 resnet18 on 2 CPU cores; see bench/trojai.py). Probability: the calibrator's (--calibrator,
-from `xray calibrate`), else the documented default map of xray.reduce.calibrate.
+from `xray calibrate`), else the documented default map of xray.reduce.calibrate. A model the
+calibrator was trained on (the same folder name as model_id and the same file sha256 as digest)
+gets 0.5 and the reason, since its probability would be in-sample; --allow-training-models
+scores it anyway and S/xray-detect.json says `in_training: true`.
 
 Model facts: a config.json beside M (TrojAI r2-4 or an xray export) gives the preprocessing and
 input shape; otherwise they are inferred from the examples (inferred, not in the harness): 256 x
@@ -59,6 +62,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from xray.jsonsafe import json_safe
+
 STARTED = time.monotonic()
 DEFAULT_BUDGET = 600.0
 FALLBACK = 0.5
@@ -80,6 +85,7 @@ class Outcome:
     reason: str                          # how the probability came about, or why it is 0.5
     results: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    in_training: bool | None = None      # the model is one the calibrator was fitted on
 
     @property
     def exit_code(self) -> int:
@@ -112,13 +118,13 @@ def _has_examples(folder: str) -> bool:
 
 
 def _read_progress(path: str) -> tuple[dict[str, Any], list[str], int | None,
-                                        dict[str, dict[str, Any]], list[str]]:
+                                        dict[str, dict[str, Any]], dict[str, Any]]:
     """(results of the detectors that finished, error messages, class count, per-detector
     records {name: {status, score, seconds, stats, error}} of every detector that ended, the
-    detectors the worker planned to run)."""
-    results, errors, k, records, planned = {}, [], None, {}, []
+    worker's plan: {detectors: names it planned to run, model_id, model_digest})."""
+    results, errors, k, records, plan = {}, [], None, {}, {"detectors": []}
     if not os.path.exists(path):
-        return results, errors, k, records, planned
+        return results, errors, k, records, plan
     with open(path) as f:
         for line in f:
             try:
@@ -126,7 +132,7 @@ def _read_progress(path: str) -> tuple[dict[str, Any], list[str], int | None,
             except ValueError:
                 continue  # a line cut short by the kill
             if event.get("event") == "plan":
-                planned = list(event["detectors"])
+                plan = event
             elif event.get("event") == "result":
                 results[event["detector"]] = {"score": event["score"], "stats": event["stats"]}
                 k = event.get("num_classes", k)
@@ -140,7 +146,7 @@ def _read_progress(path: str) -> tuple[dict[str, Any], list[str], int | None,
                         "status": event.get("status", "error"), "score": None,
                         "seconds": event.get("seconds"), "stats": {},
                         "error": event["message"]}
-    return results, errors, k, records, planned
+    return results, errors, k, records, plan
 
 
 def _write_record(scratch: str, planned: list[str], records: dict[str, Any],
@@ -148,8 +154,6 @@ def _write_record(scratch: str, planned: list[str], records: dict[str, Any],
     """S/xray-detect.json: what ran and how the probability came about (see module docstring).
     A planned detector that never ended is a timeout when the budget ran out, else an error (the
     worker died). Written to a temporary name and renamed: a reader never sees half a file."""
-    from xray.scan import _json_safe
-
     detectors = {}
     for name in planned + [n for n in records if n not in planned]:
         detectors[name] = records.get(name) or {
@@ -157,10 +161,11 @@ def _write_record(scratch: str, planned: list[str], records: dict[str, Any],
             "stats": {}, "error": "not finished within the time budget" if timed_out
             else "the worker stopped before this detector ended"}
     body = {"probability": outcome.probability, "estimated": outcome.estimated,
-            "reason": outcome.reason, "seconds": outcome.seconds, "detectors": detectors}
+            "reason": outcome.reason, "seconds": outcome.seconds,
+            "in_training": outcome.in_training, "detectors": detectors}
     path = os.path.join(scratch, RECORD_FILE)
     with open(path + ".tmp", "w") as f:
-        json.dump(_json_safe(body), f, indent=1, sort_keys=True)
+        json.dump(json_safe(body), f, indent=1)  # detectors in run order
     os.replace(path + ".tmp", path)
 
 
@@ -179,7 +184,7 @@ def detect(model_filepath: str, result_filepath: str, scratch_dirpath: str,
            examples_dirpath: str, *, config: str | None = None, calibrator: str | None = None,
            time_budget: float = DEFAULT_BUDGET, allow_pickle: bool = False,
            round: str | None = None, model_format: str | None = None, device: str = "auto",
-           started: float | None = None) -> Outcome:
+           allow_training_models: bool = False, started: float | None = None) -> Outcome:
     """Run the entrypoint's work; R is written whatever happens (see the module docstring)."""
     started = STARTED if started is None else started
     deadline = started + float(time_budget)
@@ -257,10 +262,10 @@ def detect(model_filepath: str, result_filepath: str, scratch_dirpath: str,
     except BaseException:
         _stop(proc)
         raise
-    results, errors, k, records, planned = _read_progress(progress)
+    results, errors, k, records, plan = _read_progress(progress)
 
     def finish(outcome: Outcome) -> Outcome:
-        _write_record(scratch, planned, records, outcome, timed_out)
+        _write_record(scratch, list(plan["detectors"]), records, outcome, timed_out)
         return outcome
 
     why = "; ".join(errors[:3])
@@ -274,23 +279,36 @@ def detect(model_filepath: str, result_filepath: str, scratch_dirpath: str,
     importer.join(timeout=max(0.0, deadline - time.monotonic()))
     if importer.is_alive():
         return finish(fallback("time budget ran out while loading the combiner", results))
-    from xray.reduce.calibrate import Calibrator, default_combined
+    from xray.reduce.calibrate import Calibrator, TrainingModelError, default_combined
 
-    cal = None
+    cal, in_training = None, None
     if cal_dict is not None:
         try:
             cal = Calibrator.from_dict(cal_dict, calibrator)
         except (ValueError, KeyError, TypeError) as e:
             return finish(fallback(f"calibrator {calibrator}: {e}", results))
     if cal is not None:
+        # The same rule as `xray score-testset`: a model the calibrator was fitted on gets an
+        # in-sample probability, so it is refused unless the user asks for it.
+        pair = (str(plan.get("model_id")), str(plan.get("model_digest")))
+        in_training = cal.trained_on(*pair)
+        if in_training and not allow_training_models:
+            try:
+                cal.refuse_training_models([pair], hint="pass --allow-training-models to "
+                                           "score it anyway (the record marks it in_training)")
+            except TrainingModelError as e:
+                outcome = fallback(str(e), results)
+                outcome.in_training = True
+                return finish(outcome)
         p, how = cal.predict_results(results, k), f"calibrator {cal.id}"
+        how += "; in-sample: the calibrator was trained on this model" if in_training else ""
     else:
         p, best = default_combined(results, k)
         how = f"default map of {best}"
     p = float(min(1.0, max(0.0, p))) if math.isfinite(p) else FALLBACK
     _write_result(result_filepath, p)
     reason = how + (f"; partial: {why}" if why else "")
-    return finish(Outcome(p, True, reason, results, time.monotonic() - started))
+    return finish(Outcome(p, True, reason, results, time.monotonic() - started, in_training))
 
 
 def _import_combiner() -> None:
@@ -355,10 +373,8 @@ def _record(job: dict[str, Any]):
 
 
 def _emit(path: str, event: dict[str, Any]) -> None:
-    from xray.scan import _json_safe
-
     with open(path, "a") as f:
-        f.write(json.dumps(_json_safe(event)) + "\n")
+        f.write(json.dumps(json_safe(event)) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -378,7 +394,7 @@ def worker(job_path: str) -> int:
         from xray.config import parse_config
         from xray.detectors.base import DeadlinePassed, ScanContext, ScanData
         from xray.io.examples import load_examples
-        from xray.io.model_loading import load_model
+        from xray.io.model_loading import load_model, model_digest
         from xray.scan import resolve_device, stop_margin
 
         config = parse_config(job["config"], source="trojai-detect config")
@@ -396,7 +412,8 @@ def worker(job_path: str) -> int:
         return 1
     data = ScanData(x=x.to(device), y=y.to(device), num_classes=k, mean=tuple(record.mean),
                     std=tuple(record.std))
-    _emit(progress, {"event": "plan", "detectors": [d.name for d in detectors]})
+    _emit(progress, {"event": "plan", "detectors": [d.name for d in detectors],
+                     "model_id": record.model_id, "model_digest": model_digest(record.uri)})
     stop_early_by = stop_margin(job["time_budget"])
     for detector in detectors:
         ctx = ScanContext(device=device, seed=config.seed,
@@ -434,6 +451,9 @@ def build_parser(prog: str = "trojai-detector") -> argparse.ArgumentParser:
                    dest="time_budget", help="seconds for this model (default 600)")
     p.add_argument("--allow-pickle", "--allow_pickle", action="store_true", dest="allow_pickle",
                    help="allow whole-module pickles (TrojAI model.pt); they run code when loaded")
+    p.add_argument("--allow-training-models", action="store_true",
+                   dest="allow_training_models",
+                   help="score a model the calibrator was trained on (in-sample; marked)")
     p.add_argument("--round", choices=ROUNDS, default=None,
                    help="force a round's example preprocessing (default: inferred)")
     p.add_argument("--format", dest="model_format", default=None,

@@ -53,6 +53,7 @@ import pandas as pd
 import yaml
 
 from xray.io import storage
+from xray.jsonsafe import json_safe
 from xray.reduce.summary import load_scores, summarize, unit_frames
 
 METRICS = (  # (summary column, higher is better)
@@ -247,7 +248,7 @@ class Comparison:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["regression"] = self.regression
-        return _json_safe(data)
+        return json_safe(data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
@@ -268,16 +269,6 @@ class Comparison:
         raise CompareUsageError(f"unknown format {fmt!r}; formats: text, json, markdown")
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.generic,)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _num(value: Any) -> float:
