@@ -66,3 +66,44 @@ def test_unknown_detector_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(main, ["scan", "--manifest", "x.csv", "--out", str(tmp_path),
                                        "--detectors", "nope"])
     assert result.exit_code == 1 and "unknown detector 'nope'" in result.output
+
+
+def test_help_imports_no_heavy_library():
+    """`xray --help` starts fast: torch, Ray, pandas and matplotlib load only in command
+    bodies."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom xray.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print([m for m in ('torch', 'ray', 'pandas', 'matplotlib', 'numpy') "
+            "if m in sys.modules])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "nightly" in proc.stdout and "trojai-detect" in proc.stdout
+    assert proc.stdout.rstrip().endswith("[]"), proc.stdout
+
+
+def test_shared_options_are_the_same_everywhere():
+    """An option from xray.cli_args reads the same in every command that takes it."""
+    seen: dict[str, dict[str, tuple]] = {}
+    for path, cmd in _commands(main):
+        for param in cmd.params:
+            if param.opts[0] in ("--stack", "--address", "--actors", "--quiet", "--calibrator",
+                                 "--tolerances", "--threshold", "--preset", "--workers"):
+                seen.setdefault(param.opts[0], {})[" ".join(path)] = (
+                    param.name, param.help, param.default)
+    for name, where in seen.items():
+        assert len(set(where.values())) == 1, (name, where)
+    assert set(seen["--stack"]) == {"scan", "score-testset"}
+    assert set(seen["--address"]) == {"scan", "score-testset", "nightly"}
+    assert set(seen["--threshold"]) == {"report", "compare"}
+
+
+@pytest.mark.parametrize("command", ["report", "compare"])
+def test_a_bad_threshold_is_a_usage_error(command, tmp_path):
+    args = [str(tmp_path)] if command == "report" else [str(tmp_path), str(tmp_path)]
+    result = CliRunner().invoke(main, [command, *args, "--threshold", "modelxray=high"])
+    assert result.exit_code == 2
+    assert "'modelxray=high': expected DETECTOR=NUMBER" in result.output

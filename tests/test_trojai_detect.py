@@ -144,7 +144,7 @@ def test_broken_model_missing_examples_and_short_budget_still_write_r(trojai_rou
 
 def test_xray_cli_command_and_console_entry(trojai_rounds, tmp_path):
     from xray.cli import main
-    from xray.trojai_detect import build_parser
+    from xray.trojai_detect import main as command
 
     model_dir = sorted((trojai_rounds["r4"] / "models").iterdir())[0]
     result = tmp_path / "r.txt"
@@ -153,10 +153,90 @@ def test_xray_cli_command_and_console_entry(trojai_rounds, tmp_path):
                                     "--scratch_dirpath", str(tmp_path / "s"), "--examples_dirpath",
                                     str(tmp_path / "missing")])
     assert out.exit_code == 1 and result.read_text().splitlines()[0] == "0.5"
-    args = build_parser().parse_args(["--model_filepath", "m", "--result_filepath", "r",
-                                      "--scratch_dirpath", "s", "--examples_dirpath", "e"])
-    assert args.time_budget == 600.0 and not args.allow_pickle
+    assert "trojai-detect: wrote the fallback 0.5" in out.output and "does not exist" in out.output
+    assert main.commands["trojai-detect"] is command  # one command, two names
+    parsed = command.make_context("trojai-detector", [
+        "--model_filepath", "m", "--result_filepath", "r", "--scratch_dirpath", "s",
+        "--examples_dirpath", "e"]).params
+    assert parsed["time_budget"] == 600.0 and parsed["allow_pickle"] is False
+    assert parsed["device"] == "auto" and parsed["model_format"] is None
     shutil.rmtree(tmp_path / "s", ignore_errors=True)
+    usage = CliRunner().invoke(main, ["trojai-detect", "--model_filepath", "m"])
+    assert usage.exit_code == 2 and "--result_filepath" in usage.output
+
+
+# Every option of the entrypoint, and the second spelling of those that have one.
+OPTIONS = {"--model_filepath": "--model-filepath", "--result_filepath": "--result-filepath",
+           "--scratch_dirpath": "--scratch-dirpath", "--examples_dirpath": "--examples-dirpath",
+           "--config": None, "--calibrator": None, "--time-budget": "--time_budget",
+           "--allow-pickle": "--allow_pickle", "--allow-training-models": None, "--round": None,
+           "--format": None, "--device": None}
+
+
+def test_console_script_help_lists_every_option_and_both_spellings():
+    from xray.trojai_detect import main as command
+
+    script = Path(sys.executable).with_name("trojai-detector")
+    if not script.exists():
+        pytest.skip("xray is not installed in this environment (no trojai-detector script)")
+    proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("Usage: trojai-detector")
+    for name, other in OPTIONS.items():
+        assert name in proc.stdout, name
+        assert other is None or other in proc.stdout, other
+    declared = {opt for p in command.params for opt in p.opts}
+    assert declared == set(OPTIONS) | {o for o in OPTIONS.values() if o}
+    short = subprocess.run([str(script), "-h"], capture_output=True, text=True, timeout=60)
+    assert short.returncode == 0 and short.stdout == proc.stdout
+
+
+def test_the_driver_imports_no_torch_numpy_or_pandas(tmp_path):
+    """The driver starts fast and never pays a heavy import after a timeout: importing the
+    entrypoint and refusing a model load none of them (the worker does the loading)."""
+    code = ("import sys\n"
+            "from xray.trojai_detect import main\n"
+            f"code = main(['--model_filepath', {str(tmp_path / 'm.pt')!r}, '--result_filepath', "
+            f"{str(tmp_path / 'r.txt')!r}, '--scratch_dirpath', {str(tmp_path / 's')!r}, "
+            f"'--examples_dirpath', {str(tmp_path / 'e')!r}], standalone_mode=False)\n"
+            "heavy = [m for m in ('torch', 'numpy', 'pandas', 'ray') if m in sys.modules]\n"
+            "print(code, heavy)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[0] == "1 []"
+    assert "m.pt does not exist" in proc.stderr
+    assert (tmp_path / "r.txt").read_text() == "0.5\n"
+
+
+def test_format_option_through_xray_trojai_detect(trojai_rounds, tmp_path):
+    """--format overrides the file name: a TorchScript model saved as model.bin (which by its
+    name would be a pickle, refused without --allow-pickle) is loaded as TorchScript."""
+    from xray.cli import main
+    from xray.io.manifest import read_manifest
+
+    record = read_manifest(str(trojai_rounds["r4"]))[0]
+    source = Path(record.uri).parent
+    model_dir = tmp_path / source.name
+    shutil.copytree(source, model_dir)
+    net = torch.load(record.uri, weights_only=False).eval()
+    traced = torch.jit.trace(net, torch.rand(1, *record.input_shape))
+    traced.save(str(model_dir / "model.bin"))
+    result, scratch = tmp_path / "r.txt", tmp_path / "s"
+    args = ["trojai-detect", "--model-filepath", str(model_dir / "model.bin"),
+            "--result-filepath", str(result), "--scratch-dirpath", str(scratch),
+            "--examples-dirpath", str(model_dir / "clean_example_data"),
+            "--config", _config(tmp_path, FAST_CONFIG), "--device", "cpu"]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 1 and "--allow-pickle" in refused.output
+    out = CliRunner().invoke(main, [*args, "--format", "torchscript"])
+    assert out.exit_code == 0, out.output
+    p = float(result.read_text().splitlines()[0])
+    assert 0.0 <= p <= 1.0 and "trojai-detect: wrote " in out.output
+    record = json.loads((scratch / "xray-detect.json").read_text())
+    assert record["estimated"] and record["detectors"]["modelxray"]["status"] == "ok"
+    bad = CliRunner().invoke(main, [*args, "--format", "onnx"])
+    assert bad.exit_code == 2 and "'onnx' is not one of" in bad.output
 
 
 def test_optimising_detectors_take_steps_under_the_entrypoint(trojai_rounds, tmp_path):

@@ -1,9 +1,16 @@
 """The `xray` command line: thin wrappers, one library call per command (mlflow style).
 
 Known errors (bad input, a missing file) print one clear line and exit 1; a usage error exits 2.
+Options that several commands take are defined once, in xray/cli_args.py. `xray trojai-detect`
+is the command of xray/trojai_detect.py (also the `trojai-detector` console script).
+
+The imports inside command bodies pull in torch, Ray, pandas, scikit-learn or matplotlib: they
+stay there so that `xray --help` and a command's `--help` start in a fraction of a second.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import sys
@@ -11,7 +18,9 @@ from pathlib import Path
 
 import click
 
+from xray import cli_args, nightly as nightly_job, trojai_detect
 from xray.io import storage
+from xray.zoo.recipe import load_recipe
 
 
 class UserError(click.ClickException):
@@ -19,16 +28,13 @@ class UserError(click.ClickException):
 
 
 def _fail_cleanly(fn):
-    """Turn expected errors into one line on stderr and exit 1 (no traceback)."""
-    import functools
-
-    from xray.io.manifest import ManifestError
-
+    """Turn expected errors into one line on stderr and exit 1 (no traceback). A bad manifest
+    (xray.io.manifest.ManifestError), config or calibrator raises a ValueError."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ManifestError, FileNotFoundError, ValueError, KeyError) as err:
+        except (FileNotFoundError, ValueError, KeyError) as err:
             message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
             raise UserError(str(message)) from err
 
@@ -56,20 +62,17 @@ def zoo() -> None:
 
 
 @zoo.command("build")
-@click.option("--recipe", required=True, metavar="FILE|NAME",
-              help="Recipe YAML file, or the name of one in manifests/recipes/ (demo, reference).")
+@cli_args.recipe(True, "its models are written to --out")
 @click.option("--out", required=True, metavar="URI",
               help="Round directory to write (local path, file://, s3://, memory://).")
-@click.option("--workers", type=int, default=None,
-              help="Training processes in parallel (default: one per CPU core).")
-@click.option("--device", default="cpu", show_default=True, metavar="DEVICE",
-              help="Where models train: cpu, cuda, cuda:N, or auto (cuda when available). "
-                   "Bit-for-bit reproducible on cpu only.")
+@cli_args.WORKERS
+@cli_args.device("cpu", "Where models train: cpu, cuda, cuda:N, or auto (cuda when "
+                 "available). Bit-for-bit reproducible on cpu only.")
 @click.option("--stacking", type=click.Choice(["auto", "on", "off"]), default="auto",
               show_default=True,
               help="Train a recipe's `stack: K` groups K models at a time: auto = only on a "
                    "GPU (on CPUs one-by-one training is faster).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@cli_args.QUIET
 @_fail_cleanly
 def zoo_build(recipe: str, out: str, workers: int | None, device: str, stacking: str,
               quiet: bool) -> None:
@@ -78,7 +81,6 @@ def zoo_build(recipe: str, out: str, workers: int | None, device: str, stacking:
     Models already written in OUT are skipped, so an interrupted build resumes where it stopped.
     """
     from xray.zoo.build import build_round
-    from xray.zoo.recipe import load_recipe
 
     result = build_round(load_recipe(recipe), out, workers=workers, show_progress=not quiet,
                          device=device, stacking=stacking)
@@ -117,8 +119,7 @@ def mntd() -> None:
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the queries, the classifier and the epoch permutations.")
 @click.option("--no-query-tuning", is_flag=True, help="Train the classifier only (--no_qt).")
-@click.option("--device", default="cpu", show_default=True,
-              help="torch device for training (cpu, cuda).")
+@cli_args.device("cpu", "torch device for training: cpu, cuda or cuda:N.")
 @click.option("--select", type=click.Choice(["auc_loss", "auc", "last"]), default="auc_loss",
               show_default=True, help="Epoch kept: best validation AUC, ties broken by lower "
               "validation loss (auc_loss); the first best AUC (auc: the reference); the last.")
@@ -127,7 +128,7 @@ def mntd() -> None:
 @click.option("--time-limit", type=float, default=None, metavar="SECONDS",
               help="Stop training after this long with the best epoch so far (recorded in the "
               "artifact as stopped_early).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@cli_args.QUIET
 @_fail_cleanly
 def mntd_train(shadow: str, out: str | None, epochs: int, repeats: int, seed: int,
                no_query_tuning: bool, device: str, select: str, threads: int | None,
@@ -149,31 +150,19 @@ def mntd_train(shadow: str, out: str | None, epochs: int, repeats: int, seed: in
 
 # ---------------------------------------------------------------- scan
 @main.command()
-@click.option("--manifest", required=True, metavar="URI",
-              help="Manifest (CSV, JSONL, Parquet, YAML) or a round directory.")
-@click.option("--out", required=True, metavar="URI", help="Output directory for the result tables.")
-@click.option("--detectors", default=None, metavar="A,B",
-              help="Comma-separated detector names (see `xray detectors`); default: those in "
-                   "--config, else modelxray.")
-@click.option("--config", "config_uri", default=None, metavar="FILE",
-              help="Run config YAML: seed, detectors with preset / params, examples_per_class.")
-@click.option("--preset", default=None,
-              help="Preset for every selected detector that has it (e.g. small, reference).")
-@click.option("--address", default=None,
-              help="Ray cluster address (e.g. ray://head:10001 or auto); default: start a local "
-                   "Ray instance.")
-@click.option("--actors", type=int, default=None, help="Number of scan actors (default: fill "
-              "the cluster's CPUs / GPUs).")
+@cli_args.manifest(True, "every model of it is scanned")
+@cli_args.OUT
+@cli_args.detectors("those in --config, else modelxray")
+@cli_args.config("modelxray")
+@cli_args.PRESET
+@cli_args.ADDRESS
+@cli_args.ACTORS
 @click.option("--cpus-per-actor", type=float, default=1.0, show_default=True,
               help="CPUs each actor requests (also its torch thread count).")
 @click.option("--gpus-per-actor", type=float, default=0.0, show_default=True,
               help="GPUs each actor requests (fractions allowed).")
-@click.option("--stack", "stack_size", type=int, default=1, show_default=True,
-              help="Send up to this many models of one architecture to an actor together; "
-                   "Model X-ray scores a stack in one vmapped pass (use 8-32 on GPUs).")
-@click.option("--allow-pickle", is_flag=True,
-              help="Allow whole-module pickled models (they run code when loaded; only in "
-                   "workers). Off by default.")
+@cli_args.STACK
+@cli_args.ALLOW_PICKLE
 @click.option("--retry-errors", is_flag=True, help="Scan again models whose last row is an error.")
 @click.option("--time-limit", type=float, default=None, metavar="SECONDS",
               help="Per-model time limit; a model past it gets a `timeout` row (default: none).")
@@ -183,9 +172,9 @@ def mntd_train(shadow: str, out: str | None, epochs: int, repeats: int, seed: in
 @click.option("--flush-seconds", type=float, default=10.0, show_default=True,
               help="Rows are written to Parquet at least this often (what an interrupted "
                    "driver can lose; re-running the command scans it again).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@cli_args.QUIET
 @_fail_cleanly
-def scan(manifest: str, out: str, detectors: str | None, config_uri: str | None,
+def scan(manifest: str, out: str, detectors: list[str] | None, config_uri: str | None,
          preset: str | None, address: str | None, actors: int | None, cpus_per_actor: float,
          gpus_per_actor: float, stack_size: int, allow_pickle: bool, retry_errors: bool,
          time_limit: float | None,
@@ -200,8 +189,7 @@ def scan(manifest: str, out: str, detectors: str | None, config_uri: str | None,
     from xray.results.sink import read_table
     from xray.runner import run_scan
 
-    names = [n.strip() for n in detectors.split(",") if n.strip()] if detectors else None
-    config = load_config(config_uri, names, allow_pickle=allow_pickle or None,
+    config = load_config(config_uri, detectors, allow_pickle=allow_pickle or None,
                          model_time_limit_s=time_limit)
     if preset:
         config = with_preset(config, preset)
@@ -230,12 +218,10 @@ def scan(manifest: str, out: str, detectors: str | None, config_uri: str | None,
               help="Drill into this model whatever its verdicts (repeatable).")
 @click.option("--planes", type=int, default=3, show_default=True,
               help="Model X-ray planes re-run and drawn per drill-down model (0 = none).")
-@click.option("--threshold", "thresholds", multiple=True, metavar="DETECTOR=VALUE",
-              help="Threshold of a detector (score >= VALUE -> trojaned), instead of calibrating "
-                   "it on known-clean models; needed for verdicts without ground truth.")
+@cli_args.THRESHOLDS
 @_fail_cleanly
 def report(out: str, run_id: str | None, html_path: str | None, max_drilldown: int,
-           models: tuple[str, ...], planes: int, thresholds: tuple[str, ...]) -> None:
+           models: tuple[str, ...], planes: int, thresholds: dict[str, float] | None) -> None:
     """Summarise the scores in OUT (per detector x group) and write the HTML report."""
     from xray.reduce.report import render_report
     from xray.reduce.summary import format_table, summarize, write_summary
@@ -244,19 +230,11 @@ def report(out: str, run_id: str | None, html_path: str | None, max_drilldown: i
     scores = read_table(out, "scores", run_id=run_id)
     if not len(scores):
         raise UserError(f"no scores under {out}" + (f" for run {run_id}" if run_id else ""))
-    given = {}
-    for item in thresholds:
-        name, _, value = item.partition("=")
-        try:
-            given[name.strip()] = float(value)
-        except ValueError:
-            raise click.BadParameter(f"{item!r}: expected DETECTOR=NUMBER",
-                                     param_hint="--threshold") from None
-    table = summarize(scores, given or None)
+    table = summarize(scores, thresholds)
     write_summary(out, table)
     click.echo(format_table(table))
     path = render_report(out, run_id=run_id, html_path=html_path, max_drilldown=max_drilldown,
-                         drilldown_models=models, planes=planes, thresholds=given or None,
+                         drilldown_models=models, planes=planes, thresholds=thresholds,
                          show_progress=True)
     click.echo(f"report: {path}")
 
@@ -264,34 +242,26 @@ def report(out: str, run_id: str | None, html_path: str | None, max_drilldown: i
 @main.command()
 @click.argument("run_a", metavar="RUN_A")
 @click.argument("run_b", metavar="RUN_B")
-@click.option("--tolerances", "tolerances_uri", default=None, metavar="FILE",
-              help="YAML / JSON tolerances, globally and per detector (defaults: see "
-                   "xray/reduce/compare.py).")
+@cli_args.TOLERANCES
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "markdown"]),
               default="text", show_default=True, help="Output format.")
 @click.option("--output", default=None, metavar="FILE",
               help="Also write the comparison to FILE (any URI).")
-@click.option("--threshold", "thresholds", multiple=True, metavar="DETECTOR=VALUE",
-              help="Threshold of a detector on both sides instead of calibrating it on "
-                   "known-clean models (verdicts without ground truth need one).")
+@cli_args.THRESHOLDS
 def compare(run_a: str, run_b: str, tolerances_uri: str | None, fmt: str,
-            output: str | None, thresholds: tuple[str, ...]) -> None:
+            output: str | None, thresholds: dict[str, float] | None) -> None:
     """Compare scan RUN_B against the baseline RUN_A (output dirs, optionally OUT@RUN_ID).
 
     Per detector x group: deltas of ROC-AUC, CE, accuracy, TPR at the fixed FPR and runtime
     against tolerances; flipped verdicts with both scores; new errors / timeouts; models missing
     from one side; differing detector versions or configs. Exit 0 within tolerance, 1 on a
-    regression, 2 on a usage error.
+    regression, 2 on a usage error. A --threshold applies to both sides.
     """
     from xray.reduce.compare import CompareUsageError, compare as compare_runs, load_tolerances
 
     try:
-        given = {k.strip(): float(v) for k, _, v in (t.partition("=") for t in thresholds)}
-    except ValueError:
-        raise click.BadParameter("expected DETECTOR=NUMBER", param_hint="--threshold") from None
-    try:
         result = compare_runs(run_a, run_b, load_tolerances(tolerances_uri),
-                              thresholds=given or None)
+                              thresholds=thresholds)
         text = result.format(fmt)
     except CompareUsageError as err:
         raise click.UsageError(str(err)) from err
@@ -325,8 +295,6 @@ def explain(out: str, model_id: str, png: str | None, planes: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_detectors(as_json: bool) -> None:
     """Every registered detector with its version, parameters and their defaults."""
-    import dataclasses
-
     from xray import detectors as registry
 
     described = []
@@ -347,7 +315,7 @@ def list_detectors(as_json: bool) -> None:
 @main.command()
 @click.option("--out", default="demo-out", show_default=True, metavar="DIR",
               help="Where the demo round and the scan results go.")
-@click.option("--workers", type=int, default=None, help="Training processes (default: cores).")
+@cli_args.WORKERS
 @_fail_cleanly
 def demo(out: str, workers: int | None) -> None:
     """The main job on its embedded default: build the demo round (real training, a few minutes
@@ -363,8 +331,7 @@ def demo(out: str, workers: int | None) -> None:
 @click.argument("out", metavar="OUT")
 @click.option("--train-run", "train_run", required=True, metavar="RUN",
               help="Run id in OUT whose labelled models train the stacker ('all' = every run).")
-@click.option("--detectors", default=None, metavar="A,B",
-              help="Detectors to stack (default: every detector with ok scores in the run).")
+@cli_args.detectors("every detector with ok scores in the run is stacked")
 @click.option("--C", "c_value", type=float, default=None,
               help="Inverse L2 strength (default: chosen by cross-validation).")
 @click.option("--model", "model", default=None, metavar="NAME",
@@ -373,7 +340,7 @@ def demo(out: str, workers: int | None) -> None:
 @click.option("--artifact", default=None, metavar="FILE",
               help="Where to save the calibrator (default: OUT/calibration/RUN-ID.json).")
 @_fail_cleanly
-def calibrate(out: str, train_run: str, detectors: str | None, c_value: float | None,
+def calibrate(out: str, train_run: str, detectors: list[str] | None, c_value: float | None,
               model: str | None, artifact: str | None) -> None:
     """Fit the combined detector (regularised logistic regression over the detectors' scores
     and statistics, missing scores explicit; feature subset and C chosen by cross-validation)
@@ -388,69 +355,29 @@ def calibrate(out: str, train_run: str, detectors: str | None, c_value: float | 
     from xray.reduce.calibrate import calibrate as fit_calibrator
     from xray.reduce.calibrate import describe
 
-    names = [n.strip() for n in detectors.split(",") if n.strip()] if detectors else None
     cal, uri = fit_calibrator(out, None if train_run == "all" else train_run,
-                              artifact_uri=artifact, detectors=names, C=c_value, model=model)
+                              artifact_uri=artifact, detectors=detectors, C=c_value, model=model)
     click.echo(describe(cal))
     click.echo(f"calibrator: {uri}")
 
 
-@main.command("trojai-detect", context_settings={"ignore_unknown_options": False})
-@click.option("--model_filepath", "--model-filepath", "model_filepath", required=True,
-              help="The model file to judge (TrojAI: a whole-module model.pt).")
-@click.option("--result_filepath", "--result-filepath", "result_filepath", required=True,
-              help="Where to write P(trojaned), one float on the first line.")
-@click.option("--scratch_dirpath", "--scratch-dirpath", "scratch_dirpath", required=True,
-              help="The only folder used for temporary files.")
-@click.option("--examples_dirpath", "--examples-dirpath", "examples_dirpath", required=True,
-              help="Folder of clean example images (class_<c>_example_<i>.png).")
-@click.option("--config", default=None, metavar="FILE", help="Scan config YAML (detectors).")
-@click.option("--calibrator", default=None, metavar="FILE", help="From `xray calibrate`.")
-@click.option("--time-budget", "--time_budget", "time_budget", type=float, default=600.0,
-              show_default=True, help="Seconds for this model; R is written before it ends.")
-@click.option("--allow-pickle", "--allow_pickle", "allow_pickle", is_flag=True,
-              help="Allow whole-module pickles (TrojAI model.pt); loaded in a worker process.")
-@click.option("--allow-training-models", is_flag=True,
-              help="Score a model the calibrator was trained on (in-sample; marked).")
-@click.option("--round", "round_", type=click.Choice(["r1", "r2", "r3", "r4"]), default=None,
-              help="Force a round's example preprocessing (default: inferred).")
-@click.option("--device", default="auto", show_default=True,
-              help="torch device: auto (cuda when present), cpu or cuda.")
-def trojai_detect(model_filepath: str, result_filepath: str, scratch_dirpath: str,
-                  examples_dirpath: str, config: str | None, calibrator: str | None,
-                  time_budget: float, allow_pickle: bool, allow_training_models: bool,
-                  round_: str | None, device: str) -> None:
-    """The TrojAI detector entrypoint: writes P(trojaned) on the first line of the result file,
-    always (0.5 with the reason on stderr when it cannot do better). Also installed as
-    `trojai-detector`."""
-    from xray.trojai_detect import run
-
-    sys.exit(run({"model_filepath": model_filepath, "result_filepath": result_filepath,
-                  "scratch_dirpath": scratch_dirpath, "examples_dirpath": examples_dirpath,
-                  "config": config, "calibrator": calibrator, "time_budget": time_budget,
-                  "allow_pickle": allow_pickle, "allow_training_models": allow_training_models,
-                  "round": round_, "device": device}))
+# `xray trojai-detect`: the command (and its options) live with the entrypoint they run, which
+# is also the `trojai-detector` console script and must start without this module's imports.
+main.add_command(trojai_detect.main)
 
 
 @main.command("score-testset")
 @click.argument("round_dir", metavar="ROUND_DIR")
-@click.option("--out", required=True, metavar="URI", help="Scan output folder (scanned or reused).")
+@cli_args.OUT
 @click.option("--run", "run_id", default=None, help="Reuse this run's scores instead of scanning.")
-@click.option("--config", "config_uri", default=None, metavar="FILE",
-              help="Scan config YAML (default: the calibrator's training config, else modelxray).")
-@click.option("--calibrator", default=None, metavar="FILE", help="From `xray calibrate`.")
-@click.option("--allow-training-models", is_flag=True,
-              help="Score a corpus that includes the calibrator's training models (same id and "
-                   "digest) instead of refusing it: they are marked (per model in_training, "
-                   "summary n_training_models) and a 'combined_held_out' row scores the others.")
-@click.option("--stack", "stack_size", type=int, default=1, show_default=True,
-              help="Send up to this many models of one architecture to an actor together; "
-                   "Model X-ray scores a stack in one vmapped pass (use 8-32 on GPUs).")
-@click.option("--allow-pickle", is_flag=True,
-              help="Allow whole-module pickles (TrojAI model.pt); loaded only in scan workers.")
-@click.option("--actors", type=int, default=None, help="Number of scan actors.")
-@click.option("--address", default=None, help="Ray cluster address (default: local instance).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@cli_args.config("the calibrator's training config, else modelxray")
+@cli_args.CALIBRATOR
+@cli_args.ALLOW_TRAINING_MODELS
+@cli_args.STACK
+@cli_args.ALLOW_PICKLE
+@cli_args.ACTORS
+@cli_args.ADDRESS
+@cli_args.QUIET
 @_fail_cleanly
 def score_testset(round_dir: str, out: str, run_id: str | None, config_uri: str | None,
                   calibrator: str | None, allow_training_models: bool, stack_size: int,
@@ -459,10 +386,9 @@ def score_testset(round_dir: str, out: str, run_id: str | None, config_uri: str 
     """Score a test set as the TrojAI harness does: CE (clipped) with its 95% interval, Brier,
     ROC-AUC (rounds 1-4 threshold form and roc_auc_score), missing = 0.5, per detector and for
     the combined detector. Writes OUT/testset/{per_model.csv,summary.csv,testset.html}.
-    A test set holding models the calibrator was trained on is refused (its figures would be
-    in-sample) unless --allow-training-models."""
-    import dataclasses
-
+    A test set holding models the calibrator was trained on (same id and digest) is refused (its
+    figures would be in-sample) unless --allow-training-models: then they are marked (per model
+    in_training, summary n_training_models) and a 'combined_held_out' row scores the others."""
     from xray.config import load_config
     from xray.reduce.calibrate import Calibrator
     from xray.reduce.harness import format_summary
@@ -479,6 +405,66 @@ def score_testset(round_dir: str, out: str, run_id: str | None, config_uri: str 
     click.echo(format_summary(result.summary, result.warning))
     click.echo(f"per model: {result.per_model_uri}\nsummary: {result.summary_uri}\n"
                f"report: {result.html_uri}")
+
+
+# ---------------------------------------------------------------- nightly regression
+@main.command("nightly")
+@click.option("--state", required=True, metavar="URI",
+              help="Folder holding the zoo, scans, nights and the baseline pointer (any URI).")
+@cli_args.recipe(False, "its round is built under --state when absent or changed")
+@cli_args.manifest(False, "scanned as it is (a zoo that is not ours to build)")
+@cli_args.config("modelxray")
+@cli_args.PRESET
+@cli_args.TOLERANCES
+@click.option("--accept", is_flag=True,
+              help="Make this night's scan the baseline once it is done.")
+@click.option("--accept-night", default=None, metavar="ID",
+              help="Only move the baseline to night ID ('latest' = the newest); no scan.")
+@click.option("--rescan", type=click.Choice(["code", "config"]), default="code",
+              show_default=True, help="What starts a fresh full scan: any change of xray's code "
+              "or of the libraries a score depends on (code), or only detector versions / "
+              "configs (config).")
+@cli_args.ADDRESS
+@cli_args.WORKERS
+@click.option("--drilldown", type=int, default=None,
+              help="Drill-down models in the report (default: the report's default).")
+@cli_args.QUIET
+@_fail_cleanly
+def nightly_run(state: str, recipe: str | None, manifest: str | None, config_uri: str | None,
+                preset: str | None, tolerances_uri: str | None, accept: bool,
+                accept_night: str | None, rescan: str, address: str | None,
+                workers: int | None, drilldown: int | None, quiet: bool) -> None:
+    """The nightly regression over a model zoo: rebuild the zoo only when its recipe changed,
+    scan it with the current code (models this code and config already scored are skipped),
+    compare with the accepted baseline, and write report.html, comparison.{txt,md,json} and
+    night.json under STATE/nights/<night id>/. The baseline moves only with --accept (this
+    night) or --accept-night ID (a past night; nothing is scanned). Exit 0 clean or no baseline
+    yet, 1 on a regression, 2 on a usage error. As a Ray job: jobs/nightly.py."""
+    from xray.config import load_config, with_preset
+    from xray.reduce.compare import CompareUsageError, load_tolerances
+
+    if accept_night:
+        pointer = nightly_job.accept_night(state, accept_night)
+        click.echo(f"baseline: night {pointer['night_id']} ({pointer['scan_uri']})")
+        return
+    if recipe and manifest:
+        raise click.UsageError("--recipe and --manifest are exclusive: give one")
+    if not (recipe or manifest):
+        raise click.UsageError("one of --recipe and --manifest is required (or --accept-night)")
+    try:
+        config = load_config(config_uri)
+        if preset:
+            config = with_preset(config, preset)
+        tolerances = load_tolerances(tolerances_uri)
+    except (CompareUsageError, ValueError, FileNotFoundError) as err:
+        raise click.UsageError(str(err)) from err
+    report = {} if drilldown is None else {"max_drilldown": drilldown}
+    night = nightly_job.run_nightly(state, recipe=recipe, manifest=manifest, config=config,
+                                    tolerances=tolerances, accept=accept, rescan=rescan,
+                                    address=address, workers=workers, report=report,
+                                    show_progress=not quiet)
+    click.echo(nightly_job.describe(night))
+    sys.exit(night.exit_code)
 
 
 if __name__ == "__main__":

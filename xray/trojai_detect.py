@@ -2,8 +2,10 @@
 
     trojai-detector --model_filepath M --result_filepath R --scratch_dirpath S \\
         --examples_dirpath E [--config FILE] [--calibrator FILE] [--time-budget SECONDS] \\
-        [--allow-pickle]
-    xray trojai-detect ...   (the same options)
+        [--allow-pickle] [--allow-training-models] [--round r1|r2|r3|r4] [--format FORMAT] \\
+        [--device DEVICE]
+    xray trojai-detect ...                 (the same command)
+    python -m xray.trojai_detect ...       (the same command; what the containers run)
 
 Writes one float in [0, 1] (probability that the model is trojaned) on the first line of R,
 which is what the harness reads (ref: trojai-test-harness; trojai-format.md "Detector
@@ -50,18 +52,27 @@ class count is the width of the model's output. The format follows the file name
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import importlib
 import json
+import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
+import click
+import yaml
+
+from xray import cli_args
+from xray.io.records import MODEL_FORMATS, ModelRecord
 from xray.jsonsafe import json_safe
 
 STARTED = time.monotonic()
@@ -111,8 +122,6 @@ def _model_format(path: str, given: str | None) -> str:
 
 
 def _has_examples(folder: str) -> bool:
-    import re
-
     pattern = re.compile(r"^class_(\d+)_example_(\d+)\.png$", re.IGNORECASE)
     return any(pattern.match(n) for n in os.listdir(folder))
 
@@ -216,8 +225,6 @@ def detect(model_filepath: str, result_filepath: str, scratch_dirpath: str,
         except (OSError, ValueError) as e:
             return fallback(f"cannot read calibrator {calibrator}: {e}")
     if config:
-        import yaml
-
         try:
             with open(config) as f:
                 scan_config = yaml.safe_load(f) or {}
@@ -279,6 +286,7 @@ def detect(model_filepath: str, result_filepath: str, scratch_dirpath: str,
     importer.join(timeout=max(0.0, deadline - time.monotonic()))
     if importer.is_alive():
         return finish(fallback("time budget ran out while loading the combiner", results))
+    # scipy / scikit-learn / pandas: imported only now, and already by the thread above
     from xray.reduce.calibrate import Calibrator, TrainingModelError, default_combined
 
     cal, in_training = None, None
@@ -313,7 +321,7 @@ def detect(model_filepath: str, result_filepath: str, scratch_dirpath: str,
 
 def _import_combiner() -> None:
     try:
-        import xray.reduce.calibrate  # noqa: F401
+        importlib.import_module("xray.reduce.calibrate")
     except Exception:  # reported when the names are imported for use
         pass
 
@@ -332,11 +340,11 @@ def _has_fileno() -> bool:
 
 def _record(job: dict[str, Any]):
     """The ModelRecord of the job's model (no ground truth)."""
+    # Worker-only imports (here and in `worker`): the driver never imports torch or numpy
     from PIL import Image
 
     from xray.io import trojai
     from xray.io.examples import list_examples
-    from xray.io.records import ModelRecord
 
     model_dir = os.path.dirname(job["model_filepath"])
     facts: dict[str, Any] = {}
@@ -380,16 +388,12 @@ def _emit(path: str, event: dict[str, Any]) -> None:
 
 
 def worker(job_path: str) -> int:
-    import dataclasses
-    import logging
-    import tempfile
-
     with open(job_path) as f:
         job = json.load(f)
     tempfile.tempdir = job["scratch"]
     progress = job["progress"]
     try:
-        import torch
+        import torch  # worker-only, as in `_record`
 
         from xray.config import parse_config
         from xray.detectors.base import DeadlinePassed, ScanContext, ScanData
@@ -435,58 +439,61 @@ def worker(job_path: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line
+# Command line: `trojai-detector` and `xray trojai-detect` (the same click command). The four
+# TrojAI arguments keep the harness's spelling (--model_filepath ...) and also take dashes.
 
 
-def build_parser(prog: str = "trojai-detector") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="TrojAI (rounds 1-4) detector entrypoint: "
-                                "writes P(trojaned) on the first line of the result file.")
-    p.add_argument("--model_filepath", "--model-filepath", required=True)
-    p.add_argument("--result_filepath", "--result-filepath", required=True)
-    p.add_argument("--scratch_dirpath", "--scratch-dirpath", required=True)
-    p.add_argument("--examples_dirpath", "--examples-dirpath", required=True)
-    p.add_argument("--config", default=None, help="scan config YAML (detectors, seed, ...)")
-    p.add_argument("--calibrator", default=None, help="calibrator JSON from `xray calibrate`")
-    p.add_argument("--time-budget", "--time_budget", type=float, default=DEFAULT_BUDGET,
-                   dest="time_budget", help="seconds for this model (default 600)")
-    p.add_argument("--allow-pickle", "--allow_pickle", action="store_true", dest="allow_pickle",
-                   help="allow whole-module pickles (TrojAI model.pt); they run code when loaded")
-    p.add_argument("--allow-training-models", action="store_true",
-                   dest="allow_training_models",
-                   help="score a model the calibrator was trained on (in-sample; marked)")
-    p.add_argument("--round", choices=ROUNDS, default=None,
-                   help="force a round's example preprocessing (default: inferred)")
-    p.add_argument("--format", dest="model_format", default=None,
-                   choices=("pickle", "state_dict", "safetensors", "torchscript"),
-                   help="model file format (default: from the file name; .pt = pickle)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    return p
-
-
-def run(args: argparse.Namespace | dict[str, Any]) -> int:
-    """Run the entrypoint from parsed options; prints one line on stderr; returns the exit code."""
-    opts = dict(vars(args) if isinstance(args, argparse.Namespace) else args)
+@click.command("trojai-detect", context_settings={"help_option_names": ["-h", "--help"],
+                                                  "max_content_width": 100})
+@click.option("--model_filepath", "--model-filepath", "model_filepath", required=True,
+              metavar="M", help="The model file to judge (TrojAI: a whole-module model.pt).")
+@click.option("--result_filepath", "--result-filepath", "result_filepath", required=True,
+              metavar="R", help="Where to write P(trojaned), one float on the first line.")
+@click.option("--scratch_dirpath", "--scratch-dirpath", "scratch_dirpath", required=True,
+              metavar="S", help="The only folder used for temporary files; S/xray-detect.json "
+              "says what ran.")
+@click.option("--examples_dirpath", "--examples-dirpath", "examples_dirpath", required=True,
+              metavar="E", help="Folder of clean example images (class_<c>_example_<i>.png).")
+@cli_args.config("the calibrator's training config, else Model X-ray's small preset")
+@cli_args.CALIBRATOR
+@click.option("--time-budget", "--time_budget", "time_budget", type=float,
+              default=DEFAULT_BUDGET, show_default=True, metavar="SECONDS",
+              help="Seconds for this model, counted from the start of the process; R is "
+              "written before it ends.")
+@cli_args.allow_pickle("--allow_pickle")
+@cli_args.ALLOW_TRAINING_MODELS
+@click.option("--round", "round_", type=click.Choice(ROUNDS), default=None,
+              help="Force a round's example preprocessing (default: inferred).")
+@click.option("--format", "model_format", type=click.Choice(MODEL_FORMATS), default=None,
+              help="Model file format (default: from the file name: .safetensors, "
+              ".torchscript.pt / .ts; anything else is a whole-module pickle).")
+@cli_args.device("auto", "torch device of the worker: auto (cuda when present), cpu, cuda "
+                 "or cuda:N.")
+@click.pass_context
+def main(ctx: click.Context, model_filepath: str, result_filepath: str, scratch_dirpath: str,
+         examples_dirpath: str, config_uri: str | None, calibrator: str | None,
+         time_budget: float, allow_pickle: bool, allow_training_models: bool,
+         round_: str | None, model_format: str | None, device: str) -> None:
+    """The TrojAI (rounds 1-4) detector entrypoint: writes P(trojaned) on the first line of
+    the result file R, always (0.5 with the reason on stderr when it cannot do better). Exit 0
+    when R holds an estimate, 1 when it holds the 0.5 fallback, 2 on a usage error. Installed as
+    `trojai-detector`; also `xray trojai-detect` and `python -m xray.trojai_detect`."""
     try:
-        outcome = detect(opts.pop("model_filepath"), opts.pop("result_filepath"),
-                         opts.pop("scratch_dirpath"), opts.pop("examples_dirpath"), **opts)
+        outcome = detect(model_filepath, result_filepath, scratch_dirpath, examples_dirpath,
+                         config=config_uri, calibrator=calibrator, time_budget=time_budget,
+                         allow_pickle=allow_pickle, round=round_, model_format=model_format,
+                         device=device, allow_training_models=allow_training_models)
     except BaseException as err:  # last resort: R already holds 0.5
         print(f"trojai-detect: wrote {FALLBACK} (unexpected {type(err).__name__}: {err})",
               file=sys.stderr)
-        if isinstance(err, KeyboardInterrupt):
-            return 130
-        return 1
+        ctx.exit(130 if isinstance(err, KeyboardInterrupt) else 1)
     verb = "wrote" if outcome.estimated else "wrote the fallback"
     print(f"trojai-detect: {verb} {outcome.probability:.6g} in {outcome.seconds:.1f} s "
           f"({outcome.reason})", file=sys.stderr)
-    return outcome.exit_code
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) == 2 and argv[0] == "--worker":
-        return worker(argv[1])
-    return run(build_parser().parse_args(argv))
+    ctx.exit(outcome.exit_code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":  # the process `detect` spawns
+        sys.exit(worker(sys.argv[2]))
+    main(prog_name="trojai-detector")
