@@ -17,8 +17,11 @@ from xray.reduce.summary import (
     format_table,
     load_scores,
     summarize,
+    unit_frames,
+    verdicts,
     write_summary,
 )
+from xray.reduce.formatting import fmt
 from xray.results.schema import RUNS, SCORES
 
 nan = float("nan")
@@ -317,6 +320,32 @@ def test_deduplicate_prefers_latest_ok():
     assert len(d) == len(scores)
     kept = d[(d.model_id == "m0") & (d.detector == "det_a")].iloc[0]
     assert kept.status == "ok" and kept.score == 0.1  # latest ok, not the later timeout
+
+
+def test_verdicts_say_why_a_model_without_a_score_has_none():
+    scores = scores_frame()
+    scores = scores[scores.run_id == "A"]
+    # m3 of det_b: status ok but no finite score; m7 of det_b: an error row (scores_frame);
+    # m6 of det_b: no row at all
+    scores = scores[~((scores.detector == "det_b") & (scores.model_id == "m6"))].copy()
+    scores.loc[(scores.detector == "det_b") & (scores.model_id == "m3"), "score"] = nan
+    frames = {u["detector"]: (pm, thr) for u, pm, thr, _, _ in unit_frames(scores)}
+    pm, thr = frames["det_b"]
+    v = verdicts(pm, thr)
+    assert v["m7"] == "error" and v["m3"] == "bad score" and v["m6"] == "not scored"
+    assert v["m4"] == "trojaned" and v["m0"] == "clean"
+    assert set(v[pm["usable"]]) <= {"trojaned", "clean"}
+    # the same per-model frame without a threshold: usable models say so, the others still why
+    nothr = verdicts(pm, nan)
+    assert nothr["m4"] == "no threshold" and nothr["m7"] == "error"
+    assert nothr["m6"] == "not scored"
+
+
+def test_one_number_format():
+    assert [fmt(None), fmt(pd.NA), fmt(nan), fmt(pd.NaT)] == ["-"] * 4
+    assert fmt(0.123456) == "0.123" and fmt(0.5, 4) == "0.5000" and fmt(np.float32(2)) == "2.000"
+    assert fmt(12345.6) == "1.23e+04" and fmt(3) == "3" and fmt(np.int64(7)) == "7"
+    assert fmt(True) == "True" and fmt("patch") == "patch"
 
 
 def _write_out(out, scores: pd.DataFrame):

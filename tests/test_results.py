@@ -5,7 +5,7 @@ import os
 import pyarrow as pa
 import pytest
 
-from xray.results.sink import ParquetSink, read_table, write_part
+from xray.results.sink import ParquetSink, dedupe_scores, read_runs, read_table, write_part
 
 
 def _row(model_id, status="ok", score=0.5, minute=0, detector="modelxray"):
@@ -62,3 +62,41 @@ def test_memory_filesystem(tmp_path):
 def test_empty_output_reads_as_empty_table(tmp_path):
     frame = read_table(str(tmp_path / "nothing"), "scores")
     assert len(frame) == 0 and "model_id" in frame.columns
+
+
+def test_one_dedupe_rule_and_order(tmp_path):
+    rows = [_row("b", "error", None, 1), _row("b", "ok", 0.2, 0), _row("a", "ok", 0.3, 2),
+            _row("a", "ok", 0.4, 2, detector="nc"), _row("a", "timeout", None, 5)]
+    write_part(str(tmp_path), "scores", "r1", rows)
+    frame = read_table(str(tmp_path), "scores")
+    # latest ok row else latest row; ordered by (model_id, detector)
+    assert list(zip(frame["model_id"], frame["detector"])) == [
+        ("a", "modelxray"), ("a", "nc"), ("b", "modelxray")]
+    assert list(frame["score"]) == [0.3, 0.4, 0.2]
+    raw = read_table(str(tmp_path), "scores", dedupe=False)
+    assert dedupe_scores(raw).equals(frame)
+    # equal times: the row read last wins (a stable rule, not the sort's whim)
+    tie = raw.iloc[[2, 2]].reset_index(drop=True).assign(score=[0.7, 0.8])
+    assert list(dedupe_scores(tie)["score"]) == [0.8]
+
+
+def test_read_only_some_models_and_one_row_per_run(tmp_path):
+    write_part(str(tmp_path), "scores", "r1", [_row("a"), _row("b"), _row("c")])
+    assert list(read_table(str(tmp_path), "scores", model_ids=["c", "a"])["model_id"]) == ["a", "c"]
+    assert read_table(str(tmp_path), "scores", model_ids=[]).empty
+
+    def run(run_id, start, end=None):
+        t = dt.datetime(2026, 1, 1, start, tzinfo=dt.timezone.utc)
+        return {"run_id": run_id, "config_hash": "h", "config_json": "{}", "code_version": "v",
+                "manifest_uri": "m.csv", "manifest_digest": "d", "models_total": 1,
+                "models_planned": 1, "started_at": t,
+                "finished_at": None if end is None else t + dt.timedelta(hours=end)}
+
+    write_part(str(tmp_path), "runs", "r2", [run("r2", 5)])
+    write_part(str(tmp_path), "runs", "r1", [run("r1", 1)])
+    write_part(str(tmp_path), "runs", "r1", [run("r1", 1, end=2)])
+    runs = read_runs(str(tmp_path))
+    assert list(runs["run_id"]) == ["r1", "r2"]  # oldest first, one row per run
+    assert runs["finished_at"].notna().tolist() == [True, False]  # r1's end row, r2 unfinished
+    assert list(read_runs(str(tmp_path), "r2")["run_id"]) == ["r2"]
+    assert read_runs(str(tmp_path / "nothing")).empty

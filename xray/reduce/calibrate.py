@@ -74,7 +74,7 @@ import pandas as pd
 from scipy.special import expit
 
 from xray.io import storage
-from xray.results.sink import json_object
+from xray.results.sink import json_object, read_runs, read_table
 
 log = logging.getLogger(__name__)
 
@@ -582,12 +582,10 @@ def fit(scores: pd.DataFrame, *, detectors: Sequence[str] | None = None, C: floa
 
 
 def _run_scan_config(out_uri: str, run_id: str | None) -> dict[str, Any]:
-    from xray.results.sink import read_table
-
-    runs = read_table(out_uri, "runs", run_id=run_id)
+    runs = read_runs(out_uri, run_id)
     if not len(runs):
         return {}
-    raw = json.loads(runs.sort_values("started_at").iloc[-1]["config_json"])
+    raw = json.loads(runs.iloc[-1]["config_json"])
     return {k: raw[k] for k in ("seed", "examples_per_class", "detectors") if k in raw}
 
 
@@ -596,8 +594,6 @@ def calibrate(out_uri: str, train_run: str | None, *, artifact_uri: str | None =
               model: str | None = None) -> tuple[Calibrator, str]:
     """`xray calibrate`: fit on run `train_run` of `out_uri` (all runs when None) and save the
     artifact (default <out>/calibration/<run or all>-<id>.json). Returns (calibrator, uri)."""
-    from xray.results.sink import read_table
-
     scores = read_table(out_uri, "scores", run_id=train_run)
     if not len(scores):
         raise ValueError(f"no scores under {out_uri}"

@@ -48,13 +48,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-import numpy as np
 import pandas as pd
 import yaml
 
 from xray.io import storage
 from xray.jsonsafe import json_safe
-from xray.reduce.summary import load_scores, summarize, unit_frames
+from xray.reduce.formatting import fmt
+from xray.reduce.summary import load_scores, summarize, unit_frames, verdicts
+from xray.results.sink import read_runs
 
 METRICS = (  # (summary column, higher is better)
     ("roc_auc", True), ("accuracy", True), ("tpr_at_fpr", True), ("ce", False),
@@ -166,16 +167,10 @@ class _Side:
 
 
 def _runs(out: str, run_id: str | None) -> pd.DataFrame:
-    from xray.results.sink import read_table
-
     try:
-        runs = read_table(out, "runs", run_id=run_id)
+        return read_runs(out, run_id)
     except Exception:  # the comparison of scores does not need it
         return pd.DataFrame()
-    if len(runs):
-        runs = runs.assign(_done=runs["finished_at"].notna()).sort_values(["_done", "started_at"])
-        runs = runs.drop_duplicates("run_id", keep="last").drop(columns="_done")
-    return runs.sort_values("started_at").reset_index(drop=True) if len(runs) else runs
 
 
 def load_side(spec: str, thresholds: Mapping[str, float] | None = None) -> _Side:
@@ -349,16 +344,6 @@ def _metric_rows(side_a: _Side, side_b: _Side, tolerances: ToleranceSet,
                                    "note": note})
 
 
-def _verdicts(per_model: pd.DataFrame, threshold: float) -> pd.Series:
-    usable = per_model["usable"].to_numpy(dtype=bool)
-    score = per_model["score"].to_numpy(dtype=float)
-    flagged = score >= threshold if not math.isnan(threshold) else np.zeros(len(score), bool)
-    verdict = np.where(usable, np.where(flagged, "trojaned", "clean"), "")
-    if math.isnan(threshold):
-        verdict = np.where(usable, "no threshold", "")
-    return pd.Series(verdict, index=per_model.index)
-
-
 def _model_rows(side_a: _Side, side_b: _Side, tolerances: ToleranceSet,
                 result: Comparison) -> None:
     for detector, (key_a, pm_a, thr_a, _) in side_a.units.items():
@@ -366,7 +351,7 @@ def _model_rows(side_a: _Side, side_b: _Side, tolerances: ToleranceSet,
             continue
         key_b, pm_b, thr_b, _ = side_b.units[detector]
         tol = tolerances.get(detector)
-        va, vb = _verdicts(pm_a, thr_a), _verdicts(pm_b, thr_b)
+        va, vb = verdicts(pm_a, thr_a), verdicts(pm_b, thr_b)
         common = pm_a.index.intersection(pm_b.index)
         wrong = 0
         for model_id in common:
@@ -482,14 +467,6 @@ def compare(a: str, b: str, tolerances: ToleranceSet | None = None, *,
 # Rendering
 
 
-def _f(value: Any, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, float):
-        return f"{value:+.{digits}f}" if digits < 0 else f"{value:.{digits}f}"
-    return str(value)
-
-
 def _delta(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -519,14 +496,15 @@ def _render(result: Comparison, markdown: bool) -> str:
         out.append(h("Regressions"))
         out += [("- " if markdown else "  ") + r for r in result.regressions]
     out.append(h("Metrics per detector x group (delta = B - A)"))
-    rows = [[m["detector"], m["group"], m["metric"], _f(m["a"]), _f(m["b"]), _delta(m["delta"]),
-             _f(m["tolerance"], 3) if m["tolerance"] is not None else "-", m["status"],
+    rows = [[m["detector"], m["group"], m["metric"], fmt(m["a"], 4), fmt(m["b"], 4),
+             _delta(m["delta"]),
+             fmt(m["tolerance"], 3) if m["tolerance"] is not None else "-", m["status"],
              m.get("note") or ""] for m in result.metrics]
     out.append(_table(["detector", "group", "metric", "A", "B", "delta", "tolerance", "status",
                        "note"], rows, markdown) if rows else "(no common detector)")
     out.append(h(f"Flipped verdicts ({len(result.flips)})"))
     rows = [[f["detector"], f["model_id"], f["truth"], f["verdict_a"], f["verdict_b"],
-             _f(f["score_a"]), _f(f["score_b"]), f["effect"]] for f in result.flips]
+             fmt(f["score_a"], 4), fmt(f["score_b"], 4), f["effect"]] for f in result.flips]
     out.append(_table(["detector", "model", "truth", "verdict A", "verdict B", "score A",
                        "score B", "effect"], rows, markdown) if rows else "none")
     for title, items in (("New errors / timeouts", result.new_failures),

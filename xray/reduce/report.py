@@ -51,16 +51,16 @@ from typing import Any, Iterable, Mapping, Sequence
 import jinja2
 import numpy as np
 import pandas as pd
-import pyarrow.dataset as ds
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import roc_curve
 
 from xray.io import storage
-from xray.results.sink import json_object
+from xray.results.sink import json_object, read_runs, read_table
 from xray.reduce import metrics as M
-from xray.reduce.summary import load_scores, summarize, unit_frames
+from xray.reduce.formatting import fmt
+from xray.reduce.summary import load_scores, summarize, unit_frames, verdicts
 
 MAX_ROWS = 5000  # per-model and error tables; the rest is counted, not shown
 DEFAULT_MAX_DRILLDOWN = 20  # models with a drill-down section, by default
@@ -93,20 +93,6 @@ _SUMMARY_HELP = (
 
 # --------------------------------------------------------------------------------------------
 # Small helpers
-
-
-def _fmt(x: Any, digits: int = 3) -> str:
-    if x is None or x is pd.NA:
-        return "-"
-    if isinstance(x, (bool, np.bool_)):
-        return str(bool(x))
-    if isinstance(x, (int, np.integer)):
-        return str(int(x))
-    if isinstance(x, (float, np.floating)):
-        if math.isnan(x):
-            return "-"
-        return f"{float(x):.{digits}g}" if abs(x) >= 1e4 else f"{float(x):.{digits}f}"
-    return str(x)
 
 
 def _png(fig: Figure, dpi: int = 100) -> str:
@@ -150,32 +136,13 @@ def _unit_label(unit: Mapping[str, str], several: bool) -> str:
     return f"{unit['detector']} {unit['detector_version']} [{unit['config_hash'][:8]}]"
 
 
-def _verdicts(per_model: pd.DataFrame, threshold: float) -> pd.Series:
-    """Per model: "trojaned" / "clean" at the threshold, else why there is no verdict."""
-    usable = per_model["usable"].to_numpy(dtype=bool)
-    score = per_model["score"].to_numpy(dtype=float)
-    status = per_model["status"].astype(object).to_numpy()
-    out = np.empty(len(per_model), dtype=object)
-    for i in range(len(out)):
-        if usable[i]:
-            out[i] = ("no threshold" if math.isnan(threshold)
-                      else "trojaned" if score[i] >= threshold else "clean")
-        elif _is_missing(status[i]):
-            out[i] = "not scored"
-        elif status[i] == "ok":
-            out[i] = "bad score"
-        else:
-            out[i] = str(status[i])
-    return pd.Series(out, index=per_model.index)
-
-
 def _units(scores: pd.DataFrame, thresholds: Mapping[str, float] | None) -> list[_Unit]:
     frames = unit_frames(scores, thresholds)
     several = len({u["detector"] for u, *_ in frames}) < len(frames)
     units = []
     for key, per_model, threshold, source, _ in frames:
         unit = _Unit(key, per_model, threshold, source, _unit_label(key, several))
-        unit.verdicts = _verdicts(per_model, threshold)
+        unit.verdicts = verdicts(per_model, threshold)
         units.append(unit)
     return units
 
@@ -190,28 +157,15 @@ def _truth(y: float) -> str:
 
 def _read_runs_frame(out_uri: str, run_id: str | None) -> tuple[pd.DataFrame, str]:
     """The runs table (one row per run: its end row when there is one), or empty plus a note."""
-    fs, path = storage.filesystem(storage.join(out_uri, "runs"))
     try:
-        if not fs.exists(path):
-            return pd.DataFrame(), "No runs table."
-        dataset = ds.dataset(path, filesystem=fs, format="parquet", partitioning="hive",
-                             ignore_prefixes=[".", "_"])
-        df = dataset.to_table().to_pandas()
+        runs = read_runs(out_uri, run_id)
     except Exception as exc:  # a report should still render with a damaged runs table
         return pd.DataFrame(), f"The runs table could not be read: {type(exc).__name__}: {exc}"
-    if "run_id" not in df.columns and "run" in df.columns:
-        df["run_id"] = df["run"]
-    if run_id is not None and "run_id" in df.columns:
-        df = df[df["run_id"].astype(str) == str(run_id)]
-    if df.empty:
-        return pd.DataFrame(), "No matching run in the runs table."
-    if "finished_at" in df.columns and "run_id" in df.columns:
-        # run_scan writes a start row and an end row per run: keep the end row when there is one
-        df = df.assign(_done=df["finished_at"].notna()).sort_values("_done", kind="stable")
-        df = df.drop_duplicates("run_id", keep="last").drop(columns="_done")
-    if "started_at" in df.columns:
-        df = df.sort_values("started_at", kind="stable")
-    return df.reset_index(drop=True), ""
+    if runs.empty:
+        fs, path = storage.filesystem(storage.join(out_uri, "runs"))
+        return pd.DataFrame(), ("No matching run in the runs table." if fs.exists(path)
+                                else "No runs table.")
+    return runs, ""
 
 
 def _runs_view(runs: pd.DataFrame) -> list[dict[str, Any]]:
@@ -235,8 +189,8 @@ def _runs_view(runs: pd.DataFrame) -> list[dict[str, Any]]:
             ("models in manifest", r.get("models_total")),
             ("models planned", r.get("models_planned")), ("config hash", r.get("config_hash")),
         ]
-        out.append({"run_id": _fmt(r.get("run_id")),
-                    "fields": [(k, _fmt(v) if v is not pd.NaT else "-") for k, v in fields],
+        out.append({"run_id": fmt(r.get("run_id")),
+                    "fields": [(k, fmt(v) if v is not pd.NaT else "-") for k, v in fields],
                     "config": pretty})
     return out
 
@@ -310,9 +264,9 @@ def _runtime(units: Sequence[_Unit]) -> tuple[list[dict[str, str]], str | None]:
         seconds = seconds[~np.isnan(seconds)]
         pct = M.runtime_percentiles(seconds)
         rows.append({"detector": unit.label, "n": str(seconds.size),
-                     "p50": _fmt(pct["p50"], 2), "p90": _fmt(pct["p90"], 2),
-                     "p99": _fmt(pct["p99"], 2), "max": _fmt(pct["max"], 2),
-                     "total": _fmt(float(seconds.sum()) if seconds.size else math.nan, 1)})
+                     "p50": fmt(pct["p50"], 2), "p90": fmt(pct["p90"], 2),
+                     "p99": fmt(pct["p99"], 2), "max": fmt(pct["max"], 2),
+                     "total": fmt(float(seconds.sum()) if seconds.size else math.nan, 1)})
         if seconds.size:
             data.append(seconds)
             labels.append(unit.label)
@@ -361,7 +315,7 @@ def _errors(scores: pd.DataFrame) -> tuple[list[dict[str, Any]], int, list[dict[
         error = r["error"] if isinstance(r["error"], str) else ""
         rows.append({
             "model_id": r["model_id"], "detector": r["detector"], "status": r["status"],
-            "run_id": r["run_id"], "worker": _fmt(r["worker"]), "seconds": _fmt(r["seconds"], 1),
+            "run_id": r["run_id"], "worker": fmt(r["worker"]), "seconds": fmt(r["seconds"], 1),
             "error": error, "first_line": _last_line(error),
         })
     by_status = []
@@ -427,7 +381,7 @@ def _summary_view(summary: pd.DataFrame) -> dict[str, Any]:
             if col == "group":
                 row[title] = "all" if r["group_by"] == "all" else f"{r['group_by']}={r['group']}"
             else:
-                row[title] = _fmt(r[col])
+                row[title] = fmt(r[col])
         rows.append(row)
     return {"columns": [t for t, _ in _SUMMARY_VIEW], "rows": rows, "text_columns": _SUMMARY_TEXT}
 
@@ -448,7 +402,7 @@ def select_drilldown(units: Sequence[Any], max_models: int = DEFAULT_MAX_DRILLDO
         if not isinstance(unit, _Unit):
             key, pm, thr, source, _ = unit
             unit = _Unit(key, pm, thr, source, key["detector"])
-            unit.verdicts = _verdicts(pm, thr)
+            unit.verdicts = verdicts(pm, thr)
         y = unit.per_model["y"]
         for model_id, verdict in unit.verdicts.items():
             if verdict not in ("trojaned", "clean"):
@@ -669,9 +623,9 @@ def _triggers_png(model_id: str, record: Any, truth: float, found: list[tuple[st
     """One figure: the ground-truth trigger row (trojaned models) and one row per inverted
     trigger (mask, pattern, stamped example). Returns (png or None, notes, trigger table)."""
     notes: list[str] = []
-    table = [{"detector": label, "index": _fmt(r["trigger_index"]), "target": _fmt(r["target"]),
-              "victim": "all" if _is_missing(r["victim"]) else _fmt(r["victim"]),
-              "kind": _fmt(r["kind"]), "size": _fmt(r["size"]), "reasr": _fmt(r["reasr"])}
+    table = [{"detector": label, "index": fmt(r["trigger_index"]), "target": fmt(r["target"]),
+              "victim": "all" if _is_missing(r["victim"]) else fmt(r["victim"]),
+              "kind": fmt(r["kind"]), "size": fmt(r["size"]), "reasr": fmt(r["reasr"])}
              for label, r in found]
     x = None
     if record is not None:
@@ -699,7 +653,7 @@ def _triggers_png(model_id: str, record: Any, truth: float, found: list[tuple[st
             notes.append(f"ground truth: {gt['text']}")
     for label, r in found:
         mask, pattern = _npy(r["mask"]), _npy(r["pattern"])
-        title = f"{label} #{int(r['trigger_index'])} -> {_fmt(r['target'])}"
+        title = f"{label} #{int(r['trigger_index'])} -> {fmt(r['target'])}"
         row = []
         if mask is not None:
             row.append((f"{title}: mask", _as_mask(mask), "gray"))
@@ -717,7 +671,7 @@ def _triggers_png(model_id: str, record: Any, truth: float, found: list[tuple[st
             except Exception as exc:  # a row this build cannot re-apply: draw the rest
                 notes.append(f"{title}: cannot re-apply ({type(exc).__name__}: {exc})")
         if not row:
-            notes.append(f"{title}: no mask or pattern stored ({_fmt(r['kind'])} trigger)")
+            notes.append(f"{title}: no mask or pattern stored ({fmt(r['kind'])} trigger)")
             continue
         rows.append(row)
     if not rows:
@@ -741,20 +695,7 @@ def _triggers_png(model_id: str, record: Any, truth: float, found: list[tuple[st
 
 def _read_triggers(out_uri: str, run_id: str | None, model_ids: Sequence[str]) -> pd.DataFrame:
     """The `triggers` rows of the drill-down models only (filtered while reading)."""
-    from xray.results.schema import TRIGGERS
-
-    if not model_ids:
-        return TRIGGERS.empty_table().to_pandas()
-    base = storage.join(out_uri, "triggers")
-    if run_id is not None:
-        base = storage.join(base, f"run={run_id}")
-    fs, path = storage.filesystem(base)
-    if not storage.with_retries(lambda: fs.exists(path)):
-        return TRIGGERS.empty_table().to_pandas()
-    dataset = ds.dataset(path, filesystem=fs, format="parquet", schema=TRIGGERS,
-                         partitioning=None, ignore_prefixes=[".", "_"])
-    table = dataset.to_table(filter=ds.field("model_id").isin(list(model_ids)))
-    return table.to_pandas()
+    return read_table(out_uri, "triggers", run_id=run_id, model_ids=list(model_ids))
 
 
 def _drilldown(picked: Sequence[tuple[str, list[str]]], units: Sequence[_Unit],
@@ -797,12 +738,12 @@ def _drill_entry(model_id: str, reasons: list[str], units: Sequence[_Unit],
         if verdict in ("trojaned", "clean") and not math.isnan(y):
             correct = (verdict == "trojaned") == (y == 1)
         detectors.append({
-            "label": unit.label, "status": _fmt(r["status"]) if not _is_missing(
+            "label": unit.label, "status": fmt(r["status"]) if not _is_missing(
                 r["status"]) else "not scored",
-            "score": _fmt(r["score"], 4), "threshold": _fmt(unit.threshold, 4),
+            "score": fmt(r["score"], 4), "threshold": fmt(unit.threshold, 4),
             "verdict": verdict, "correct": correct,
-            "target": _fmt(target) if not _is_missing(target) else "-",
-            "seconds": _fmt(r["seconds"], 2), "error": _last_line(r["error"])})
+            "target": fmt(target) if not _is_missing(target) else "-",
+            "seconds": fmt(r["seconds"], 2), "error": _last_line(r["error"])})
         for _, t in _triggers_for(triggers, model_id, unit, target).iterrows():
             found.append((unit.label, t))
     record, why = sources.record(model_id)
@@ -878,7 +819,7 @@ def render_report(
 
     roc_png, roc_note = _roc_png(units) if units else (None, "No scores.")
     detectors = [{"label": u.label, "version": u.key["detector_version"],
-                  "config_hash": u.key["config_hash"], "threshold": _fmt(u.threshold, 4),
+                  "config_hash": u.key["config_hash"], "threshold": fmt(u.threshold, 4),
                   "threshold_source": u.source, "hist_png": _hist_png(u)} for u in units]
     runtime_rows, runtime_png = _runtime(units)
     coverage_counts, coverage_missing, coverage_left_out = _coverage(units)

@@ -1,7 +1,8 @@
 """From the `scores` long table to one summary row per detector x group.
 
 Reading: `load_scores` returns the de-duplicated `scores` rows of one run or of all runs (one row
-per SCORE_KEY: the latest ok row, else the latest row).
+per SCORE_KEY: the latest ok row, else the latest row), through the one reader of the result
+tables, `xray.results.sink.read_table`; `deduplicate` is `xray.results.sink.dedupe_scores`.
 
 Summarising (`summarize`) works on *units* and *models*:
 
@@ -42,22 +43,19 @@ Summarising (`summarize`) works on *units* and *models*:
 from __future__ import annotations
 
 import io
-import json
 import math
-import posixpath
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from xray.io import storage
 from xray.reduce import metrics as M
-from xray.reduce.calibrate import trained_on_flag
-from xray.results.schema import SCORE_KEY, SCORES
-from xray.results.sink import json_object
+from xray.reduce.calibrate import row_probability, trained_on_flag
+from xray.reduce.formatting import fmt
+from xray.results.sink import dedupe_scores, json_object, read_table
 
 UNIT = ["detector", "detector_version", "config_hash"]
 CLEAN_QUANTILE = 0.95
@@ -91,72 +89,18 @@ _STR_COLUMNS = [
 # Reading
 
 
-def _empty_scores() -> pd.DataFrame:
-    return SCORES.empty_table().to_pandas()
-
-
-def deduplicate(scores: pd.DataFrame) -> pd.DataFrame:
-    """One row per SCORE_KEY: the latest ok row, else the latest row (by finished_at)."""
-    if scores.empty:
-        return scores.reset_index(drop=True)
-    order = scores.assign(_ok=scores["status"].eq("ok"))
-    order = order.sort_values(["_ok", "finished_at"], kind="stable")
-    kept = order.drop_duplicates(SCORE_KEY, keep="last").drop(columns="_ok")
-    return kept.sort_values(["detector", "model_id"], kind="stable").reset_index(drop=True)
-
-
-def _read_direct(out_uri: str, run_id: str | None) -> pd.DataFrame:
-    fs, path = storage.filesystem(storage.join(out_uri, "scores"))
-    if run_id is not None:
-        path = posixpath.join(path, f"run={run_id}")
-    if not storage.with_retries(lambda: fs.exists(path)):
-        return _empty_scores()
-    # Hidden / underscore files (the sink's temporary names) are skipped by pyarrow.dataset.
-    dataset = ds.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
-    table = dataset.to_table()
-    if table.num_rows == 0:
-        return _empty_scores()
-    columns = [name for name in SCORES.names if name in table.column_names]
-    table = table.select(columns)
-    missing = [f for f in SCORES if f.name not in columns]
-    for field in missing:  # files of an older schema version: absent columns are null
-        table = table.append_column(field, pa.nulls(table.num_rows, field.type))
-    return table.select(SCORES.names).cast(SCORES).to_pandas()
+deduplicate = dedupe_scores  # the name users import from here; the rule lives in results/
 
 
 def load_scores(out_uri: str, run_id: str | None = None) -> pd.DataFrame:
-    """The de-duplicated `scores` rows under <out>/scores/run=*/ (one run, or all).
-
-    Uses `xray.results.sink.read_table` when the sink provides it, else reads the Parquet parts
-    with pyarrow.dataset (hive partitioning on ``run``). Either way the rows are de-duplicated
-    on SCORE_KEY (`deduplicate`). No scores: an empty frame with the schema's columns.
-    """
-    try:
-        from xray.results import sink
-    except ImportError:
-        sink = None
-    reader = getattr(sink, "read_table", None)
-    if reader is not None:
-        table = reader(out_uri, "scores", run_id=run_id)
-        if isinstance(table, pa.Table):
-            table = table.to_pandas()
-        df = _empty_scores() if table is None or len(table) == 0 else table
-    else:
-        df = _read_direct(out_uri, run_id)
-    return deduplicate(df)
+    """The de-duplicated `scores` rows under <out>/scores/run=*/ (one run, or all): the results
+    reader `xray.results.sink.read_table`, one row per SCORE_KEY (`deduplicate`). No scores:
+    an empty frame with the schema's columns."""
+    return read_table(out_uri, "scores", run_id=run_id)
 
 
 # --------------------------------------------------------------------------------------------
 # Per-model preparation
-
-
-def _stat_probability(stats_json: Any) -> float:
-    value = json_object(stats_json).get("probability")
-    try:
-        p = float(value)
-    except (TypeError, ValueError):
-        return math.nan
-    return p if math.isfinite(p) else math.nan
 
 
 def _label(value: Any) -> float:
@@ -375,6 +319,25 @@ def _group_row(
     return row
 
 
+def verdicts(per_model: pd.DataFrame, threshold: float) -> pd.Series:
+    """The one verdict rule, per model of a unit's per-model frame (`unit_frames`):
+    "trojaned" (score >= threshold) or "clean" for a usable score, "no threshold" when the unit
+    has none; a model without a usable score gets no verdict but why: its status ("error",
+    "timeout", "crashed"), "bad score" (status ok, score not finite) or "not scored" (no row of
+    this unit). Only "trojaned" / "clean" are verdicts: metrics, flips and drill-downs ignore
+    the rest."""
+    usable = per_model["usable"].to_numpy(dtype=bool)
+    score = per_model["score"].to_numpy(dtype=float)
+    status = per_model["status"]
+    why = np.where(status.isna().to_numpy(), "not scored",
+                   np.where(status.eq("ok").to_numpy(), "bad score", status.astype(str).to_numpy()))
+    if math.isnan(threshold):
+        verdict = np.full(len(score), "no threshold", dtype=object)
+    else:
+        verdict = np.where(score >= threshold, "trojaned", "clean")
+    return pd.Series(np.where(usable, verdict, why).astype(object), index=per_model.index)
+
+
 def unit_frames(
     scores: pd.DataFrame, thresholds: Mapping[str, float] | None = None,
     clean_quantile: float = CLEAN_QUANTILE,
@@ -408,7 +371,7 @@ def unit_frames(
         y = per_model["y"].to_numpy(dtype=float)
         s = np.where(per_model["usable"], per_model["score"].to_numpy(dtype=float), np.nan)
         threshold, source = _unit_threshold(unit["detector"], y, s, thresholds, clean_quantile)
-        p_stat = np.array([_stat_probability(v) for v in per_model["stats_json"]], dtype=float)
+        p_stat = np.array([row_probability(v) for v in per_model["stats_json"]], dtype=float)
         p_logit = M.logistic(s - threshold)
         per_model["probability"] = np.where(np.isnan(p_stat), p_logit, p_stat)
         per_model["probability_source"] = np.where(np.isnan(p_stat), "logistic", "stats")
@@ -453,14 +416,6 @@ def summarize(
 # Output
 
 
-def _fmt(x: Any, digits: int = 3) -> str:
-    if x is None or x is pd.NA or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    if isinstance(x, (int, np.integer)):
-        return str(int(x))
-    return f"{float(x):.{digits}f}"
-
-
 def format_table(summary: pd.DataFrame) -> str:
     """A compact fixed-width text table of a summary, for a terminal."""
     if summary.empty:
@@ -472,26 +427,26 @@ def format_table(summary: pd.DataFrame) -> str:
                 "all" if g == "all" else f"{g}={v}"
                 for g, v in zip(summary["group_by"], summary["group"])
             ],
-            "n": summary["n"].map(_fmt),
+            "n": summary["n"].map(fmt),
             "troj/clean": [
-                f"{_fmt(a)}/{_fmt(b)}" for a, b in zip(summary["n_poisoned"], summary["n_clean"])
+                f"{fmt(a)}/{fmt(b)}" for a, b in zip(summary["n_poisoned"], summary["n_clean"])
             ],
-            "miss": summary["n_missing"].map(_fmt),
+            "miss": summary["n_missing"].map(fmt),
             "thr": [
-                f"{_fmt(t)}({src})"
+                f"{fmt(t)}({src})"
                 for t, src in zip(summary["threshold"], summary["threshold_source"])
             ],
-            "acc": summary["accuracy"].map(_fmt),
-            "best_acc": summary["best_accuracy"].map(_fmt),
-            "auc": summary["roc_auc"].map(_fmt),
+            "acc": summary["accuracy"].map(fmt),
+            "best_acc": summary["best_accuracy"].map(fmt),
+            "auc": summary["roc_auc"].map(fmt),
             "ce±ci95": [
-                "-" if _fmt(c) == "-" else f"{_fmt(c)}±{_fmt(ci)}"
+                "-" if fmt(c) == "-" else f"{fmt(c)}±{fmt(ci)}"
                 for c, ci in zip(summary["ce"], summary["ce_ci95"])
             ],
-            "ce(0.5)": summary["ce_missing_as_half"].map(_fmt),
-            "brier": summary["brier"].map(_fmt),
-            "tpr@fpr": summary["tpr_at_fpr"].map(_fmt),
-            "p50_s": summary["runtime_p50"].map(lambda x: _fmt(x, 1)),
+            "ce(0.5)": summary["ce_missing_as_half"].map(fmt),
+            "brier": summary["brier"].map(fmt),
+            "tpr@fpr": summary["tpr_at_fpr"].map(fmt),
+            "p50_s": summary["runtime_p50"].map(lambda x: fmt(x, 1)),
         }
     )
     return table.to_string(index=False)

@@ -73,22 +73,37 @@ class ParquetSink:
         self.close()
 
 
-def read_table(out_uri: str, table: str, run_id: str | None = None,
-               dedupe: bool = True) -> pd.DataFrame:
-    """All rows of `table` (of one run, or of every run), as pandas.
+def read_table(out_uri: str, table: str, run_id: str | None = None, dedupe: bool = True,
+               model_ids: Iterable[str] | None = None) -> pd.DataFrame:
+    """All rows of `table` (of one run, or of every run), as pandas, with the table's schema
+    (a part file of an older schema reads with the absent columns null).
 
-    `scores` is de-duplicated on SCORE_KEY: the latest ok row wins, else the latest row, so a
-    retried or re-run model is counted once."""
+    `scores` is de-duplicated (`dedupe_scores`) unless dedupe=False. model_ids: only the rows of
+    these models, filtered while reading. This is the one reader of the result tables."""
     schema = TABLES[table]
     fs, path = storage.filesystem(table_uri(out_uri, table, run_id))
-    if not fs.exists(path):
+    if not storage.with_retries(lambda: fs.exists(path)):
         return schema.empty_table().to_pandas()
     dataset = ds.dataset(path, filesystem=fs, format="parquet", schema=schema,
                          partitioning=None, ignore_prefixes=[".", "_"])
-    frame = dataset.to_table().to_pandas()
+    where = None if model_ids is None else ds.field("model_id").isin(
+        pa.array([str(m) for m in model_ids], type=pa.string()))
+    frame = dataset.to_table(filter=where).to_pandas()
     if table == "scores" and dedupe and len(frame):
         frame = dedupe_scores(frame)
     return frame
+
+
+def read_runs(out_uri: str, run_id: str | None = None) -> pd.DataFrame:
+    """The `runs` table with one row per run, oldest first. A run writes a start row (no
+    finished_at) and, when it ends, an end row: the end row is kept when there is one."""
+    runs = read_table(out_uri, "runs", run_id=run_id)
+    if not len(runs):
+        return runs
+    runs = runs.assign(_done=runs["finished_at"].notna())
+    runs = runs.sort_values(["_done", "started_at"], kind="stable")
+    runs = runs.drop_duplicates("run_id", keep="last").drop(columns="_done")
+    return runs.sort_values("started_at", kind="stable").reset_index(drop=True)
 
 
 def json_object(value: Any) -> dict[str, Any]:
@@ -105,6 +120,12 @@ def json_object(value: Any) -> dict[str, Any]:
 
 
 def dedupe_scores(frame: pd.DataFrame) -> pd.DataFrame:
-    order = frame.assign(_ok=frame["status"].eq("ok")).sort_values(["_ok", "finished_at"])
-    return (order.drop_duplicates(SCORE_KEY, keep="last").drop(columns="_ok")
-            .sort_values(["model_id", "detector"]).reset_index(drop=True))
+    """One row per SCORE_KEY: the latest ok row, else the latest row (by finished_at; rows of
+    equal time keep their read order), so a retried or re-run model is counted once. Ordered
+    by (model_id, detector)."""
+    if frame.empty:
+        return frame.reset_index(drop=True)
+    order = frame.assign(_ok=frame["status"].eq("ok"))
+    order = order.sort_values(["_ok", "finished_at"], kind="stable")
+    kept = order.drop_duplicates(SCORE_KEY, keep="last").drop(columns="_ok")
+    return kept.sort_values(["model_id", "detector"], kind="stable").reset_index(drop=True)

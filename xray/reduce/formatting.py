@@ -1,0 +1,32 @@
+"""The one number formatter of the reducer's text and HTML outputs (summary table, report,
+comparison).
+
+    fmt(0.12345) == "0.123"; fmt(12345.6) == "1.23e+04"; fmt(None) == fmt(nan) == "-"
+
+Missing (None, pd.NA, NaN) is "-", never a number; booleans and integers as they are; a float
+with `digits` decimals, or `digits` significant digits from 1e4 up (so a large threshold or
+runtime keeps its column narrow); anything else as str().
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+MISSING = "-"
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    if x is None or x is pd.NA or x is pd.NaT:
+        return MISSING
+    if isinstance(x, (bool, np.bool_)):
+        return str(bool(x))
+    if isinstance(x, (int, np.integer)):
+        return str(int(x))
+    if isinstance(x, (float, np.floating)):
+        if math.isnan(x):
+            return MISSING
+        return f"{float(x):.{digits}g}" if abs(x) >= 1e4 else f"{float(x):.{digits}f}"
+    return str(x)
