@@ -8,15 +8,18 @@ The zoo of the tiny recipe is the session's `tiny_round`, copied to where the jo
 here would repeat the fixture's minute of training."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
+from click.testing import CliRunner
 
 from _fixtures import TINY_RECIPE
 from xray import nightly
+from xray.cli import main
 from xray.config import parse_config
 from xray.zoo.recipe import parse_recipe
 
@@ -24,11 +27,9 @@ JOB = Path(__file__).resolve().parents[1] / "jobs" / "nightly.py"
 SMALL = {"detectors": {"modelxray": {"preset": "small"}}}
 
 
-def _job():
-    spec = importlib.util.spec_from_file_location("nightly_job", JOB)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _nightly(*args: str):
+    """`xray nightly ARGS` (what jobs/nightly.py runs) -> click's result."""
+    return CliRunner().invoke(main, ["nightly", *args])
 
 
 def _files(folder: Path) -> dict[str, float]:
@@ -55,13 +56,14 @@ def test_nightly_twice_on_an_unchanged_recipe(tiny_round, ray_local, tmp_path):
     pointer = json.loads((state / "baseline.json").read_text())
     assert pointer["night_id"] == first.night_id and pointer["scan_uri"] == first.scan_uri
 
-    # the second night, through the job's entrypoint: recipe and config as files
+    # the second night, through the command: recipe and config as files
     recipe_file, config_file = tmp_path / "recipe.yaml", tmp_path / "config.yaml"
     recipe_file.write_text(yaml.safe_dump(TINY_RECIPE))
     config_file.write_text(yaml.safe_dump(SMALL))
-    code = _job().main(["--state", str(state), "--recipe", str(recipe_file), "--config",
-                        str(config_file), "--drilldown", "0", "--quiet"])
-    assert code == 0
+    result = _nightly("--state", str(state), "--recipe", str(recipe_file), "--config",
+                      str(config_file), "--drilldown", "0", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "comparison with night" in result.output and "clean" in result.output
     second = json.loads((state / "latest.json").read_text())
     assert second["night_id"] != first.night_id
     assert second["zoo"]["rebuilt"] is False and second["zoo"]["trained"] == 0
@@ -78,7 +80,8 @@ def test_nightly_twice_on_an_unchanged_recipe(tiny_round, ray_local, tmp_path):
     assert json.loads((state / "baseline.json").read_text()) == pointer  # not accepted
 
     # accepting a past night moves the pointer, and only then
-    assert _job().main(["--state", str(state), "--accept-night", second["night_id"]]) == 0
+    result = _nightly("--state", str(state), "--accept-night", second["night_id"])
+    assert result.exit_code == 0 and f"baseline: night {second['night_id']}" in result.output
     moved = json.loads((state / "baseline.json").read_text())
     assert moved["night_id"] == second["night_id"] and moved["scan_uri"] == first.scan_uri
 
@@ -98,9 +101,24 @@ def test_a_changed_recipe_means_a_new_round(tiny_round, tmp_path):
     assert not nightly.round_is_current(str(partial), recipe)
 
 
-def test_job_usage_errors(tmp_path):
-    job = _job()
+def test_usage_errors_exit_2(tmp_path):
     bad = tmp_path / "tol.yaml"
     bad.write_text("auc: 1\n")
-    assert job.main(["--state", str(tmp_path), "--recipe", "demo", "--tolerances",
-                     str(bad)]) == 2
+    result = _nightly("--state", str(tmp_path), "--recipe", "demo", "--tolerances", str(bad))
+    assert result.exit_code == 2 and "auc" in result.output
+    result = _nightly("--state", str(tmp_path), "--recipe", "demo", "--manifest", "m.csv")
+    assert result.exit_code == 2 and "exclusive" in result.output
+    missing = _nightly("--state", str(tmp_path), "--accept-night", "nope")
+    assert missing.exit_code == 1 and "no night 'nope'" in missing.output
+    assert "Traceback" not in missing.output
+
+
+def test_the_job_runs_xray_nightly(tmp_path):
+    """jobs/nightly.py is `xray nightly` with INFO logging: the same options and exit codes."""
+    proc = subprocess.run([sys.executable, str(JOB), "--state", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "one of --recipe and --manifest is required" in proc.stderr
+    helped = subprocess.run([sys.executable, str(JOB), "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert helped.returncode == 0 and "--accept-night" in helped.stdout
