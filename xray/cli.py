@@ -390,9 +390,9 @@ def score_testset(round_dir: str, out: str, run_id: str | None, config_uri: str 
     figures would be in-sample) unless --allow-training-models: then they are marked (per model
     in_training, summary n_training_models) and a 'combined_held_out' row scores the others."""
     from xray.config import load_config
+    from xray.pipeline import score_testset as run_score_testset
     from xray.reduce.calibrate import Calibrator
     from xray.reduce.harness import format_summary
-    from xray.reduce.harness import score_testset as run_score_testset
 
     cal = Calibrator.load(calibrator) if calibrator else None
     config = load_config(config_uri) if config_uri else (cal.scan_config() if cal else load_config(None))

@@ -1,7 +1,8 @@
-"""Score a test set exactly as the TrojAI harness (rounds 1-4) does, and `xray score-testset`.
+"""Score a test set exactly as the TrojAI harness (rounds 1-4) does: the reduce half of
+`xray score-testset` (the scan before it is `xray.pipeline.score_testset`).
 
-    figures = harness_scores(y, p)               # ce, ce_ci95, brier, roc_auc_thresholds, ...
-    result = score_testset(round_dir, out_uri)   # scan (or reuse) + per-model CSV + summary
+    figures = harness_scores(y, p)                              # ce, ce_ci95, brier, ...
+    result = testset_report(round_dir, out_uri, scores, run_id)  # per-model CSV + summary + page
 
 Harness rules (ref: usnistgov/trojai-test-harness actor_executor/metrics.py, submission.py,
 fs_utils.py; trojai-format.md "Scoring"):
@@ -34,10 +35,16 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+from markupsafe import Markup
 from sklearn.metrics import auc as sk_auc
 
 from xray.io import storage
+from xray.reduce import calibrate as C
 from xray.reduce import metrics as M
+from xray.reduce.templating import render
+from xray.results.schema import SCORES
+from xray.results.sink import read_table, write_part
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +180,6 @@ def testset_tables(records: Sequence[Any], scores: pd.DataFrame, calibrator: Any
     scores of its models. Every record counts; a model without an ok score predicts 0.5.
     Test models the calibrator was trained on: refused, or with allow_training_models marked
     (see the module docstring)."""
-    from xray.reduce import calibrate as C
-
     labelled = [r for r in records if r.poisoned is not None]
     if len(labelled) < len(records):
         log.warning("%d of %d models have no ground truth and are left out of the scores",
@@ -229,28 +234,17 @@ def format_summary(summary: pd.DataFrame, warning: str | None = None) -> str:
 
 def _html(summary: pd.DataFrame, per_model: pd.DataFrame, title: str,
           warning: str | None = None) -> str:
-    import html
+    """The testset page (templates/testset.html.j2): the two tables as pandas writes them
+    (cells escaped), four decimals, '-' for missing."""
+    def table(frame: pd.DataFrame) -> Markup:
+        return Markup(frame.to_html(index=False, float_format=lambda x: f"{x:.4f}", na_rep="-"))
 
-    banner = (f"<p style='color:#a00;font-weight:bold'>WARNING: {html.escape(warning)}</p>"
-              if warning else "")
-    return ("<!doctype html><meta charset='utf-8'><title>" + html.escape(title) + "</title>"
-            "<style>body{font-family:sans-serif}td,th{padding:2px 8px;text-align:right}</style>"
-            f"<h1>{html.escape(title)}</h1>{banner}"
-            "<p>Scored as the TrojAI harness (rounds 1-4): missing or NaN predictions = 0.5; "
-            "CE with p clipped to [1e-12, 1-1e-12] and its 95% interval; Brier on unclipped p; "
-            "ROC-AUC over thresholds 0, 0.01, ..., 1 (p &gt;= t; round 1: p &gt; t) and sklearn "
-            "roc_auc_score.</p><h2>Summary</h2>"
-            + summary.to_html(index=False, float_format=lambda x: f"{x:.4f}", na_rep="-")
-            + "<h2>Per model</h2>"
-            + per_model.to_html(index=False, float_format=lambda x: f"{x:.4f}", na_rep="-"))
+    return render("testset.html.j2", title=title, warning=warning,
+                  summary_table=table(summary), per_model_table=table(per_model))
 
 
 def _plain_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
     """DataFrame rows as the sink takes them: NaN / NA -> None, integer columns as int."""
-    import pyarrow as pa
-
-    from xray.results.schema import SCORES
-
     ints = {f.name for f in SCORES if pa.types.is_integer(f.type)}
     rows = []
     for row in frame.to_dict("records"):
@@ -265,40 +259,21 @@ def _plain_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
     return rows
 
 
-def score_testset(round_uri: str, out_uri: str, *, run_id: str | None = None, config: Any = None,
-                  calibrator: Any = None, scan_kwargs: Mapping[str, Any] | None = None,
-                  write_combined: bool = True,
-                  allow_training_models: bool = False) -> TestsetResult:
-    """Scan a round's models (skipping those already scored with this config) or reuse run
-    `run_id` of `out_uri`, then score them as the harness does.
+def testset_report(round_uri: str, out_uri: str, scores: pd.DataFrame, run_id: str, *,
+                   calibrator: Any = None, write_combined: bool = True,
+                   allow_training_models: bool = False) -> TestsetResult:
+    """Score a round's models from their `scores` rows (of run `run_id`, or of the scan that
+    just ran) as the harness does. Reads tables only: `xray.pipeline.score_testset` scans first.
 
     Writes <out>/testset/per_model.csv, summary.csv and testset.html, and (write_combined) the
     combined detector's rows into <out>/scores so that `xray report` shows it beside the others.
-    Models the calibrator was trained on: TrainingModelError (after a scan, whose rows are
-    kept), unless allow_training_models (then marked; see the module docstring).
+    Models the calibrator was trained on: TrainingModelError (the scan's rows are kept), unless
+    allow_training_models (then marked; see the module docstring).
     """
+    # local: xray.io.manifest imports torch (through io.examples), which scoring never needs
     from xray.io.manifest import read_manifest
-    from xray.reduce import calibrate as C
-    from xray.results.sink import read_table, write_part
 
     records = read_manifest(round_uri)
-    if run_id is None:
-        from xray.config import ScanConfig
-        from xray.runner import run_scan
-
-        config = config or (calibrator.scan_config() if calibrator is not None else ScanConfig())
-        summary = run_scan(round_uri, out_uri, config, **dict(scan_kwargs or {}))
-        run_id = summary.run_id
-        built = [d.build() for d in config.detectors]
-        keys = {(d.name, d.version, config.detector_hash(d)) for d in built}
-        scores = read_table(out_uri, "scores")
-        if len(scores):
-            key = list(zip(scores["detector"], scores["detector_version"], scores["config_hash"]))
-            scores = scores[[k in keys for k in key]]
-    else:
-        scores = read_table(out_uri, "scores", run_id=run_id)
-        if not len(scores):
-            raise ValueError(f"no scores under {out_uri} for run {run_id}")
     scores = scores[scores["detector"] != C.COMBINED]
     try:
         per_model, summary, combined = testset_tables(
@@ -319,3 +294,11 @@ def score_testset(round_uri: str, out_uri: str, *, run_id: str | None = None, co
     storage.write_text(html_uri, _html(summary, per_model, title, warning))
     return TestsetResult(run_id, per_model, summary, per_model_uri, summary_uri, html_uri,
                          warning)
+
+
+def run_scores(out_uri: str, run_id: str) -> pd.DataFrame:
+    """The `scores` rows of run `run_id` (ValueError when it has none)."""
+    scores = read_table(out_uri, "scores", run_id=run_id)
+    if not len(scores):
+        raise ValueError(f"no scores under {out_uri} for run {run_id}")
+    return scores
