@@ -1,4 +1,4 @@
-"""`ray job submit ... -- python jobs/nightly.py --state URI (--recipe FILE|NAME | --manifest URI) [options]`
+"""`ray job submit ... -- python jobs/nightly.py --state URI --recipe FILE|NAME [options]`
 
 The nightly regression over a model zoo: `xray nightly` (a thin wrapper over
 xray.nightly.run_nightly) with the same options, logging at INFO level for the job's log. Exit 0

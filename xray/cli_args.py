@@ -6,8 +6,9 @@
     def scan(config_uri, allow_pickle): ...
 
 A constant (upper case) is an option every command spells, defaults and explains the same way;
-a function (lower case) returns one whose default, or the words for it, is the command's own. Only click is imported
-here: `trojai-detector` builds its command from these and must start fast.
+a function (lower case) returns one whose default, or the words for it, is the command's own.
+Only click is imported here: `trojai-detector` builds its command from these and must start
+fast.
 """
 from __future__ import annotations
 

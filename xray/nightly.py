@@ -40,6 +40,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from xray.io import storage
+from xray.zoo.recipe import Recipe, load_recipe
+
+# The imports inside functions pull in torch (zoo, config, manifests), Ray (runner) or pandas
+# (compare, report): `import xray.nightly` stays light, for `xray --help`.
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +117,7 @@ def new_night_id() -> str:
     return _now().strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
-def round_is_current(round_uri: str, recipe: Any) -> bool:
+def round_is_current(round_uri: str, recipe: Recipe) -> bool:
     """True when `round_uri` holds every model of `recipe` (trained or recorded failed) and its
     round.json names the recipe's digest: nothing to build."""
     from xray.zoo import round as round_writer
@@ -131,7 +135,7 @@ def round_is_current(round_uri: str, recipe: Any) -> bool:
     return {s.model_id for s in recipe.model_specs()} <= done
 
 
-def ensure_zoo(state_uri: str, recipe: Any, *, workers: int | None = None,
+def ensure_zoo(state_uri: str, recipe: Recipe, *, workers: int | None = None,
                show_progress: bool = False) -> dict[str, Any]:
     """The recipe's round under <state>/zoo/, built only when absent or incomplete."""
     from xray.zoo.build import build_round
@@ -174,9 +178,10 @@ def accept_night(state_uri: str, night: str = "latest") -> dict[str, Any]:
     return pointer
 
 
-def run_nightly(state_uri: str, *, recipe: Any = None, manifest: str | None = None,
-                config: Any = None, tolerances: Any = None, accept: bool = False,
-                rescan: str = "code", address: str | None = None, workers: int | None = None,
+def run_nightly(state_uri: str, *, recipe: Recipe | str | None = None,
+                manifest: str | None = None, config: Any = None, tolerances: Any = None,
+                accept: bool = False, rescan: str = "code", address: str | None = None,
+                workers: int | None = None,
                 report: Mapping[str, Any] | None = None, show_progress: bool = False,
                 night_id: str | None = None) -> NightResult:
     """One night (module docstring). recipe: a Recipe, a recipe file or a recipe name; or
@@ -188,7 +193,6 @@ def run_nightly(state_uri: str, *, recipe: Any = None, manifest: str | None = No
     from xray.reduce.report import render_report
     from xray.runner import run_scan
     from xray.runner.scan_run import code_version
-    from xray.zoo.recipe import Recipe, load_recipe
 
     if (recipe is None) == (manifest is None):
         raise ValueError("run_nightly needs exactly one of recipe= and manifest=")

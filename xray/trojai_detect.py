@@ -30,9 +30,9 @@ entrypoint"). Guarantees:
 * --time-budget (default 600 s, the harness's per-model allowance) is counted from the start of
   this process. The worker is killed `margin` before its end; each detector is given what is
   left until then, less xray.scan.stop_margin, as ctx.deadline (seconds left), so a detector
-  that loops stops with what it has before the kill; R then holds the estimate from the detectors that
-  finished (through the calibrator, which treats the others as missing, or the default map),
-  else 0.5.
+  that loops stops with what it has before the kill; R then holds the estimate from the
+  detectors that finished (through the calibrator, which treats the others as missing, or the
+  default map), else 0.5.
 
 Detectors: --config (a scan config YAML: detectors with preset / params, seed,
 examples_per_class), else the calibrator's training config, else DEFAULT_CONFIG (Model X-ray,
