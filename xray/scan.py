@@ -9,6 +9,7 @@ examples and the architecture facts: never the record's ground truth.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
 import json
 import logging
@@ -27,6 +28,7 @@ from xray.io.model_loading import load_model
 from xray.io.records import ModelRecord
 from xray.io.storage import filesystem
 from xray.jsonsafe import json_safe
+from xray.models.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +38,6 @@ def file_facts(uri: str) -> tuple[str, int]:
     weights. The fingerprint is the object's ETag / checksum where the store has one, else size
     and modification time: a changed file gets a new one and is scanned again (rewriting
     identical bytes may too)."""
-    import hashlib
-
     fs, path = filesystem(uri)
     info = fs.info(path)
     keys = ("ETag", "etag", "checksum", "size", "mtime", "LastModified", "created")
@@ -48,12 +48,6 @@ def file_facts(uri: str) -> tuple[str, int]:
 
 def model_fingerprint(uri: str) -> str:
     return file_facts(uri)[0]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _now() -> dt.datetime:

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from xray import models
+from xray.models.device import resolve_device
 from xray.zoo import attacks as attack_lib
 from xray.zoo.data import Dataset
 from xray.zoo.recipe import ModelSpec, TrainingRecipe
@@ -116,10 +117,9 @@ def measure(net: nn.Module, attack: Any | None, dataset: Dataset) -> tuple[float
 
 
 def resolve_training_device(device: str | None) -> torch.device:
-    """xray.scan.resolve_device ('cpu', 'cuda', 'cuda:N', 'auto' = cuda when available; None
-    = cpu), but a device this machine does not have is a ValueError before any training."""
-    from xray.scan import resolve_device
-
+    """xray.models.device.resolve_device ('cpu', 'cuda', 'cuda:N', 'auto' = cuda when
+    available; None = cpu), but a device this machine does not have is a ValueError before any
+    training."""
     try:
         dev = resolve_device(device or "cpu")
     except RuntimeError as e:
