@@ -17,6 +17,8 @@ from typing import Any, ClassVar, Iterator, Protocol
 
 import torch
 
+from xray.models.normalize import channels, denormalize, normalize
+
 
 @dataclass
 class ScanData:
@@ -33,21 +35,16 @@ class ScanData:
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
 
-    def _stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.x.shape[1]
-        mean = torch.tensor(self.mean, dtype=self.x.dtype).expand(c) if len(self.mean) == 1 \
-            else torch.tensor(self.mean, dtype=self.x.dtype)
-        std = torch.tensor(self.std, dtype=self.x.dtype).expand(c) if len(self.std) == 1 \
-            else torch.tensor(self.std, dtype=self.x.dtype)
-        return mean.view(1, c, 1, 1), std.view(1, c, 1, 1)
+    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # In the examples' dtype, on `like`'s device; one value broadcasts over the channels.
+        return (channels(self.mean, dtype=self.x.dtype, device=like.device),
+                channels(self.std, dtype=self.x.dtype, device=like.device))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        mean, std = self._stats()
-        return (x - mean.to(x.device)) / std.to(x.device)
+        return normalize(x, *self._stats(x))
 
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
-        mean, std = self._stats()
-        return z * std.to(z.device) + mean.to(z.device)
+        return denormalize(z, *self._stats(z))
 
 
 class DetectorDidNoWork(RuntimeError):

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from xray import models
+from xray.models.normalize import Normalized
 from xray.io import storage
 from xray.io.records import MODEL_FORMATS, ModelRecord
 
@@ -47,23 +48,6 @@ class ModelLoadError(ValueError):
 
 class PickleNotAllowedError(ModelLoadError):
     """A whole-module pickle was asked for without the allow_pickle opt-in."""
-
-
-class Normalized(nn.Module):
-    """`net` behind a fixed (x - mean) / std step, so callers feed pixel-space [0, 1] input."""
-
-    def __init__(self, net: nn.Module, mean: Sequence[float] = (0.0,),
-                 std: Sequence[float] = (1.0,)) -> None:
-        super().__init__()
-        self.net = net
-        # Not persistent: the wrapper's state dict is the network's, under "net.".
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1),
-                             persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1),
-                             persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) / self.std)
 
 
 def _pickle_refused(uri: str) -> PickleNotAllowedError:

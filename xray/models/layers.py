@@ -39,18 +39,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torchvision.models as tvm
+
+from xray.models import nets
+from xray.models.normalize import Normalize, Normalized
 
 POSITIONS = ("middle", "second_last", "last")
-
-
-class _Normalize(nn.Module):
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("mean", mean.detach().clone(), persistent=False)
-        self.register_buffer("std", std.detach().clone(), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
 
 
 class _Copy(nn.Module):
@@ -101,11 +95,7 @@ def _conv_block_ends(stages: list[tuple[str, nn.Module]], prefix: str) -> list[i
 
 def plan(net: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[int]]:
     """(stages, block_ends): stages compose to net's forward; block_ends index the main blocks."""
-    import torchvision.models as tvm
-
-    from xray.models import nets
-
-    flat, fc = nn.Flatten(1), None
+    flat = nn.Flatten(1)
     if isinstance(net, tvm.ResNet):
         stages = [(n, getattr(net, n)) for n in ("conv1", "bn1", "relu", "maxpool", "layer1",
                                                   "layer2", "layer3", "layer4", "avgpool")]
@@ -212,12 +202,10 @@ def split_model(model: nn.Module, position: str = "second_last"
     `model` is a bare network or the `Normalized` loading wrapper (h then normalises first and
     layer_name is prefixed "net."). Raises NotImplementedError for an architecture without a plan.
     """
-    from xray.io.model_loading import Normalized
-
     net, prefix, head = model, "", []
     if isinstance(model, Normalized):
         net, prefix = model.net, "net."
-        head = [("<normalize>", _Normalize(model.mean, model.std))]
+        head = [("<normalize>", Normalize(model.mean, model.std))]
     stages, blocks = plan(net)
     cut = blocks[block_index(len(blocks), position)]
     layer_name = prefix + stages[cut][0]
