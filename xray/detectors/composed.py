@@ -33,7 +33,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from xray.detectors import DETECTORS, register
+import xray.detectors.inversion.abs  # noqa: F401  (the upstream scanners register themselves)
+import xray.detectors.inversion.karm  # noqa: F401
+import xray.detectors.inversion.nc  # noqa: F401
+from xray.detectors._registry import DETECTORS, register
 from xray.detectors.base import DetectorResult, ScanContext, ScanData
 from xray.detectors.exray import ExRay
 
@@ -153,7 +156,7 @@ def compose(upstream_name: str) -> type:
 
 
 # Import side effect (like every detector module): one composed detector per upstream scanner
-# registered before this module is imported (xray.detectors._load_builtin imports it last).
+# (imported above, so registered before this runs).
 for _name in UPSTREAMS:
     if _name in DETECTORS and f"{_name}+exray" not in DETECTORS:
         compose(_name)

@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from xray.detectors import register
+from xray.detectors._registry import register
 from xray.detectors.base import (DetectorResult, ScanContext, ScanData, eval_mode,
                                  require_steps)
 

@@ -68,7 +68,7 @@ from typing import Any, BinaryIO, Sequence
 import numpy as np
 import torch
 
-from xray.detectors import register
+from xray.detectors._registry import register
 from xray.detectors.base import DetectorResult, ScanContext, ScanData, eval_mode
 
 # Paper thresholds (Su et al. 2024; eta 5, R 100, alpha 10, T 0.5). Lower RE / ATS = suspicious.

@@ -85,7 +85,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import torch
 
-from xray.detectors import register
+from xray.detectors._registry import register
 from xray.detectors.base import (DeadlinePassed, DetectorResult, ScanContext, ScanData,
                                  require_steps)
 from xray.detectors.inversion.core import (CostSchedule, PatchOptimizer, candidate_from_row,
