@@ -73,7 +73,7 @@ def main() -> None:
 
     from xray import detectors
     from xray.detectors.base import ScanContext, ScanData
-    from xray.detectors.mntd import train_meta_classifier
+    from xray.zoo.mntd import train_meta_classifier
     from xray.io.examples import load_examples
     from xray.io.model_loading import load_model
     from xray.zoo.build import build_round

@@ -77,7 +77,7 @@ def mntd_target(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mntd_meta(mntd_shadow):
     """MetaTrainResult of the meta-classifier trained on `mntd_shadow` (artifact beside it)."""
-    from xray.detectors.mntd import train_meta_classifier
+    from xray.zoo.mntd import train_meta_classifier
 
     round_dir, _ = mntd_shadow
     return train_meta_classifier(str(round_dir), epochs=10, seed=0, threads=1,
@@ -104,7 +104,8 @@ def mntd_contract_artifact(tmp_path_factory):
     on 8 signs models trained in this process (about a second)."""
     import torch
 
-    from xray.detectors.mntd import _torch_threads, fit_meta_classifier, save_artifact
+    from xray.detectors.mntd_meta import save_artifact
+    from xray.zoo.mntd import _torch_threads, fit_meta_classifier
     from xray.zoo.build import spec_groups
     from xray.zoo.data import load_dataset
     from xray.zoo.recipe import parse_recipe

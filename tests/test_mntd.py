@@ -13,11 +13,11 @@ from sklearn.metrics import roc_auc_score
 from xray import detectors, models
 from xray.cli import main
 from xray.detectors.base import ScanContext, ScanData
-from xray.detectors.mntd import (META_FILE, WEIGHTS_FILE, _split, _torch_threads,
-                                 fit_meta_classifier, load_artifact)
+from xray.detectors.mntd_meta import META_FILE, WEIGHTS_FILE, load_artifact
 from xray.io.examples import load_examples
 from xray.io.manifest import read_manifest
 from xray.io.model_loading import Normalized, load_model
+from xray.zoo.mntd import _split, _torch_threads, fit_meta_classifier
 from xray.zoo.round import model_configs
 
 from _mntd_fixtures import MNTD_SHADOW_RECIPE, MNTD_TARGET_RECIPE
