@@ -49,7 +49,9 @@ import re
 from typing import Any, Mapping
 
 from xray.io import storage
+from xray.io.examples import CLEAN_NAME
 from xray.io.records import ModelRecord
+from xray.io.rows import ManifestError, record_from_row
 
 log = logging.getLogger(__name__)
 
@@ -255,8 +257,6 @@ def read_round(uri: str, *, exclude_errata: bool = True, split: str | None = Non
     Other folders are being written and are skipped with a warning. `zoo_row(config, folder,
     names, truth, file, number)` builds rows for zoo configs (xray.io.manifest passes its own).
     """
-    from xray.io.manifest import ManifestError, record_from_row
-
     uri = str(uri).rstrip("/")
     fs, root = storage.filesystem(uri)
     root = root.rstrip("/")
@@ -354,8 +354,6 @@ def read_round(uri: str, *, exclude_errata: bool = True, split: str | None = Non
 
 
 def _example_classes(fs, folder: str, names: set[str]) -> int | None:
-    from xray.io.examples import CLEAN_NAME
-
     examples = next(d for d in EXAMPLE_DIRS if d in names)
     files = storage.with_retries(lambda: fs.ls(posixpath.join(folder, examples), detail=False))
     classes = {int(m.group(1)) for p in files
