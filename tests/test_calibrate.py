@@ -191,7 +191,7 @@ def test_refusal_names_the_models_and_the_calibrator(tmp_path):
 
 
 def test_combined_rows_summary_and_report_mark_training_models():
-    from xray.reduce.report import _leakage_warning
+    from xray.reduce.report import leakage_warning
     from xray.reduce.summary import summarize
 
     train = _rows()
@@ -204,13 +204,13 @@ def test_combined_rows_summary_and_report_mark_training_models():
     assert overall.loc["combined", "n_training_models"] == 40
     assert "training models of calibrator " + cal.id in overall.loc["combined", "notes"]
     assert overall.loc["a", "n_training_models"] == 0
-    warning = _leakage_warning(table)
+    warning = leakage_warning(table)
     assert warning.startswith("WARNING") and cal.id in warning and "40 of 40" in warning
     # other models (same ids, other weights): not marked, no warning
     fresh = _rows(seed=1, digest="other")
     assert not C.combined_rows(fresh, cal)["stats_json"].map(C.trained_on_flag).any()
     table = summarize(C.with_combined(fresh, cal))
-    assert (table["n_training_models"] == 0).all() and _leakage_warning(table) == ""
+    assert (table["n_training_models"] == 0).all() and leakage_warning(table) == ""
     # a corpus holding both: only the training half is counted
     both = pd.concat([train, fresh.assign(model_id=fresh["model_id"] + "-new")])
     table = summarize(C.with_combined(both, cal))

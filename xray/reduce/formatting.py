@@ -30,3 +30,12 @@ def fmt(x: Any, digits: int = 3) -> str:
             return MISSING
         return f"{float(x):.{digits}g}" if abs(x) >= 1e4 else f"{float(x):.{digits}f}"
     return str(x)
+
+
+def first_line(text: Any, limit: int = 200) -> str:
+    """What failed, from an error text: scan.py writes "Type: message" then a traceback, so the
+    first non-empty line, at most `limit` characters ("" when there is no text)."""
+    if not isinstance(text, str):
+        return ""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return (lines[0] if lines else "")[:limit]

@@ -1,0 +1,284 @@
+"""The report's tables: units with their verdicts, runs, coverage, errors, the summary view and
+the per-model table, as plain rows for the template."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from xray.io import storage
+from xray.reduce.formatting import first_line, fmt
+from xray.reduce.summary import unit_frames, verdicts
+from xray.results.sink import read_runs
+
+MAX_ROWS = 5000  # per-model and error tables; the rest is counted, not shown
+
+_SUMMARY_VIEW = [
+    ("detector", "detector"), ("group", "group"), ("n", "n"), ("troj", "n_poisoned"),
+    ("clean", "n_clean"), ("unlab", "n_unlabelled"), ("missing", "n_missing"),
+    ("coverage", "coverage"), ("threshold", "threshold"), ("thr source", "threshold_source"),
+    ("TP", "TP"), ("FP", "FP"), ("FN", "FN"), ("TN", "TN"), ("acc", "accuracy"),
+    ("best thr", "best_threshold"), ("best acc", "best_accuracy"), ("ROC-AUC", "roc_auc"),
+    ("AUC r1-4", "roc_auc_thresholds"), ("TPR@FPR", "tpr_at_fpr"), ("CE", "ce"),
+    ("CE ci95", "ce_ci95"), ("Brier", "brier"), ("CE miss=0.5", "ce_missing_as_half"),
+    ("AUC miss=0.5", "roc_auc_missing_as_half"), ("p source", "probability_source"),
+    ("p50 s", "runtime_p50"), ("p90 s", "runtime_p90"), ("max s", "runtime_max"),
+    ("train models", "n_training_models"), ("notes", "notes"),
+]
+_SUMMARY_TEXT = {"detector", "group", "thr source", "p source", "notes"}
+
+SUMMARY_HELP = (
+    "score >= threshold means trojaned. Attack groups hold the trojaned models of that attack "
+    "and all clean models. Missing = models without an ok score: left out of the plain metrics, "
+    "counted as probability 0.5 in the 'miss=0.5' columns (TrojAI convention). CE / Brier use "
+    "the detector's 'probability' statistic when present, else the provisional "
+    "logistic(score - threshold)."
+)
+
+
+def is_missing(value: Any) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
+
+
+@dataclass
+class Unit:
+    """One (detector, version, config_hash) with its per-model frame (see summary.unit_frames)."""
+
+    key: dict[str, str]
+    per_model: pd.DataFrame
+    threshold: float
+    source: str
+    label: str
+    verdicts: pd.Series = field(default=None)  # type: ignore[assignment]
+
+    @property
+    def detector(self) -> str:
+        return self.key["detector"]
+
+
+def unit_label(unit: Mapping[str, str], several: bool) -> str:
+    if not several:
+        return unit["detector"]
+    return f"{unit['detector']} {unit['detector_version']} [{unit['config_hash'][:8]}]"
+
+
+def build_units(scores: pd.DataFrame, thresholds: Mapping[str, float] | None) -> list[Unit]:
+    frames = unit_frames(scores, thresholds)
+    several = len({u["detector"] for u, *_ in frames}) < len(frames)
+    units = []
+    for key, per_model, threshold, source, _ in frames:
+        unit = Unit(key, per_model, threshold, source, unit_label(key, several))
+        unit.verdicts = verdicts(per_model, threshold)
+        units.append(unit)
+    return units
+
+
+def truth_text(y: float) -> str:
+    return "unknown" if math.isnan(y) else "trojaned" if y == 1 else "clean"
+
+
+# --------------------------------------------------------------------------------------------
+# Runs
+
+
+class Manifests:
+    """Lazy, cached manifests of the runs: every model's record (for the drill-down's facts and
+    pictures) and the models a run planned (for the never-scored list)."""
+
+    def __init__(self, runs: pd.DataFrame) -> None:
+        self.runs = runs
+        self._manifests: dict[str, Any] = {}
+
+    def manifest(self, uri: str) -> dict[str, Any] | Exception:
+        # local: xray.io.manifest imports torch (through io.examples); a report of tables only
+        # never needs it
+        from xray.io.manifest import read_manifest
+
+        if uri not in self._manifests:
+            try:
+                self._manifests[uri] = {r.model_id: r for r in read_manifest(uri)}
+            except Exception as exc:
+                self._manifests[uri] = exc
+        return self._manifests[uri]
+
+    def record(self, model_id: str) -> tuple[Any, str]:
+        """The model's manifest record from the newest run whose manifest has it; (None, why)."""
+        notes = []
+        if self.runs.empty or "manifest_uri" not in self.runs.columns:
+            return None, "no runs table to find the model's manifest"
+        for _, run in self.runs.iloc[::-1].iterrows():
+            records = self.manifest(str(run["manifest_uri"]))
+            if isinstance(records, Exception):
+                notes.append(f"manifest {run['manifest_uri']} unreadable: "
+                             f"{type(records).__name__}: {records}")
+                continue
+            if model_id in records:
+                return records[model_id], ""
+        return None, "; ".join(dict.fromkeys(notes)) or "the model is in no run's manifest"
+
+
+def read_runs_frame(out_uri: str, run_id: str | None) -> tuple[pd.DataFrame, str]:
+    """The runs table (one row per run: its end row when there is one), or empty plus a note."""
+    try:
+        runs = read_runs(out_uri, run_id)
+    except Exception as exc:  # a report should still render with a damaged runs table
+        return pd.DataFrame(), f"The runs table could not be read: {type(exc).__name__}: {exc}"
+    if runs.empty:
+        fs, path = storage.filesystem(storage.join(out_uri, "runs"))
+        return pd.DataFrame(), ("No matching run in the runs table." if fs.exists(path)
+                                else "No runs table.")
+    return runs, ""
+
+
+def runs_view(runs: pd.DataFrame) -> list[dict[str, Any]]:
+    out = []
+    for _, r in runs.iterrows():
+        config = r.get("config_json")
+        pretty = None
+        if isinstance(config, str):
+            try:
+                pretty = json.dumps(json.loads(config), indent=2, sort_keys=True)
+            except ValueError:
+                pretty = config
+        started, finished = r.get("started_at"), r.get("finished_at")
+        duration = "unfinished"
+        if not is_missing(finished) and not is_missing(started) and finished is not pd.NaT:
+            duration = f"{(finished - started).total_seconds():.1f} s"
+        fields = [
+            ("run", r.get("run_id")), ("started", started), ("finished", finished),
+            ("duration", duration), ("code version", r.get("code_version")),
+            ("manifest", r.get("manifest_uri")), ("manifest digest", r.get("manifest_digest")),
+            ("models in manifest", r.get("models_total")),
+            ("models planned", r.get("models_planned")), ("config hash", r.get("config_hash")),
+        ]
+        out.append({"run_id": fmt(r.get("run_id")),
+                    "fields": [(k, fmt(v) if v is not pd.NaT else "-") for k, v in fields],
+                    "config": pretty})
+    return out
+
+
+def never_scored(runs: pd.DataFrame, scores: pd.DataFrame, manifests: Manifests) -> dict[str, Any]:
+    """Models of the runs' manifests that have no score row at all (any detector)."""
+    if runs.empty or "manifest_uri" not in runs.columns:
+        return {"models": [], "left_out": 0, "note": "no runs table: not checked"}
+    seen = set(scores["model_id"].astype(str)) if len(scores) else set()
+    missing: dict[str, str] = {}
+    notes = []
+    for uri in dict.fromkeys(runs["manifest_uri"].astype(str)):
+        records = manifests.manifest(uri)
+        if isinstance(records, Exception):
+            notes.append(f"manifest {uri} unreadable here ({type(records).__name__}): not checked")
+            continue
+        for model_id in records:
+            if model_id not in seen:
+                missing.setdefault(model_id, uri)
+    ids = sorted(missing)
+    return {"models": ids[:MAX_ROWS], "left_out": max(0, len(ids) - MAX_ROWS),
+            "note": "; ".join(notes)}
+
+
+# --------------------------------------------------------------------------------------------
+# Coverage, errors, summary, per-model table
+
+
+def coverage_rows(units: Sequence[Unit]) -> tuple[list[dict[str, str]], list[dict[str, str]], int]:
+    """Per detector counts, and the models with no ok score with the reason (capped)."""
+    counts, missing = [], []
+    for unit in units:
+        pm, verdicts = unit.per_model, unit.verdicts
+        usable = pm["usable"].to_numpy(dtype=bool)
+        reasons = verdicts[~usable].value_counts()
+        counts.append({"detector": unit.label, "models": str(len(pm)),
+                       "ok": str(int(usable.sum())), "missing": str(int((~usable).sum())),
+                       "why": ", ".join(f"{n} {r}" for r, n in reasons.items()) or "-"})
+        for model_id, row in pm[~usable].iterrows():
+            why = verdicts[model_id]
+            if why == "bad score":
+                why = "ok status but the score is not finite"
+            missing.append({"model_id": str(model_id), "detector": unit.label,
+                            "status": verdicts[model_id], "why": why,
+                            "error": first_line(row["error"])})
+    shown = missing[:MAX_ROWS]
+    return counts, shown, len(missing) - len(shown)
+
+
+def error_rows(scores: pd.DataFrame) -> tuple[list[dict[str, Any]], int, list[dict[str, str]]]:
+    bad = scores[scores["status"] != "ok"].sort_values(["detector", "model_id"], kind="stable")
+    rows = []
+    for _, r in bad.head(MAX_ROWS).iterrows():
+        error = r["error"] if isinstance(r["error"], str) else ""
+        rows.append({
+            "model_id": r["model_id"], "detector": r["detector"], "status": r["status"],
+            "run_id": r["run_id"], "worker": fmt(r["worker"]), "seconds": fmt(r["seconds"], 1),
+            "error": error, "first_line": first_line(error),
+        })
+    by_status = []
+    if len(scores):
+        table = scores.groupby(["detector", "status"]).size().unstack(fill_value=0)
+        for detector, r in table.iterrows():
+            by_status.append({"detector": str(detector),
+                              "counts": ", ".join(f"{k} {int(v)}" for k, v in r.items() if v)})
+    return rows, max(0, len(bad) - MAX_ROWS), by_status
+
+
+def model_table(units: Sequence[Unit], drilled: set[str]) -> tuple[dict[str, Any], int]:
+    """Model x detector cells: score (``*`` at or above the threshold), else the status."""
+    if not units:
+        return {"columns": [], "rows": []}, 0
+    meta = pd.concat([u.per_model[["y", "attack", "architecture", "tags"]] for u in units])
+    meta = meta[~meta.index.duplicated(keep="first")].sort_index()
+    y = meta["y"].to_numpy(dtype=float)
+    table = pd.DataFrame(
+        {
+            "model": meta.index.astype(str),
+            "trojaned": np.where(np.isnan(y), "-", np.where(y == 1, "yes", "no")),
+            "attack": np.where(y == 1, meta["attack"].astype(str), "-"),
+            "architecture": meta["architecture"].astype(str).to_numpy(),
+            "tags": [", ".join(f"{k}={v}" for k, v in sorted(t.items())) for t in meta["tags"]],
+        },
+        index=meta.index,
+    )
+    for unit in units:
+        pm, threshold = unit.per_model, unit.threshold
+        score = pm["score"].to_numpy(dtype=float)
+        flagged = ~np.isnan(score) & (score >= threshold) if not math.isnan(threshold) else False
+        cell = np.where(
+            pm["usable"].to_numpy(dtype=bool),
+            np.char.add([f"{v:.4g}" for v in score], np.where(flagged, "*", "")),
+            pm["status"].astype(object).where(pm["status"].notna(), "").astype(str).to_numpy(),
+        )
+        column = pd.Series(cell, index=pm.index).reindex(table.index).fillna("")
+        table[unit.label] = column
+    shown = table.head(MAX_ROWS)
+    rows = [{"cells": cells, "link": model_id in drilled}
+            for model_id, cells in zip(shown.index, shown.to_numpy().tolist())]
+    return {"columns": list(table.columns), "rows": rows}, len(table) - len(shown)
+
+
+def leakage_warning(summary: pd.DataFrame) -> str:
+    """The warning put before the summary when a calibrator scored its own training models
+    (the summary's n_training_models; see xray.reduce.summary)."""
+    overall = summary[(summary["group_by"] == "all") & (summary["n_training_models"] > 0)]
+    if not len(overall):
+        return ""
+    units = ", ".join(f"{r.detector} [{r.config_hash}]: {r.n_training_models} of {r.n}"
+                      for r in overall.itertuples())
+    return (f"WARNING: models a calibrator was trained on are scored by it ({units}); those "
+            "rows' figures are in-sample, not held out (column 'train models'). ")
+
+
+def summary_view(summary: pd.DataFrame) -> dict[str, Any]:
+    rows = []
+    for _, r in summary.iterrows():
+        row = {}
+        for title, col in _SUMMARY_VIEW:
+            if col == "group":
+                row[title] = "all" if r["group_by"] == "all" else f"{r['group_by']}={r['group']}"
+            else:
+                row[title] = fmt(r[col])
+        rows.append(row)
+    return {"columns": [t for t, _ in _SUMMARY_VIEW], "rows": rows, "text_columns": _SUMMARY_TEXT}
