@@ -11,20 +11,18 @@ from pathlib import Path
 from typing import Callable
 
 from xray.config import load_config
-from xray.zoo.recipe import RECIPES_DIR
+from xray.reduce.report import render_report
+from xray.reduce.summary import format_table, summarize, write_summary
+from xray.results.sink import read_table
+from xray.runner import run_scan
+from xray.zoo.build import build_round
+from xray.zoo.describe import describe_round
+from xray.zoo.recipe import RECIPES_DIR, load_recipe
 
 DEMO_CONFIG = RECIPES_DIR.parent / "configs" / "demo.yaml"
 
 
 def run_demo(out: Path, workers: int | None = None, echo: Callable[[str], None] = print) -> dict:
-    from xray.reduce.report import render_report
-    from xray.reduce.summary import format_table, summarize, write_summary
-    from xray.results.sink import read_table
-    from xray.runner import run_scan
-    from xray.zoo.build import build_round
-    from xray.zoo.describe import describe_round
-    from xray.zoo.recipe import load_recipe
-
     round_uri, scan_uri = str(out / "round"), str(out / "scan")
     echo(f"[1/3] building the demo round in {round_uri} (real training; resumes if interrupted)")
     built = build_round(load_recipe("demo"), round_uri, workers=workers)

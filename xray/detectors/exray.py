@@ -77,6 +77,7 @@ import torch.nn.functional as F
 
 from xray.detectors.base import ScanContext, ScanData
 from xray.detectors.inversion.core import BatchedAdam, TriggerCandidate, eval_mode
+from xray.models import layers
 
 ACC_NAMES = ("acc1_1", "acc1_2", "acc2_1", "acc2_2")
 
@@ -418,14 +419,12 @@ class ExRay:
     def examine(self, model: torch.nn.Module, data: ScanData,
                 candidates: Sequence[TriggerCandidate], ctx: ScanContext) -> list[Verdict]:
         """One Verdict per candidate; the masks of all candidates are optimised together."""
-        from xray.models.layers import split_model
-
         p = self.params
         started = time.perf_counter()
         x, y = data.x.to(ctx.device), data.y.to(ctx.device)
         out: list[Verdict | None] = [None] * len(candidates)
         with eval_mode(model):
-            h, g, layer_name = split_model(model, p.layer)
+            h, g, layer_name = layers.split_model(model, p.layer)
             jobs = []
             for i, cand in enumerate(candidates):
                 pair = pairing(model, cand, x, y)

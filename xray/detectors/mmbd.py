@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import stats as sps
 
 from xray.detectors._registry import register
 from xray.detectors.base import (DetectorResult, ScanContext, ScanData, eval_mode,
@@ -154,8 +155,6 @@ def null_test(r: list[float], alpha: float = 0.05) -> dict[str, Any]:
     """t* = argmax r, gamma fit (scipy, 3 parameters) on the other values, p = 1 - CDF(r_t*)^K.
 
     A failed fit gives p = 1 and the reason in "fit_error"."""
-    from scipy import stats as sps
-
     values = np.asarray(r, dtype=np.float64)
     target = int(np.argmax(values))
     null = np.delete(values, target)

@@ -67,6 +67,8 @@ from typing import Any, BinaryIO, Sequence
 
 import numpy as np
 import torch
+from skimage.measure import label as connected_components
+from torch.func import functional_call, stack_module_state, vmap
 
 from xray.detectors._registry import register
 from xray.detectors.base import DetectorResult, ScanContext, ScanData, eval_mode
@@ -107,8 +109,6 @@ def sample_areas(pred_grid: np.ndarray, sample_cells: np.ndarray,
     """A_k per sample: the share of the grid taken by the 8-connected component of
     {pred_grid == y_k} containing sample k's cell (row, col); 0 if that cell predicts another
     label."""
-    from skimage.measure import label as connected_components
-
     grid = np.asarray(pred_grid)
     areas = np.zeros(len(sample_labels), dtype=np.float64)
     for k, (cell, y) in enumerate(zip(np.asarray(sample_cells, dtype=np.int64), sample_labels)):
@@ -255,8 +255,6 @@ def predict_planes_stacked(models: Sequence[torch.nn.Module], datas: Sequence[Sc
     """`predict_planes` for K models of one architecture at once: their weights stacked
     (torch.func.stack_module_state) and one vmapped forward per batch over K models' points.
     Each model keeps its own planes; every model must have the same N and R."""
-    from torch.func import functional_call, stack_module_state, vmap
-
     params, buffers = stack_module_state(list(models))
     skeleton = copy.deepcopy(models[0]).to("meta")
 
@@ -425,6 +423,8 @@ class ModelXray:
 
 
 def _class_colours(num_classes: int) -> list[tuple[float, ...]]:
+    # matplotlib (here and in plot_planes) only for pictures: a scan never draws, and loading
+    # it would cost every worker that imports the detectors.
     from matplotlib import colormaps
 
     if num_classes <= 10:

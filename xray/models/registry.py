@@ -1,9 +1,11 @@
 """Build a classifier by architecture name, with class count and input shape as parameters."""
 from __future__ import annotations
 
+import fnmatch
 from typing import Callable
 
 import torch.nn as nn
+import torchvision.models as tvm
 
 from xray._registry import Registry
 
@@ -18,8 +20,6 @@ _TORCHVISION_EXTRA = {"googlenet": {"aux_logits": False, "init_weights": True},
 
 
 def _torchvision_name(name: str) -> str | None:
-    import torchvision.models as tvm
-
     bare = name[len(_TORCHVISION_PREFIX):] if name.startswith(_TORCHVISION_PREFIX) else name
     if bare in tvm.list_models(module=tvm):
         return bare
@@ -31,10 +31,6 @@ def is_known(name: str) -> bool:
 
 
 def available(pattern: str = "*") -> list[str]:
-    import fnmatch
-
-    import torchvision.models as tvm
-
     tv = [_TORCHVISION_PREFIX + n for n in tvm.list_models(module=tvm)]
     return ARCHITECTURES.available(pattern) + [n for n in tv if fnmatch.fnmatch(n, pattern)]
 
@@ -48,8 +44,6 @@ def create(name: str, num_classes: int, input_shape: tuple[int, int, int]) -> nn
     if tv_name is None:
         raise KeyError(f"unknown architecture {name!r}; in-project: "
                        f"{', '.join(ARCHITECTURES.available())}, or any torchvision classifier")
-    import torchvision.models as tvm
-
     if input_shape[0] != 3:
         raise ValueError(f"torchvision architecture {tv_name!r} expects 3 input channels, "
                          f"got input_shape {input_shape}")

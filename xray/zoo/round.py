@@ -28,6 +28,7 @@ import yaml
 
 from xray.io import storage
 from xray.io.examples import write_examples
+from xray.io.manifest import write_manifest
 from xray.io.model_loading import save_model
 from xray.io.records import ModelRecord
 from xray.zoo.data import Dataset
@@ -172,8 +173,6 @@ def record_from_config(round_uri: str, config: dict[str, Any]) -> ModelRecord:
 
 def write_round_index(round_uri: str, recipe: Recipe) -> list[ModelRecord]:
     """METADATA.csv, manifest.csv, recipe.yaml and round.json from the complete model dirs."""
-    from xray.io.manifest import write_manifest
-
     configs = [json.loads(storage.read_text(storage.join(round_uri, mid, CONFIG_FILE)))
                for mid in sorted(completed_model_ids(round_uri))]
     metadata = pd.DataFrame([{k: (json.dumps(v) if isinstance(v, (dict, list)) else v)

@@ -207,6 +207,8 @@ def _polygon(centre: float, radius: float, n: int, rotation: float) -> list[tupl
 
 
 def _font_path() -> str:
+    # Local: matplotlib is here only for its bundled font file (and skimage / sklearn below only
+    # for their sample photographs): seconds of imports that most callers of this module skip.
     import matplotlib
 
     return os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans-Bold.ttf")
