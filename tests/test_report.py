@@ -270,6 +270,37 @@ def test_report_draws_inverted_triggers(scanned_tiny, tmp_path):
     assert "cannot re-apply" not in section  # each stored trigger stamped as its scanner would
 
 
+def test_explain_draws_the_same_pictures_from_the_same_module(scanned_tiny, tmp_path):
+    """`xray explain` and the report share xray.explain: planes re-run with the run's config,
+    the stored triggers re-applied, drawn through xray.plots."""
+    from xray.explain import explain_model, explain_triggers
+
+    out, round_dir, summary = scanned_tiny
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    model_id = next(p.name for p in sorted(round_dir.iterdir())
+                    if (p / "config.json").is_file()
+                    and json.loads((p / "config.json").read_text())["poisoned"])
+    assert explain_triggers(str(copy), model_id) is None  # Model X-ray stores no triggers
+    png = explain_model(str(copy), model_id, png_uri=str(tmp_path / "planes.png"), max_planes=2)
+    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    row = load_scores(str(copy)).query("model_id == @model_id").iloc[0]
+    h = w = json.loads((round_dir / model_id / "config.json").read_text())["input_shape"][1]
+    mask = np.zeros((1, h, w), np.float32)
+    mask[0, :3, :3] = 1.0
+    write_part(str(copy), "triggers", summary.run_id, [{
+        "run_id": summary.run_id, "model_id": model_id, "model_digest": row["model_digest"],
+        "detector": "modelxray", "config_hash": row["config_hash"], "trigger_index": 0,
+        "victim": None, "target": 0, "kind": "patch", "size": 9.0, "reasr": 0.5,
+        "stats_json": "{}", "mask": _npy(mask), "pattern": _npy(np.ones((3, h, w), np.float32)),
+        "kernel": None}])
+    png = explain_triggers(str(copy), model_id)
+    assert png == str(copy / "explain" / f"{model_id}-triggers.png")
+    data = Path(png).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert explain_triggers(str(copy), "no-such-model") is None
+
+
 # ---------------------------------------------------------------------------------------------
 # No ground truth; a large run
 
