@@ -3,15 +3,22 @@ real models: patch triggers with REASR >= 0.9 on the BadNets models, a filter tr
 filter-attacked model."""
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 
 from xray import detectors
-from xray.detectors.base import ScanContext, ScanData
-from xray.detectors.inversion.abs import select_candidates, stimulate
+from xray.detectors.base import DeadlinePassed, ScanContext, ScanData
+from xray.detectors.inversion.abs import (ABS, inner_features, label_maxima, next_use_label,
+                                          optz_label, reference_apply_filter, reference_ms_ssim,
+                                          runner_up_labels, select_candidates, stimulate)
 from xray.io.examples import load_examples
 from xray.io.manifest import read_manifest
 from xray.io.model_loading import load_model
+from xray.models.layers import split_model
+from xray.models.nets import MNTDMnistCNN
+from xray.reduce.metrics import roc_auc
 
 
 def test_select_candidates_prefers_runner_ups_and_needs_agreement():
@@ -82,18 +89,28 @@ def test_abs_filter_trigger_on_filter_model(inversion_round):
     assert result.score >= 0.9
 
 
+def test_negative_control_clean_models_score_below_trojaned(mntd_target):
+    """On the MNTD target round (MNIST, 10 labels, 2 examples per class; 6 clean, 3 BadNets
+    models) clean models are flagged (REASR >= 0.9) less often than BadNets models and rank
+    below them. ABS alone keeps natural triggers by design (pruning them is EX-RAY's job,
+    `abs+exray`), so a clean model may be flagged. Measured on the build of this fixture:
+    clean 0, 0, 1.0 (label 8), 0, 0, 0 (29-30 candidates each; the 0s keep none: the best flips
+    half of a victim's images); BadNets 1.0, 0.0, 1.0, with the right target where 1.0; ROC-AUC
+    0.75. (On the 5-label tiny round every model, clean ones too, scores 1.0.)"""
+    records = read_manifest(str(mntd_target[0] / "manifest.csv"))
+    clean = [_run(r, {}).score for r in records if not r.poisoned]
+    badnets = [(r, _run(r, {})) for r in records if r.attack == "badnets"]
+    assert len(clean) == 6 and len(badnets) == 3
+    flagged_clean = sum(s >= 0.9 for s in clean) / len(clean)
+    found = [r for r, out in badnets if out.score >= 0.9 and out.target == r.target]
+    assert flagged_clean <= 1 / 3 and len(found) >= 2, (clean, [
+        (r.target, out.target, out.score) for r, out in badnets])
+    y = np.array([0] * len(clean) + [1] * len(badnets))
+    auc = roc_auc(y, np.array(clean + [out.score for _, out in badnets]))
+    assert (auc[0] if isinstance(auc, tuple) else auc) >= 0.7, (clean, badnets)
+
+
 # ----------------------------------------------------------------------------- fidelity fixes
-import math  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from xray.detectors.base import DeadlinePassed  # noqa: E402
-from xray.detectors.inversion.abs import (ABS, inner_features, label_maxima,  # noqa: E402
-                                          next_use_label, optz_label, reference_apply_filter,
-                                          reference_ms_ssim, runner_up_labels)
-from xray.models.layers import split_model  # noqa: E402
-from xray.models.nets import MNTDMnistCNN  # noqa: E402
 
 
 def golden_setup(seed=2024, n_per_label=4, classes=5, side=16):

@@ -1,8 +1,7 @@
-"""Neural Cleanse: the MAD outlier test pinned on hand-made norms, and on the tiny round of real
-models (scanned through the runner): target recovery on the BadNets models and a ROC-AUC floor."""
+"""Neural Cleanse: the MAD outlier test pinned on hand-made norms; on the tiny round of real
+models (scanned through the runner) target recovery on the BadNets models; on a 10-label MNIST
+round the negative control (clean models score below trojaned ones)."""
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
@@ -54,20 +53,47 @@ def test_nc_recovers_badnets_targets(inversion_scan):
     assert hits >= len(bad) - 1, bad[["predicted_target", "gt_target"]]
 
 
-def test_nc_separates_clean_from_badnets(inversion_scan):
-    scores = _nc_scores(inversion_scan)
-    y = scores["gt_poisoned"].astype(int).to_numpy()
-    stats = [json.loads(s) for s in scores["stats_json"]]
-    # 4 clean vs 3 BadNets, 5 labels, small budget: the MAD index (the score) and min / median L1
-    # both rank two of the three trojaned models above every clean one (measured 0.67 each; the
-    # third, a 4 x 4 patch at the border, inverts no smaller than label 1's natural trigger).
-    for name, values in (("anomaly index", scores["score"].to_numpy(dtype=float)),
-                         ("min/median L1", np.array([-s["min_over_median"] for s in stats]))):
-        auc = roc_auc(y, values)
-        auc = auc[0] if isinstance(auc, tuple) else auc
-        assert auc >= 0.6, f"NC {name} ROC-AUC {auc:.3f}"
-    assert np.isfinite(scores["score"].to_numpy(dtype=float)).all()
-    assert all(s["flagged"] == [] or min(s["flagged"]) >= 0 for s in stats)
+@pytest.fixture(scope="module")
+def mnist_nc_scores(mntd_target):
+    """(record, DetectorResult) of NC (small preset) on each model of the MNTD target round:
+    MNIST, 10 labels (NC's own MNIST setting), 6 clean, 3 BadNets and 3 MNTD-M patch models."""
+    from xray.detectors.base import ScanContext, ScanData
+    from xray.io.examples import load_examples
+    from xray.io.manifest import read_manifest
+    from xray.io.model_loading import load_model
+
+    nc = detectors.build("nc", preset="small")
+    out = []
+    for record in read_manifest(str(mntd_target[0] / "manifest.csv")):
+        x, y = load_examples(record)
+        data = ScanData(x=x, y=y, num_classes=record.num_classes)
+        out.append((record, nc.score(load_model(record), data, ScanContext(seed=0))))
+    return out
+
+
+def test_negative_control_clean_models_score_below_trojaned(mnist_nc_scores):
+    """Measured here: min/median L1 clean 0.52-0.81 vs trojaned 0.17-0.32, the right target on
+    6/6 trojaned models, anomaly index ROC-AUC 0.75 (clean 0.98-3.08, trojaned 1.68-8.2). With
+    5 labels (the tiny round) the MAD over 5 norms is too noisy for a stable figure, so the
+    control uses 10 labels as NC's paper does."""
+    clean = [out for r, out in mnist_nc_scores if not r.poisoned]
+    trojaned = [(r, out) for r, out in mnist_nc_scores if r.poisoned]
+    assert len(clean) == 6 and len(trojaned) == 6
+    assert all(isinstance(o.stats["steps"], int) and o.stats["steps"] > 0
+               for _, o in mnist_nc_scores)
+    hits = sum(out.target == r.target for r, out in trojaned)
+    assert hits >= 5, [(r.target, out.target) for r, out in trojaned]
+    # the smallest inverted trigger relative to the median: every clean model above every
+    # trojaned one
+    ratio_clean = [o.stats["min_over_median"] for o in clean]
+    ratio_trojaned = [o.stats["min_over_median"] for _, o in trojaned]
+    assert min(ratio_clean) > max(ratio_trojaned), (ratio_clean, ratio_trojaned)
+    # the score (MAD anomaly index of the smallest norm) ranks trojaned models higher
+    y = np.array([0] * len(clean) + [1] * len(trojaned))
+    auc = roc_auc(y, np.array([o.score for o in clean] + [o.score for _, o in trojaned]))
+    auc = auc[0] if isinstance(auc, tuple) else auc
+    assert auc >= 0.65, f"NC anomaly index ROC-AUC {auc:.3f}"
+    assert all(np.isfinite(o.score) for _, o in mnist_nc_scores)
 
 
 def test_nc_same_seed_same_result(tiny_round):
