@@ -2,7 +2,7 @@
 
 core: TriggerCandidate, apply_filter, measure_reasr, PatchOptimizer, BatchedAdam, CostSchedule.
 nc (Neural Cleanse), abs (ABS), karm (K-Arm): detectors registered as "nc", "abs", "karm".
-Importing this package registers nothing; xray.detectors._load_builtin imports the scanners.
+Importing this package registers nothing; xray.detectors (its __init__) imports the scanners.
 """
 from xray.detectors.inversion.core import (TriggerCandidate, apply_filter,  # noqa: F401
                                            measure_reasr)
