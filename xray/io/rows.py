@@ -162,7 +162,6 @@ def _as_preprocessing(value: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # URIs relative to the manifest
 
-
 def has_scheme(uri: str) -> bool:
     return "://" in uri
 
