@@ -125,3 +125,21 @@ def test_unknown_position_and_architecture():
         split_model(net, "top")
     with pytest.raises(NotImplementedError, match="no layer plan for Linear"):
         split_model(torch.nn.Linear(3, 3))
+
+
+def test_one_normalisation_for_the_wrapper_the_split_and_scan_data():
+    """Normalized, the split's <normalize> head and ScanData.normalize are one step (x - m) / s:
+    the same numbers, one value broadcasting over channels, and denormalize inverting it."""
+    from xray.detectors.base import ScanData
+
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 24, 24)
+    for mean, std in [((0.5, 0.25, 0.0), (0.5, 0.5, 2.0)), ((0.3,), (0.7,))]:
+        model = Normalized(models.create("mntd_cifar_cnn", 5, (3, 24, 24)), mean, std).eval()
+        h, _, _ = split_model(model)
+        data = ScanData(x=x, y=torch.zeros(4, dtype=torch.long), num_classes=5, mean=mean,
+                        std=std)
+        z = data.normalize(x)
+        assert torch.equal(h[0](x), z)
+        assert torch.equal(model.net(z), model(x))
+        assert torch.allclose(data.denormalize(z), x, atol=1e-6)
