@@ -1,0 +1,75 @@
+"""Per-model inputs of the combined detector: a score row's probability, the scalar statistics
+that may be features, and the feature dict of one model (see the package docstring)."""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from xray.results.sink import json_object
+
+COMBINED = "combined"
+EXCLUDED_STATS = {"seed", "num_planes", "resolution", "probability", "num_classes", "target",
+                  "steps", "seconds"}
+_EXCLUDED_SUFFIXES = ("_label", "_index", "_indices", "_labels", "_seed")
+
+
+def row_probability(stats_json: Any) -> float:
+    """The finite 'probability' statistic of a score row, else NaN."""
+    try:
+        p = float(json_object(stats_json).get("probability"))
+    except (TypeError, ValueError):
+        return math.nan
+    return p if math.isfinite(p) else math.nan
+
+
+def scalar_stats(stats: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric scalar statistics that may be features (see EXCLUDED_STATS)."""
+    out = {}
+    for key, value in stats.items():
+        if key in EXCLUDED_STATS or key.endswith(_EXCLUDED_SUFFIXES):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if math.isfinite(float(value)):
+            out[key] = float(value)
+    return out
+
+
+def features_from_results(results: Mapping[str, Mapping[str, Any]],
+                          num_classes: int | None) -> dict[str, float]:
+    """Feature dict of one model from {detector: {"score": float, "stats": dict}} (ok results
+    only; an absent detector is simply not in `results`)."""
+    feats: dict[str, float] = {}
+    if num_classes:
+        feats["log2_num_classes"] = math.log2(max(int(num_classes), 2))
+    for name, result in results.items():
+        score = result.get("score")
+        if score is None or not math.isfinite(float(score)):
+            continue
+        feats[f"{name}.score"] = float(score)
+        for key, value in scalar_stats(result.get("stats") or {}).items():
+            feats[f"{name}.{key}"] = value
+    return feats
+
+
+def _usable(scores: pd.DataFrame) -> pd.DataFrame:
+    score = pd.to_numeric(scores["score"], errors="coerce")
+    return scores[scores["status"].eq("ok") & np.isfinite(score.astype(float))]
+
+
+def _latest(scores: pd.DataFrame) -> pd.DataFrame:
+    """One usable row per (model_id, detector): the latest."""
+    rows = _usable(scores).sort_values("finished_at", kind="stable")
+    return rows.drop_duplicates(["model_id", "detector"], keep="last")
+
+
+def model_results(scores: pd.DataFrame) -> dict[str, dict[str, dict[str, Any]]]:
+    """{model_id: {detector: {"score", "stats", "row"}}} from score rows (latest usable)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in _latest(scores[scores["detector"] != COMBINED]).to_dict("records"):
+        out.setdefault(str(row["model_id"]), {})[str(row["detector"])] = {
+            "score": float(row["score"]), "stats": json_object(row.get("stats_json")), "row": row}
+    return out
