@@ -14,6 +14,7 @@ from xray.jsonsafe import json_safe
 from xray.reduce.compare.render import render
 from xray.reduce.compare.sides import _Side, load_side
 from xray.reduce.compare.tolerances import CompareUsageError, ToleranceSet
+from xray.reduce.formatting import first_line
 from xray.reduce.summary import verdicts
 
 METRICS = (  # (summary column, higher is better)
@@ -186,8 +187,7 @@ def _model_rows(side_a: _Side, side_b: _Side, tolerances: ToleranceSet,
                 error = pm_b.at[model_id, "error"] if ok_a else pm_a.at[model_id, "error"]
                 row = {"detector": detector, "model_id": str(model_id),
                        "status": "not scored" if not isinstance(status, str) else status,
-                       "error": (error.strip().splitlines() or [""])[0][:300]
-                       if isinstance(error, str) else ""}
+                       "error": first_line(error, 300)}
                 (result.new_failures if ok_a else result.fixed_failures).append(row)
         if wrong > tol.flipped_to_wrong:
             result.regressions.append(f"{detector}: {wrong} labelled model(s) flipped to a wrong "
