@@ -10,8 +10,9 @@ import torch.nn as nn
 
 from xray import detectors
 from xray.detectors.base import DeadlinePassed, ScanContext, ScanData
+from xray.detectors.inversion.core import TriggerCandidate, apply_filter
 from xray.detectors.inversion.abs import (ABS, inner_features, label_maxima, next_use_label,
-                                          optz_label, reference_apply_filter, reference_ms_ssim,
+                                          optz_label, reference_ms_ssim,
                                           runner_up_labels, select_candidates, stimulate)
 from xray.io.examples import load_examples
 from xray.io.manifest import read_manifest
@@ -192,12 +193,19 @@ def test_golden_filter_pooling_and_ms_ssim_match_the_authors_code():
     rng = np.random.default_rng(7)
     x = torch.from_numpy(rng.random((2, 3, 32, 32)).astype(np.float32))
     k = torch.tanh(torch.from_numpy(rng.standard_normal((2, 12, 3)).astype(np.float32))) / 2 + 0.5
-    out = reference_apply_filter(x, k, 15)  # count_include_pad=True, as torch's default in ref
+    out = apply_filter(x, k, 15)  # count_include_pad=True, as torch's default in ref
     assert float(out.sum()) == pytest.approx(GOLDEN_FILTER_SUM, rel=1e-6)
     assert out[:, :, 0, 0].flatten().tolist() == pytest.approx(GOLDEN_FILTER_CORNER, abs=1e-6)
     assert reference_ms_ssim(x, out).tolist() == pytest.approx(GOLDEN_MSSSIM, rel=1e-4)
-    old = reference_apply_filter(x, k, 15, count_include_pad=False)
+    old = apply_filter(x, k, 15, count_include_pad=False)
     assert float(old.sum()) != pytest.approx(GOLDEN_FILTER_SUM, rel=1e-3)
+    # a stored filter trigger re-applies the pooling it was made with
+    cand = TriggerCandidate(victim=0, target=1, kind="filter", kernel=k[0], pool=15)
+    torch.testing.assert_close(TriggerCandidate.from_row(cand.to_row()).apply(x), cand.apply(x))
+    torch.testing.assert_close(cand.apply(x[:1]), out[:1])
+    row = cand.to_row()
+    del row["count_include_pad"]  # a row from before the option: core's old pooling
+    torch.testing.assert_close(TriggerCandidate.from_row(row).apply(x[:1]), old[:1])
 
 
 def test_stimulation_scale_is_over_all_label_images():

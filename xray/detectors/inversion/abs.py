@@ -124,11 +124,12 @@ import torch
 import torch.nn.functional as F
 
 from xray.detectors import register
-from xray.detectors.base import (DetectorResult, NoUsableExamples,
-                                 ScanContext, ScanData, require_steps)
+from xray.detectors.base import (DetectorResult, NoUsableExamples, ScanContext, ScanData,
+                                 eval_mode, require_steps)
 from xray.detectors.inversion.core import (MS_SSIM_WEIGHTS, BatchedAdam, TriggerCandidate,
-                                           eval_mode, filter_pool_size, identity_kernel_logits,
-                                           mask_size, measure_reasr, ms_ssim)
+                                           apply_filter, filter_pool_size,
+                                           identity_kernel_logits, mask_size, measure_reasr,
+                                           ms_ssim)
 
 REFERENCE_AREA = 224 * 224
 REF_BATCH = 60  # ref config['re_batch_size']; // 4 for ResNet, DenseNet, VGG
@@ -149,25 +150,6 @@ def reference_batch_size(model: torch.nn.Module) -> int:
 
 
 # ----------------------------------------------------------------------------- filter / SSIM
-
-
-def reference_filter_features(x: torch.Tensor, pool: int, count_include_pad: bool = True
-                              ) -> torch.Tensor:
-    """[x, maxpool(x), -maxpool(x), avgpool(x)] as the ref's filter_preprocess: stride 1,
-    padding pool // 2, the avg-pool counting zero padding (ref: torch's default True)."""
-    pad = pool // 2
-    mx = F.max_pool2d(x, pool, stride=1, padding=pad)
-    av = F.avg_pool2d(x, pool, stride=1, padding=pad, count_include_pad=count_include_pad)
-    return torch.cat([x, mx, -mx, av], dim=1)
-
-
-def reference_apply_filter(x: torch.Tensor, kernel: torch.Tensor, pool: int,
-                           count_include_pad: bool = True) -> torch.Tensor:
-    """clamp(features(x) . K, 0, 1); kernel (4C, C), or (N, 4C, C): one kernel per image."""
-    feats = reference_filter_features(x, pool, count_include_pad)
-    if kernel.dim() == 3:
-        return torch.einsum("nfhw,nfc->nchw", feats, kernel).clamp(0, 1)
-    return torch.einsum("nfhw,fc->nchw", feats, kernel).clamp(0, 1)
 
 
 def _ref_window(size: int, channels: int, device, dtype, sigma: float = 1.5) -> torch.Tensor:
@@ -211,26 +193,6 @@ def reference_ms_ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11) -> tor
     if levels == 1:
         return pow2[:, 0]
     return torch.prod(pow1[:, :-1] * pow2[:, -1:], dim=1)
-
-
-class ABSTrigger(TriggerCandidate):
-    """A TriggerCandidate whose filter pools as the ref (count_include_pad, see module doc); the
-    row carries `count_include_pad` (TriggerCandidate.from_row rebuilds core's pooling)."""
-
-    count_include_pad: bool = True
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "filter":
-            pool = self.pool if self.pool is not None else filter_pool_size(x.shape[-1])
-            return reference_apply_filter(x, self.kernel.to(x.device, x.dtype), pool,
-                                          self.count_include_pad)
-        return super().apply(x)
-
-    def to_row(self) -> dict[str, Any]:
-        row = super().to_row()
-        if self.kind == "filter":
-            row["count_include_pad"] = bool(self.count_include_pad)
-        return row
 
 
 # ----------------------------------------------------------------------------- stimulation
@@ -578,7 +540,7 @@ class ABS:
                         x_adv = (1 - mp) * xt + mp * d[pr_d]
                     else:
                         kern = torch.tanh(leaves[0]) / 2 + 0.5
-                        x_adv = reference_apply_filter(xt, kern[pr_d], pool, p.count_include_pad)
+                        x_adv = apply_filter(xt, kern[pr_d], pool, p.count_include_pad)
                     a, logits = feats_fn(x_adv)
                     a = a.flatten(2)
                     s_pre, s_relu = a.sum(-1), F.relu(a).sum(-1)  # (P, F)
@@ -729,7 +691,7 @@ class ABS:
 
     @torch.no_grad()
     def _finish(self, j: int, mode: str, trials: dict[str, _Stage], finals: dict[str, _Stage],
-                tasks: dict[str, Any], model, x, y, cands, layer_name: str) -> ABSTrigger:
+                tasks: dict[str, Any], model, x, y, cands, layer_name: str) -> TriggerCandidate:
         """The trigger of task j: its final run's state, or its trial state when the deadline
         left the final run without an update."""
         p = self.params
@@ -744,13 +706,13 @@ class ABS:
         if mode == "patch":
             mask = (torch.tanh(stage.params[0][lj]) / 2 + 0.5).cpu()
             pattern = (torch.tanh(stage.params[1][lj]) / 2 + 0.5).cpu()
-            cand = ABSTrigger(victim=int(victim), target=target, kind="patch", mask=mask,
-                              pattern=pattern, size=mask_size(mask), binarize=p.binarize)
+            cand = TriggerCandidate(victim=int(victim), target=target, kind="patch", mask=mask,
+                                    pattern=pattern, size=mask_size(mask), binarize=p.binarize)
         else:
             kernel = (torch.tanh(stage.params[0][lj]) / 2 + 0.5).cpu()
-            cand = ABSTrigger(victim=int(victim), target=target, kind="filter", kernel=kernel,
-                              pool=stage.pool)
-            cand.count_include_pad = p.count_include_pad
+            cand = TriggerCandidate(victim=int(victim), target=target, kind="filter",
+                                    kernel=kernel, pool=stage.pool,
+                                    count_include_pad=p.count_include_pad)
             xv = x[tasks["sets"][j].to(x.device)]
             cand.size = float(self._ssim(xv, cand.apply(xv)).mean())
         cand.reasr, cand.reasr_per_label = measure_reasr(model, cand, x, y)

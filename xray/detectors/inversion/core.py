@@ -66,33 +66,39 @@ def filter_pool_size(side: int, reference_pool: int = 111, reference_side: int =
     return max(1, k)
 
 
-def filter_features(x: torch.Tensor, pool: int) -> torch.Tensor:
+def filter_features(x: torch.Tensor, pool: int, count_include_pad: bool = True
+                    ) -> torch.Tensor:
     """[x, maxpool(x), -maxpool(x), avgpool(x)] stacked on channels: (N, 4C, H, W).
 
-    ABS (ref): the third term is -maxpool(x), not a min-pool. Stride 1, padding pool // 2 so the
-    maps keep their size; avgpool counts only real pixels at the border (inferred).
+    ABS (ref filter_preprocess): the third term is -maxpool(x), not a min-pool; stride 1 and
+    padding pool // 2 so the maps keep their size; the avg-pool counts the zero padding at the
+    border (torch's default count_include_pad=True, which the ref keeps). False counts only real
+    pixels (what rows written before this option was stored used).
     """
     pad = pool // 2
     mx = F.max_pool2d(x, pool, stride=1, padding=pad)
-    av = F.avg_pool2d(x, pool, stride=1, padding=pad, count_include_pad=False)
+    av = F.avg_pool2d(x, pool, stride=1, padding=pad, count_include_pad=count_include_pad)
     return torch.cat([x, mx, -mx, av], dim=1)
 
 
-def apply_filter(x: torch.Tensor, kernel: torch.Tensor, pool: int | None = None) -> torch.Tensor:
+def apply_filter(x: torch.Tensor, kernel: torch.Tensor, pool: int | None = None,
+                 count_include_pad: bool = True) -> torch.Tensor:
     """ABS filter trigger: clamp(features(x) . K, 0, 1) with K of shape (4C, C) (12 x 3 for RGB).
 
-    x: (N, C, H, W) pixels. kernel may carry a leading batch axis (K, 4C, C) to apply K kernels to
-    x of shape (K, N, C, H, W) at once.
+    x: (N, C, H, W) pixels. A kernel with a leading axis applies several kernels at once: with x
+    of shape (K, N, C, H, W) and kernel (K, 4C, C) one kernel per leading row; with x (N, C, H, W)
+    and kernel (N, 4C, C) one kernel per image (ABS's minibatches mix tasks).
     """
     if pool is None:
         pool = filter_pool_size(x.shape[-1])
-    if kernel.dim() == 3:  # batched: one kernel per leading row
+    if kernel.dim() == 3 and x.dim() == 5:  # one kernel per leading row
         k, n = x.shape[:2]
-        feats = filter_features(x.reshape(k * n, *x.shape[2:]), pool).reshape(k, n, -1,
-                                                                              *x.shape[-2:])
-        out = torch.einsum("knfhw,kfc->knchw", feats, kernel)
+        feats = filter_features(x.reshape(k * n, *x.shape[2:]), pool, count_include_pad)
+        out = torch.einsum("knfhw,kfc->knchw", feats.reshape(k, n, -1, *x.shape[-2:]), kernel)
         return out.clamp(0, 1)
-    feats = filter_features(x, pool)
+    feats = filter_features(x, pool, count_include_pad)
+    if kernel.dim() == 3:  # one kernel per image
+        return torch.einsum("nfhw,nfc->nchw", feats, kernel).clamp(0, 1)
     return torch.einsum("nfhw,fc->nchw", feats, kernel).clamp(0, 1)
 
 
@@ -172,7 +178,8 @@ class TriggerCandidate:
 
     binarize: the mask threshold `.apply` uses (m > binarize -> 1, else 0), the spec's stamping
     for REASR and EX-RAY (m > 0.1); None stamps the continuous mask. pool: the filter's pool
-    window (None: scaled from the image side, filter_pool_size).
+    window (None: scaled from the image side, filter_pool_size); count_include_pad: its avg-pool
+    counts the zero padding (ABS's reference; rows stored without the key were made with False).
     """
 
     victim: int | None
@@ -187,6 +194,7 @@ class TriggerCandidate:
     stats: dict[str, Any] = field(default_factory=dict)
     binarize: float | None = 0.1
     pool: int | None = None
+    count_include_pad: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -209,7 +217,8 @@ class TriggerCandidate:
             m = self.stamp_mask().to(x.device, x.dtype)
             p = self.pattern.to(x.device, x.dtype)
             return stamp(x, m[None, None], p[None])
-        return apply_filter(x, self.kernel.to(x.device, x.dtype), self.pool)
+        return apply_filter(x, self.kernel.to(x.device, x.dtype), self.pool,
+                            self.count_include_pad)
 
     def to_row(self) -> dict[str, Any]:
         """The dict xray.scan.trigger_rows reads: victim, target, kind, size, reasr, mask,
@@ -227,6 +236,8 @@ class TriggerCandidate:
         }
         if self.pool is not None:
             row["pool"] = int(self.pool)
+        if self.kind == "filter":
+            row["count_include_pad"] = bool(self.count_include_pad)
         for key, value in self.stats.items():
             row.setdefault(key, value)
         return row
@@ -234,7 +245,8 @@ class TriggerCandidate:
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "TriggerCandidate":
         """Rebuild from a `triggers` table row (mask / pattern / kernel as arrays or np.save
-        bytes, stats_json as text) so a stored trigger can be re-applied and drawn."""
+        bytes, stats_json as text) or a `to_row` dict, so a stored trigger can be re-applied and
+        drawn."""
         import io
         import json
 
@@ -248,9 +260,14 @@ class TriggerCandidate:
         stats = dict(row.get("stats") or {})
         if isinstance(row.get("stats_json"), str):
             stats.update(json.loads(row["stats_json"]))
-        per_label = {int(k): float(v) for k, v in (stats.pop("reasr_per_label", {}) or {}).items()}
-        binarize = stats.pop("binarize", 0.1)
-        pool = stats.pop("pool", None)
+
+        def setting(key: str, default: Any) -> Any:  # in stats_json (a table row) or top level
+            return stats.pop(key) if key in stats else row.get(key, default)
+
+        per_label = {int(k): float(v) for k, v in (setting("reasr_per_label", {}) or {}).items()}
+        binarize = setting("binarize", 0.1)
+        pool = setting("pool", None)
+        count_include_pad = bool(setting("count_include_pad", False))
         victim = row.get("victim")
         victim = None if victim is None or (isinstance(victim, float) and math.isnan(victim)) \
             else int(victim)
@@ -258,7 +275,8 @@ class TriggerCandidate:
                    mask=arr(row.get("mask")), pattern=arr(row.get("pattern")),
                    kernel=arr(row.get("kernel")), size=float(row.get("size", float("nan"))),
                    reasr=float(row.get("reasr", float("nan"))), reasr_per_label=per_label,
-                   stats=stats, binarize=binarize, pool=None if pool is None else int(pool))
+                   stats=stats, binarize=binarize, pool=None if pool is None else int(pool),
+                   count_include_pad=count_include_pad)
 
 
 @torch.no_grad()
