@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import posixpath
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,11 +30,12 @@ import yaml
 from xray.io import storage
 from xray.io import trojai as _trojai
 from xray.io.records import ModelRecord
-from xray.io.rows import (FIELDS, TAG_PREFIX, BadValue, ManifestError, as_bool, has_scheme,
-                          is_missing, record_from_row, records_from_rows, unknown_field)
-from xray.io.trojai import CONFIG_FILE, EXAMPLE_DIRS, GROUND_TRUTH_FILE
+from xray.io.rows import (FIELDS, TAG_PREFIX, ManifestError, has_scheme, record_from_row,
+                          records_from_rows, unknown_field)
+from xray.io.trojai import zoo_row_from_config as row_from_config
 
-# Importable from here as before: the row rules (xray.io.rows) and the readers share them.
+# Importable from here as before: the row rules (xray.io.rows) and the zoo dialect
+# (xray.io.trojai.zoo_row_from_config, once this module's row_from_config) live beside it.
 __all__ = ["FIELDS", "TAG_PREFIX", "ManifestError", "record_from_row", "read_manifest",
            "read_round_dir", "row_from_config", "write_manifest", "check_manifest_uris",
            "manifest_digest"]
@@ -274,89 +275,14 @@ def _isdir(uri: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Round directories: the walker and the TrojAI dialects live in xray.io.trojai; the zoo's own
-# config.json keys are read here.
-
-WEIGHT_FORMATS = {".safetensors": "safetensors", ".torchscript.pt": "torchscript",
-                  ".ts": "torchscript"}
-
+# Round directories: the walker and every config.json dialect (the zoo's, TrojAI's) live in
+# xray.io.trojai.
 
 def read_round_dir(uri: str, *, exclude_errata: bool = True,
                    split: str | None = None) -> list[ModelRecord]:
     """Records for the complete id-*/ folders of a round (those holding config.json; in a
-    TrojAI round-1 directory, which has none, those holding model.pt).
-
-    Zoo config.json keys are read here; TrojAI rounds 1-4 (METADATA.csv, r2 upper-case, r3,
-    r4 lower-case keys, the round-1 errata) by `xray.io.trojai.read_round`. Always json.load.
+    TrojAI round-1 directory, which has none, those holding model.pt): `xray.io.trojai.read_round`
+    (the zoo's own config.json keys, TrojAI rounds 1-4: METADATA.csv, r2 upper-case, r3, r4
+    lower-case keys, the round-1 errata). Always json.load.
     """
-    def zoo_row(config, folder, names, truth, file, number):
-        return row_from_config(config, folder, names, truth, file=file, number=number)
-
-    return _trojai.read_round(uri, exclude_errata=exclude_errata, split=split, zoo_row=zoo_row)
-
-
-def _first(config: Mapping[str, Any], *keys: str) -> Any:
-    for key in keys:
-        if key in config:
-            return config[key]
-    return None
-
-
-def row_from_config(config: Mapping[str, Any], folder: str, names: set[str],
-                    ground_truth: bool | None = None, *, file: str = CONFIG_FILE,
-                    number: int | None = None) -> dict[str, Any]:
-    """A manifest row from a zoo model folder's config.json (xray.zoo.round writes it; TrojAI
-    configs, which name no 'architecture', are read by xray.io.trojai.row_from_config).
-
-    Relative paths in the row (weights, examples) are relative to the model folder. The
-    upper-case TrojAI spellings of poisoned / target / class count, and a TrojAI `triggers` list,
-    are still accepted beside the zoo's own keys.
-    """
-    if "architecture" not in config:
-        raise ManifestError(file, number, None, "not a zoo config.json (no 'architecture'); "
-                            "TrojAI round configs are read by xray.io.trojai")
-    weights = config.get("weights") or "model.pt"
-    fmt = config.get("format") or next(
-        (f for ext, f in WEIGHT_FORMATS.items() if weights.endswith(ext)), "pickle")
-    architecture = _trojai.architecture_name(config["architecture"])
-    examples = config.get("examples") or next((d for d in EXAMPLE_DIRS if d in names), None)
-
-    poisoned = _first(config, "poisoned", "POISONED")
-    if ground_truth is not None:
-        if not is_missing(poisoned):
-            try:
-                agrees = as_bool(poisoned) == ground_truth
-            except BadValue:
-                agrees = True  # reported as a type error when the row is checked
-            if not agrees:
-                raise ManifestError(file, number, "poisoned", f"config.json says {poisoned!r} "
-                                    f"but {GROUND_TRUTH_FILE} says {int(ground_truth)}")
-        poisoned = ground_truth
-
-    target = _first(config, "target", "TRIGGER_TARGET_CLASS")
-    attack = _first(config, "attack")
-    triggers = config.get("triggers")
-    if isinstance(triggers, list) and triggers:
-        dicts = [t for t in triggers if isinstance(t, dict)]
-        if target is None and dicts:
-            target = dicts[0].get("target_class")
-        if attack is None:
-            kinds = sorted({str(t.get("type") or t.get("trigger_type")) for t in dicts})
-            attack = "+".join(kinds) or None
-
-    return {
-        "model_id": config.get("model_id") or folder,
-        "uri": weights,
-        "format": fmt,
-        "architecture": architecture,
-        "num_classes": _first(config, "num_classes", "number_classes", "NUMBER_CLASSES"),
-        "input_shape": config.get("input_shape"),
-        "mean": config.get("mean"),
-        "std": config.get("std"),
-        "examples_uri": examples,
-        "poisoned": poisoned,
-        "target": target,
-        "attack": attack,
-        "tags": config.get("tags") or {},
-        "preprocessing": config.get("preprocessing") or {},
-    }
+    return _trojai.read_round(uri, exclude_errata=exclude_errata, split=split)

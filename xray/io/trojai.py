@@ -1,4 +1,5 @@
-"""TrojAI image-classification rounds 1-4 on disk -> manifest records (trojai-format.md).
+"""Round directories on disk -> manifest records: TrojAI image-classification rounds 1-4
+(trojai-format.md) and the zoo's own rounds (xray.zoo.round).
 
     records = read_round("/data/round4-train-dataset")        # models/ or flat, METADATA.csv
     records = read_round(uri, split="test", exclude_errata=True)
@@ -11,7 +12,7 @@ A round is a folder of id-*/ model folders (directly or under models/). Each fol
   r2       config.json, upper-case keys (POISONED, ...)      MODEL_ARCHITECTURE
   r3       r2 keys + adversarial-training keys               MODEL_ARCHITECTURE + ADVERSARIAL*
   r4       config.json, lower-case jsonpickle keys           model_architecture
-  zoo      the zoo's own config.json (xray.zoo.round)        architecture
+  zoo      the zoo's own config.json (zoo_row_from_config)   architecture
 
 config.json is always read with json.load: a jsonpickle file (r4, "py/object" tags) is plain
 JSON and is never decoded into objects. Architecture names of the TrojAI generator
@@ -51,7 +52,7 @@ from typing import Any, Mapping
 from xray.io import storage
 from xray.io.examples import CLEAN_NAME
 from xray.io.records import ModelRecord
-from xray.io.rows import ManifestError, record_from_row
+from xray.io.rows import BadValue, ManifestError, as_bool, is_missing, record_from_row
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ def row_from_config(config: Mapping[str, Any], folder: str, names: set[str],
     """
     dialect = config_dialect(config)
     if dialect == "zoo":
-        raise ValueError("a zoo config.json; read it with xray.io.manifest.row_from_config")
+        raise ValueError("a zoo config.json; read it with zoo_row_from_config")
     xray = config.get(XRAY_KEY) if isinstance(config.get(XRAY_KEY), dict) else {}
     meta = metadata or {}
     upper = dialect in ("r2", "r3")
@@ -195,6 +196,78 @@ def row_from_config(config: Mapping[str, Any], folder: str, names: set[str],
     return {**_base_row(folder, names, dialect, xray, split),
             "architecture": architecture_name(architecture), "num_classes": num_classes,
             "poisoned": poisoned, "target": target, "attack": attack}
+
+
+# The zoo dialect: weights file name -> format, when config.json names no format.
+ZOO_WEIGHT_FORMATS = {".safetensors": "safetensors", ".torchscript.pt": "torchscript",
+                      ".ts": "torchscript"}
+
+
+def _first_key(config: Mapping[str, Any], *keys: str) -> Any:
+    for key in keys:
+        if key in config:
+            return config[key]
+    return None
+
+
+def zoo_row_from_config(config: Mapping[str, Any], folder: str, names: set[str],
+                        ground_truth: bool | None = None, *, file: str = CONFIG_FILE,
+                        number: int | None = None) -> dict[str, Any]:
+    """A manifest row from a zoo model folder's config.json (xray.zoo.round writes it; TrojAI
+    configs, which name no 'architecture', are read by row_from_config).
+
+    Relative paths in the row (weights, examples) are relative to the model folder. The
+    upper-case TrojAI spellings of poisoned / target / class count, and a TrojAI `triggers` list,
+    are still accepted beside the zoo's own keys.
+    """
+    if "architecture" not in config:
+        raise ManifestError(file, number, None, "not a zoo config.json (no 'architecture'); "
+                            "TrojAI round configs are read by row_from_config")
+    weights = config.get("weights") or "model.pt"
+    fmt = config.get("format") or next(
+        (f for ext, f in ZOO_WEIGHT_FORMATS.items() if weights.endswith(ext)), "pickle")
+    architecture = architecture_name(config["architecture"])
+    examples = config.get("examples") or next((d for d in EXAMPLE_DIRS if d in names), None)
+
+    poisoned = _first_key(config, "poisoned", "POISONED")
+    if ground_truth is not None:
+        if not is_missing(poisoned):
+            try:
+                agrees = as_bool(poisoned) == ground_truth
+            except BadValue:
+                agrees = True  # reported as a type error when the row is checked
+            if not agrees:
+                raise ManifestError(file, number, "poisoned", f"config.json says {poisoned!r} "
+                                    f"but {GROUND_TRUTH_FILE} says {int(ground_truth)}")
+        poisoned = ground_truth
+
+    target = _first_key(config, "target", "TRIGGER_TARGET_CLASS")
+    attack = _first_key(config, "attack")
+    triggers = config.get("triggers")
+    if isinstance(triggers, list) and triggers:
+        dicts = [t for t in triggers if isinstance(t, dict)]
+        if target is None and dicts:
+            target = dicts[0].get("target_class")
+        if attack is None:
+            kinds = sorted({str(t.get("type") or t.get("trigger_type")) for t in dicts})
+            attack = "+".join(kinds) or None
+
+    return {
+        "model_id": config.get("model_id") or folder,
+        "uri": weights,
+        "format": fmt,
+        "architecture": architecture,
+        "num_classes": _first_key(config, "num_classes", "number_classes", "NUMBER_CLASSES"),
+        "input_shape": config.get("input_shape"),
+        "mean": config.get("mean"),
+        "std": config.get("std"),
+        "examples_uri": examples,
+        "poisoned": poisoned,
+        "target": target,
+        "attack": attack,
+        "tags": config.get("tags") or {},
+        "preprocessing": config.get("preprocessing") or {},
+    }
 
 
 def r1_row(folder: str, names: set[str], ground_truth: bool | None,
@@ -249,13 +322,13 @@ def model_root(fs, root: str) -> str | None:
     return None
 
 
-def read_round(uri: str, *, exclude_errata: bool = True, split: str | None = None,
-               zoo_row=None) -> list[ModelRecord]:
+def read_round(uri: str, *, exclude_errata: bool = True,
+               split: str | None = None) -> list[ModelRecord]:
     """Records of the complete model folders of a round (see the module docstring).
 
     Complete: holds config.json; in a round without any config.json (round 1), holds model.pt.
-    Other folders are being written and are skipped with a warning. `zoo_row(config, folder,
-    names, truth, file, number)` builds rows for zoo configs (xray.io.manifest passes its own).
+    Other folders are being written and are skipped with a warning. Zoo configs are read by
+    `zoo_row_from_config`, TrojAI ones by `row_from_config`.
     """
     uri = str(uri).rstrip("/")
     fs, root = storage.filesystem(uri)
@@ -328,9 +401,8 @@ def read_round(uri: str, *, exclude_errata: bool = True, split: str | None = Non
             try:
                 dialect = config_dialect(config)
                 if dialect == "zoo":
-                    if zoo_row is None:
-                        raise ValueError("a zoo config.json needs xray.io.manifest.read_round_dir")
-                    row = zoo_row(config, name, children[name], truth, file, number)
+                    row = zoo_row_from_config(config, name, children[name], truth, file=file,
+                                              number=number)
                 else:
                     row = row_from_config(config, name, children[name], truth, split=split,
                                           metadata=metadata.get(name))
