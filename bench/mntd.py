@@ -1,6 +1,6 @@
 """MNTD on MNIST: a meta-classifier trained on a shadow set scores a separately built target round.
 
-Shadow set (MNTD's own setting, shared/specs/baselines.md, at a CPU budget): MNTD's MNIST CNN on
+Shadow set (MNTD's own setting, docs/algorithms/baselines.md, at a CPU budget): MNTD's MNIST CNN on
 the defender's 1,200-image MNIST split (2% of 60,000; data seed 0), `--per-kind` benign + the
 same number of jumbo models for training and a quarter of that of each for validation, trained
 one by one (faster than stacked on CPUs, bench/stacked_training.py). Budget: Adam lr 2e-3,

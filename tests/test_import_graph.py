@@ -3,7 +3,7 @@
 - no cycle among the modules' top-level imports, counting the implicit import of a submodule's
   parent packages (importing a.b.c runs a/__init__ and a/b/__init__ first): what runs at import.
 - no cycle either when imports inside functions are counted too (as
-  shared/tools/import_cycles.py counts them): a local import is no way around a cycle.
+  a static import-cycle checker counts them): a local import is no way around a cycle.
 - An import of a module's own ancestor package is left out of both: that is the registry
   pattern (a detector module imports `xray.detectors` to register itself).
 - only xray/runner imports ray (house rule: Ray stays in xray/runner and jobs/), at any level.

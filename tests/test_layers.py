@@ -6,7 +6,7 @@ from xray import models
 from xray.io.model_loading import Normalized
 from xray.models.layers import POSITIONS, split_model
 
-# (architecture, input shape, the layer "second_last" must name per specs/exray.md)
+# (architecture, input shape, the layer "second_last" must name per docs/algorithms/exray.md)
 CASES = [
     ("mntd_mnist_cnn", (1, 24, 24), "features.2"),
     ("mntd_cifar_cnn", (3, 24, 24), "features.6"),

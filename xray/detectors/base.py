@@ -1,4 +1,4 @@
-"""The detector contract (DESIGN.md): name, version, frozen Params, score(model, data, ctx).
+"""The detector contract: name, version, frozen Params, score(model, data, ctx).
 
 A detector reads only its arguments: the model (an nn.Module in eval mode taking pixel-space
 inputs in [0, 1], normalisation folded in), the clean example data, and a context carrying the

@@ -3,7 +3,7 @@
 Paper: Liu et al., "Complex Backdoor Detection by Symmetric Feature Differencing", CVPR 2022
 (ABS+EX-RAY Table 9, NC+EX-RAY Table 14, K-Arm+EX-RAY Table 8). Reference code: PurduePAML/Exray
 abs_pytorch1_both_batch_inner_both_with_prune.py (ABS then prune per trigger). Spec:
-shared/specs/exray.md "Model-level score".
+docs/algorithms/exray.md "Model-level score".
 
     result = upstream.score(model, data, ctx)           # candidates in artifacts["candidates"]
     selected = the candidates the upstream itself reports (ABS: kept (flip >= keep_flip);

@@ -3,7 +3,7 @@
 Paper: Wang, Mahmood, Zhang, Wang, Miller, Kesidis, "MM-BD: Post-Training Detection of Backdoor
 Attacks with Arbitrary Backdoor Pattern Types Using a Maximum Margin Statistic", IEEE S&P 2024,
 https://arxiv.org/abs/2205.06900. Reference code: wanghangpsu/MM-BD, `univ_bd.py`.
-Spec: shared/specs/baselines.md.
+Spec: docs/algorithms/baselines.md "MM-BD".
 
 Algorithm (per model, K classes, no clean data needed):
   1. For each class t: S random starts x ~ U[0,1]^(C, H, W). Gradient ascent on the margin

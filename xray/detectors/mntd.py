@@ -3,7 +3,7 @@
 Paper: Xu, Wang, Li, Borisov, Gunter, Li, "Detecting AI Trojans Using Meta Neural Analysis",
 IEEE S&P 2021, https://arxiv.org/abs/1910.03137. Reference code:
 AI-secure/Meta-Nerual-Trojan-Detection (`meta_classifier.py`, `run_meta.py`, `utils_meta.py`).
-Spec: shared/specs/baselines.md.
+Spec: docs/algorithms/baselines.md "MNTD".
 
 Two parts:
   1. `xray.zoo.mntd.train_meta_classifier(shadow_uri, out_uri)` (command line: `xray mntd

@@ -4,7 +4,7 @@ Paper: Su et al., "Model X-ray: Detecting Backdoored Models via Decision Boundar
 https://arxiv.org/abs/2402.17465 (and its supplement). Reference code: SuYanghao/Model_X-ray,
 `modelxray.py` (first public version: N 20, R 100, seed 333) and
 `BackdoorBench-v2-merge/analysis/modelxray.py` (current: R 200, one demo plot, seed 42); plane
-code from somepago/dbViz. Spec: shared/specs/modelxray.md.
+code from somepago/dbViz. Spec: docs/algorithms/modelxray.md.
 
 Algorithm (per model):
   1. N planes. Each: a triplet of clean examples with three different ground-truth labels

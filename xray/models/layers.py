@@ -1,9 +1,9 @@
 """Split a classifier at an inner layer: model(x) == g(h(x)), h = input -> layer, g = the rest.
 
-ABS stimulates, and EX-RAY mixes, the output of one inner block (specs/exray.md "Layer", paper
-Table 11). `split_model` rewrites each registered architecture as a flat list of stages whose
-sequential composition is the network's forward, marks the stages that end a top-level block of
-the architecture's main type, and cuts after the chosen one:
+ABS stimulates, and EX-RAY mixes, the output of one inner block (docs/algorithms/exray.md
+"Layer", paper Table 11). `split_model` rewrites each registered architecture as a flat list of
+stages whose sequential composition is the network's forward, marks the stages that end a
+top-level block of the architecture's main type, and cuts after the chosen one:
 
     family                     blocks (position "second_last" is the block the spec names)
     torchvision ResNet / WRN   layer1 .. layer4                        -> layer3

@@ -5,7 +5,7 @@
     result = testset_report(round_dir, out_uri, scores, run_id)  # per-model CSV + summary + page
 
 Harness rules (ref: usnistgov/trojai-test-harness actor_executor/metrics.py, submission.py,
-fs_utils.py; trojai-format.md "Scoring"):
+fs_utils.py; docs/algorithms/trojai-format.md "Scoring"):
   * targets: float(first line) of each id-*/ground_truth.csv;
   * a prediction is float(first line) of the detector's result file; a missing file, a parse
     failure or NaN is 0.5 (`read_prediction` returns NaN, `harness_scores` fills 0.5);

@@ -54,7 +54,7 @@ TRAINING_PRESETS: dict[str, dict[str, Any]] = {
     "reference": {},
     # Short small-model default: Adam converges in a few epochs on 32 x 32 inputs.
     "small": {"optimizer": "adam", "lr": 2e-3, "weight_decay": 0.0, "batch_size": 64, "epochs": 8},
-    # MNTD shadow models (baselines.md): Adam lr 1e-3, batch 100, constant.
+    # MNTD shadow models (docs/algorithms/baselines.md): Adam lr 1e-3, batch 100, constant.
     "mntd": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "batch_size": 100,
              "epochs": 100, "schedule": "constant"},
 }

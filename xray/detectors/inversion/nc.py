@@ -3,7 +3,7 @@
 Paper: Wang et al., "Neural Cleanse: Identifying and Mitigating Backdoor Attacks in Neural
 Networks", IEEE S&P 2019, https://doi.org/10.1109/SP.2019.00031. Reference code:
 bolunwang/backdoor (visualizer.py, gtsrb_visualize_example.py, mad_outlier_detection.py).
-Spec: shared/specs/inversion.md "Neural Cleanse".
+Spec: docs/algorithms/inversion.md "Neural Cleanse".
 
 Per target t (every label): m = tanh(theta_m)/(2-1e-7)+0.5 (H x W, shared over channels),
 p = tanh(theta_p)/(2-1e-7)+0.5 (C x H x W), x' = (1-m) x + m p; loss CE(f(x'), t) + cost * sum|m|;

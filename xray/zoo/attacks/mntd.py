@@ -13,7 +13,9 @@ from xray.zoo.attacks.jumbo import Jumbo
 @register
 @dataclass(frozen=True, kw_only=True)
 class MntdPatch(Jumbo):
-    """MNTD's target-model attack M (baselines.md): the jumbo patch with p in {2..5} and alpha 1."""
+    """MNTD's target-model attack M: the jumbo patch with p in {2..5} and alpha 1.
+
+    See docs/algorithms/baselines.md "MNTD"."""
 
     name: ClassVar[str] = "mntd_m"
 
@@ -29,7 +31,9 @@ class MntdPatch(Jumbo):
 @register
 @dataclass(frozen=True, kw_only=True)
 class MntdBlend(Jumbo):
-    """MNTD's target-model attack B (baselines.md): full-image blend, alpha ~ U(0.05, 0.2)."""
+    """MNTD's target-model attack B: full-image blend, alpha ~ U(0.05, 0.2).
+
+    See docs/algorithms/baselines.md "MNTD"."""
 
     name: ClassVar[str] = "mntd_b"
 

@@ -18,7 +18,8 @@ def poison(x: np.ndarray, y: np.ndarray, attack: Attack, rate: float | None = No
     - clean label (SIG): min(round(rate * N), n_target) target-class samples, triggered and not
       relabelled (BackdoorBench's convention: the rate is of the whole set, capped by the class);
     - MNTD attacks (adds_copies): int(rate * N) samples of any class, drawn without replacement,
-      are *appended* as triggered copies labelled target (baselines.md); x_out is longer than x.
+      are *appended* as triggered copies labelled target (docs/algorithms/baselines.md); x_out
+      is longer than x.
     WaNet also replaces round(cross_ratio * n) other samples by noise-mode warps, labels kept
     (they are not in the returned indices).
     """
