@@ -57,15 +57,34 @@ def _one_row_per_key(scores):
     assert not scores.duplicated(SCORE_KEY).any()
 
 
-def test_killed_worker_loses_and_duplicates_nothing(two_nodes, tiny_round, tmp_path):
-    round_dir, _ = tiny_round
-    killed = []
-
-    def kill_a_worker(result):
-        if not killed:  # the actor that just returned is busy with its next model: kill it
+def _kill_once(killed: list[int]):
+    """An on_result callback that SIGKILLs the worker of the first result it sees: that actor
+    is then busy with its next model. The pid goes into `killed`."""
+    def kill(result):
+        if not killed:
             pid = int(result["scores"][0]["worker"].split(":")[-1])
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
+    return kill
+
+
+def _first_models(round_dir, tmp_path, n: int) -> str:
+    """A manifest of the round's first n models, URIs made absolute (they are relative to the
+    round's own manifest)."""
+    import pandas as pd
+
+    manifest = tmp_path / f"first-{n}.csv"
+    rows = pd.read_csv(round_dir / "manifest.csv").head(n)
+    for column in ("uri", "examples_uri"):
+        rows[column] = [str(round_dir / v) for v in rows[column]]
+    rows.to_csv(manifest, index=False)
+    return str(manifest)
+
+
+def test_killed_worker_loses_and_duplicates_nothing(two_nodes, tiny_round, tmp_path):
+    round_dir, _ = tiny_round
+    killed: list[int] = []
+    kill_a_worker = _kill_once(killed)
 
     out = str(tmp_path / "out")
     summary = run_scan(str(round_dir / "manifest.csv"), out, CONFIG, num_cpus_per_actor=1,
@@ -99,20 +118,40 @@ def test_time_limit_reaches_detectors_so_they_stop_before_the_kill(two_nodes, ti
     stopped_early, with its steps) instead of being killed into a timeout row."""
     import json
 
-    import pandas as pd
-
     round_dir, _ = tiny_round
-    manifest = tmp_path / "two.csv"
-    rows = pd.read_csv(round_dir / "manifest.csv").head(2)
-    for column in ("uri", "examples_uri"):  # the round's URIs are relative to its manifest
-        rows[column] = [str(round_dir / v) for v in rows[column]]
-    rows.to_csv(manifest, index=False)
+    manifest = _first_models(round_dir, tmp_path, 2)
     limited = parse_config({"seed": 0, "model_time_limit_s": 12.0, "detectors": {"nc": {
         "params": {"steps": 100000, "early_stop_patience": 100000}}}})
     out = str(tmp_path / "out")
-    run_scan(str(manifest), out, limited, num_actors=1, show_progress=False)
+    run_scan(manifest, out, limited, num_actors=1, show_progress=False)
     scores = read_table(out, "scores", dedupe=False)
     assert len(scores) == 2 and (scores["status"] == "ok").all(), scores["error"].tolist()
     for stats in map(json.loads, scores["stats_json"]):
         assert stats["stopped_early"] is True and stats["steps"] > 0
     assert (scores["seconds"] < 12.0).all()
+
+
+def test_time_limit_counts_from_the_actors_start_not_its_restart(two_nodes, tiny_round,
+                                                                 tmp_path):
+    """One actor, killed while it works on the second model: the retried model and the third
+    wait for the actor's restart (a new process imports torch and builds the detectors), which
+    is not charged to them. Each NC stops at its own deadline (limit 12 s less the margin,
+    counted from its start) and writes an ok row; charged from the hand-over, the restart
+    pushed them past the limit into timeout rows."""
+    import json
+
+    round_dir, _ = tiny_round
+    manifest = _first_models(round_dir, tmp_path, 3)
+    limited = parse_config({"seed": 0, "model_time_limit_s": 12.0, "detectors": {"nc": {
+        "params": {"steps": 100000, "early_stop_patience": 100000}}}})
+    killed: list[int] = []
+
+    out = str(tmp_path / "out")
+    run_scan(manifest, out, limited, num_actors=1, show_progress=False,
+             on_result=_kill_once(killed))
+    assert killed
+    scores = read_table(out, "scores", dedupe=False)
+    assert len(scores) == 3 and (scores["status"] == "ok").all(), scores["error"].tolist()
+    assert len(set(scores["worker"])) == 2  # the first model before the kill, two after
+    for stats in map(json.loads, scores["stats_json"]):
+        assert stats["stopped_early"] is True and stats["steps"] > 0

@@ -11,10 +11,11 @@ One night:
      build), the manifest is scanned as it is.
   2. The scan, with the current code: into <state>/scans/<zoo key>-<config hash>-<code key>/ via
      `xray.runner.run_scan`, whose plan skips every model already scored there. The code key
-     (`code_key`) hashes xray's own source files and the versions of the libraries a score
-     depends on, so a night after a code or dependency change scans everything again in a fresh
-     folder, and a night after nothing changed scans nothing. rescan="config" drops the code key
-     from the folder name: then only detector versions and parameters (the scores' keys) decide.
+     (`xray.code_identity.code_key`) hashes xray's own source files and the versions of the
+     libraries a score depends on, so a night after a code or dependency change scans everything
+     again in a fresh folder, and a night after nothing changed scans nothing. rescan="config"
+     drops the code key from the folder name: then only detector versions and parameters (the
+     scores' keys) decide.
   3. The comparison: `xray.reduce.compare.compare(baseline scan, this scan)` against the
      tolerances, written beside this night's report as comparison.{txt,md,json}.
   4. The report: `xray.reduce.report.render_report` of this scan, at
@@ -29,16 +30,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import functools
-import hashlib
-import importlib.metadata
 import json
 import logging
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
+from xray.code_identity import code_key, code_version
 from xray.io import storage
 from xray.zoo.recipe import Recipe, load_recipe
 
@@ -47,30 +45,8 @@ from xray.zoo.recipe import Recipe, load_recipe
 
 log = logging.getLogger(__name__)
 
-# Libraries whose version can change a score (the code key hashes their versions).
-SCORE_DEPENDENCIES = ("torch", "torchvision", "numpy", "scipy", "scikit-learn", "scikit-image",
-                      "safetensors", "pillow")
 BASELINE = "baseline.json"
 LATEST = "latest.json"
-
-
-@functools.lru_cache(maxsize=1)
-def code_key() -> str:
-    """Hash of xray's source (every .py, .j2, .yaml under the package) and of the versions of
-    SCORE_DEPENDENCIES. Computed once per process: the code that runs is the code imported."""
-    root = Path(__file__).resolve().parent
-    digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".j2", ".yaml")
-                       and "__pycache__" not in p.parts):
-        digest.update(str(path.relative_to(root)).encode())
-        digest.update(path.read_bytes())
-    for name in SCORE_DEPENDENCIES:
-        try:
-            version = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            version = "absent"
-        digest.update(f"{name}=={version}".encode())
-    return digest.hexdigest()[:12]
 
 
 @dataclass
@@ -192,7 +168,6 @@ def run_nightly(state_uri: str, *, recipe: Recipe | str | None = None,
     from xray.reduce.compare import ToleranceSet, compare
     from xray.reduce.report import render_report
     from xray.runner import run_scan
-    from xray.runner.scan_run import code_version
 
     if (recipe is None) == (manifest is None):
         raise ValueError("run_nightly needs exactly one of recipe= and manifest=")

@@ -12,7 +12,6 @@ import datetime as dt
 import logging
 import os
 import socket
-import subprocess
 import time
 import uuid
 from collections import deque
@@ -21,9 +20,10 @@ from typing import Any, Callable
 
 import ray
 import torch
-from ray.exceptions import ActorUnavailableError, RayActorError, WorkerCrashedError
+from ray.exceptions import (ActorUnavailableError, GetTimeoutError, RayActorError,
+                            WorkerCrashedError)
 
-from xray import __version__
+from xray.code_identity import code_version
 from xray.config import ScanConfig
 from xray.io.manifest import manifest_digest, read_manifest
 from xray.progress import Progress
@@ -32,6 +32,11 @@ from xray.runner.plan import PlannedModel, plan
 from xray.scan import scan_stack, score_row
 
 log = logging.getLogger(__name__)
+# How long an actor may take to start a model handed to it (a restart: a new process imports
+# torch and builds the detectors) before that model is charged anyway; and how long the driver
+# waits for an actor to say what it is doing.
+START_GRACE_S = 120.0
+STATUS_TIMEOUT_S = 2.0
 
 
 @dataclass
@@ -65,7 +70,15 @@ class RunSummary:
             self.failures_by_node[node] += 1
 
 
-@ray.remote
+def unit_key(items: tuple[PlannedModel, ...]) -> str:
+    """Names one unit of work (a model or a stack) between the driver and an actor."""
+    return "\n".join(f"{i.record.model_id}@{i.digest}" for i in items)
+
+
+# `running` answers from its own thread while `scan` works: the driver's clock for a model
+# starts when the actor starts it, not when it was handed over (an actor may still be
+# restarting then). Scans stay one at a time (the default group's concurrency is 1).
+@ray.remote(concurrency_groups={"status": 1})
 class ScanActor:
     """Builds the detectors once; scans one model per call."""
 
@@ -76,32 +89,33 @@ class ScanActor:
         node = ray.get_runtime_context().get_node_id()[:12]
         # node:host:pid — the node id tells simulated nodes on one host apart.
         self.worker = f"{node}:{socket.gethostname()}:{os.getpid()}"
+        self.current: tuple[str, float] | None = None  # (unit_key, monotonic start)
 
     def scan(self, items: tuple[PlannedModel, ...], run_id: str) -> list[dict[str, Any]]:
         """One model, or a stack of models of one architecture with the same pending
         detectors (scored together where a detector supports it)."""
         started = time.perf_counter()
-        detectors = [self.detectors[name] for name in items[0].detectors]
-        results = scan_stack([i.record for i in items], detectors, self.config,
-                             digests=[i.digest for i in items], run_id=run_id,
-                             worker=self.worker)
+        self.current = (unit_key(items), time.monotonic())
+        try:
+            detectors = [self.detectors[name] for name in items[0].detectors]
+            results = scan_stack([i.record for i in items], detectors, self.config,
+                                 digests=[i.digest for i in items], run_id=run_id,
+                                 worker=self.worker)
+        finally:
+            self.current = None
         for result in results:
             result["actor_seconds"] = (time.perf_counter() - started) / len(items)
         return results
 
+    @ray.method(concurrency_group="status")
+    def running(self) -> tuple[str, float] | None:
+        """(unit_key, seconds since it started) of the unit being scanned now, or None."""
+        current = self.current
+        return None if current is None else (current[0], time.monotonic() - current[1])
+
     def where(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
                 "gpus": ray.get_gpu_ids()}
-
-
-def code_version() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        sha = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha = ""
-    return f"xray {__version__}" + (f" ({sha})" if sha else "")
 
 
 def ensure_ray(address: str | None) -> None:
@@ -248,9 +262,12 @@ class _Scheduler:
     """Bounded in-flight submission, unordered consumption, retries and time limits.
 
     Ray runs an actor's calls in submission order, so the head of each actor's queue is the
-    model it is working on; its clock starts when the previous one returned. A model past the
-    time limit gets a `timeout` row and its actor is restarted (the others queued behind it are
-    resubmitted, not charged an attempt)."""
+    model it is working on. Its clock starts when the previous one returned; once that clock
+    passes the time limit, the actor is asked how long it has really been on the model
+    (`ScanActor.running`), and the clock moves to when the actor started it (a restart or a slow
+    hand-over is not charged). A model past the time limit by the actor's own count, or one the
+    actor has not started START_GRACE_S after the limit, gets a `timeout` row and its actor is
+    restarted (the others queued behind it are resubmitted, not charged an attempt)."""
 
     def __init__(self, pool: _ActorPool, run_id: str, config: ScanConfig, built: list[Any],
                  in_flight_per_actor: int, max_retries: int, time_limit: float | None) -> None:
@@ -296,22 +313,49 @@ class _Scheduler:
                 return task, k == 0
         raise KeyError(ref)
 
+    def _running_for(self, overdue: list[int]) -> dict[int, float | None]:
+        """Per overdue actor, the seconds it has been scanning the head of its queue; None when
+        it is not on it (still starting or restarting, already done with it: its result is on
+        the way, or dead: its scan ref fails too) or does not answer within STATUS_TIMEOUT_S."""
+        asks = {i: self.pool.actors[i].running.remote() for i in overdue}
+        ray.wait(list(asks.values()), num_returns=len(asks), timeout=STATUS_TIMEOUT_S)
+        out: dict[int, float | None] = {}
+        for i, ref in asks.items():
+            try:
+                running = ray.get(ref, timeout=0)
+            except (GetTimeoutError, RayActorError, WorkerCrashedError):
+                running = None
+            on_head = running is not None and running[0] == unit_key(self.queues[i][0][1].items)
+            out[i] = float(running[1]) if on_head else None
+        return out
+
     def _expire(self, deliver: Callable[[dict[str, Any]], None]) -> None:
         if not self.time_limit:
             return
         now = time.monotonic()
-        for index, queue in enumerate(self.queues):
-            if queue and now - self.head_since[index] > self.time_limit:
-                _, task = queue.popleft()
-                log.warning("model %s passed the time limit of %.0f s; restarting its actor",
-                            _names(task), self.time_limit)
-                requeue = [t for _, t in queue]
-                queue.clear()
-                self.pool.restart(index)
-                self.todo.extendleft(reversed(requeue))
-                for result in self._failure_rows(task, "timeout",
-                                                 f"time limit of {self.time_limit} s exceeded"):
-                    deliver(result)
+        overdue = [i for i, queue in enumerate(self.queues)
+                   if queue and now - self.head_since[i] > self.time_limit]
+        if not overdue:
+            return
+        running_for = self._running_for(overdue)
+        now = time.monotonic()
+        for index in overdue:
+            queue, running = self.queues[index], running_for[index]
+            if running is not None and running <= self.time_limit:
+                self.head_since[index] = now - running  # count from the actor's start
+                continue
+            if running is None and now - self.head_since[index] <= self.time_limit + START_GRACE_S:
+                continue  # not started yet, or just finished: not charged
+            _, task = queue.popleft()
+            log.warning("model %s passed the time limit of %.0f s; restarting its actor",
+                        _names(task), self.time_limit)
+            requeue = [t for _, t in queue]
+            queue.clear()
+            self.pool.restart(index)
+            self.todo.extendleft(reversed(requeue))
+            for result in self._failure_rows(task, "timeout",
+                                             f"time limit of {self.time_limit} s exceeded"):
+                deliver(result)
 
     def run(self, units: list[tuple[PlannedModel, ...]],
             deliver: Callable[[dict[str, Any]], None]) -> None:
