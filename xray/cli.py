@@ -189,7 +189,7 @@ def scan(manifest: str, out: str, detectors: list[str] | None, config_uri: str |
     from xray.results.sink import read_table
     from xray.runner import run_scan
 
-    config = load_config(config_uri, detectors, allow_pickle=allow_pickle or None,
+    config = load_config(config_uri, detectors, allow_pickle=allow_pickle,
                          model_time_limit_s=time_limit)
     if preset:
         config = with_preset(config, preset)
@@ -395,8 +395,11 @@ def score_testset(round_dir: str, out: str, run_id: str | None, config_uri: str 
     from xray.reduce.harness import format_summary
 
     cal = Calibrator.load(calibrator) if calibrator else None
-    config = load_config(config_uri) if config_uri else (cal.scan_config() if cal else load_config(None))
-    config = dataclasses.replace(config, allow_pickle=allow_pickle or config.allow_pickle)
+    if config_uri or cal is None:
+        config = load_config(config_uri or None)
+    else:
+        config = cal.scan_config()
+    config = dataclasses.replace(config, allow_pickle=allow_pickle)  # this command's flag only
     result = run_score_testset(round_dir, out, run_id=run_id, config=config, calibrator=cal,
                                scan_kwargs={"num_actors": actors, "address": address,
                                             "show_progress": not quiet,

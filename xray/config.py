@@ -41,6 +41,8 @@ class ScanConfig:
     seed: int = 0
     examples_per_class: int | None = None
     # Not part of the hash: they change where / whether a model runs, not its scores.
+    # allow_pickle only ever comes from the person running the command (--allow-pickle or the
+    # explicit Python argument): never from a config file, a stored run or a calibrator.
     allow_pickle: bool = False
     device: str = "auto"  # auto | cpu | cuda
     model_time_limit_s: float | None = None
@@ -67,19 +69,37 @@ class ScanConfig:
 
 
 def _hash(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-_CONFIG_KEYS = {"seed", "examples_per_class", "detectors", "allow_pickle", "device",
-                "model_time_limit_s"}
+_CONFIG_KEYS = {"seed", "examples_per_class", "detectors", "device", "model_time_limit_s"}
+# A stored run config (runs.config_json, a calibrator's scan) records whether that run allowed
+# pickles; reading it back never turns them on.
+_RECORDED_ONLY = {"allow_pickle"}
+
+
+class PickleNotAConfigSetting(ValueError):
+    """A config file tried to turn on pickle loading."""
 
 
 def parse_config(raw: dict[str, Any] | None, source: str = "<config>",
-                 detector_names: list[str] | None = None) -> ScanConfig:
+                 detector_names: list[str] | None = None, *, allow_pickle: bool = False,
+                 stored: bool = False) -> ScanConfig:
     """A ScanConfig from a dict; `detector_names` (from --detectors) selects which detectors run,
     taking their settings from the file when it has them. Every detector is built once here so a
-    bad name, preset or parameter fails before any work starts."""
+    bad name, preset or parameter fails before any work starts.
+
+    allow_pickle: the caller's own switch (the command line's --allow-pickle), the only way to
+    turn pickle loading on. stored=True reads a config recorded by xray (a run, a calibrator):
+    its recorded allow_pickle is ignored. In any other dict, an allow_pickle key is an error."""
     raw = dict(raw or {})
+    if "allow_pickle" in raw and not stored:
+        raise PickleNotAConfigSetting(
+            f"{source}: allow_pickle is not a config setting: pickle loading runs the file's "
+            "code, so only the command line (--allow-pickle) can allow it")
+    for key in _RECORDED_ONLY:
+        raw.pop(key, None)
     unknown = sorted(set(raw) - _CONFIG_KEYS)
     if unknown:
         raise ValueError(f"{source}: unknown key {unknown[0]!r}; valid: {sorted(_CONFIG_KEYS)}")
@@ -104,15 +124,18 @@ def parse_config(raw: dict[str, Any] | None, source: str = "<config>",
     return ScanConfig(
         detectors=tuple(specs), seed=int(raw.get("seed", 0)),
         examples_per_class=raw.get("examples_per_class"),
-        allow_pickle=bool(raw.get("allow_pickle", False)), device=str(raw.get("device", "auto")),
+        allow_pickle=bool(allow_pickle), device=str(raw.get("device", "auto")),
         model_time_limit_s=raw.get("model_time_limit_s"))
 
 
-def load_config(uri: str | None, detector_names: list[str] | None = None,
-                **overrides: Any) -> ScanConfig:
+def load_config(uri: str | None, detector_names: list[str] | None = None, *,
+                allow_pickle: bool = False, **overrides: Any) -> ScanConfig:
+    """A config file (YAML), or the defaults when `uri` is None; `overrides` (None = keep) win
+    over the file; allow_pickle as in parse_config."""
     raw = yaml.safe_load(storage.read_text(uri)) if uri else {}
     raw = {**(raw or {}), **{k: v for k, v in overrides.items() if v is not None}}
-    return parse_config(raw, source=uri or "<defaults>", detector_names=detector_names)
+    return parse_config(raw, source=uri or "<defaults>", detector_names=detector_names,
+                        allow_pickle=allow_pickle)
 
 
 def with_preset(config: ScanConfig, preset: str) -> ScanConfig:

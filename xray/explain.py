@@ -184,7 +184,7 @@ class ModelPictures:
         if run_id not in self._configs:
             try:
                 self._configs[run_id] = parse_config(json.loads(run["config_json"]),
-                                                     source=f"run {run_id}")
+                                                     source=f"run {run_id}", stored=True)
             except Exception as exc:
                 self._configs[run_id] = exc
         return self._configs[run_id]
@@ -272,7 +272,8 @@ class ModelPictures:
 def _latest_run_records(out_uri: str, model_id: str) -> tuple[pd.Series, Any]:
     runs = read_runs(out_uri)
     if not len(runs):
-        raise FileNotFoundError(f"no runs under {out_uri}: scan first (xray scan ... --out {out_uri})")
+        raise FileNotFoundError(f"no runs under {out_uri}: scan first "
+                                f"(xray scan ... --out {out_uri})")
     run = runs.iloc[-1]
     records = {r.model_id: r for r in read_manifest(run["manifest_uri"])}
     if model_id not in records:
@@ -285,7 +286,8 @@ def explain_model(out_uri: str, model_id: str, png_uri: str | None = None,
     """Model X-ray's planes of one scanned model (re-run with its latest run's parameters) as a
     PNG at png_uri (default <out>/explain/<model_id>-modelxray.png); returns its URI."""
     run, record = _latest_run_records(out_uri, model_id)
-    config = parse_config(json.loads(run["config_json"]), source=f"run {run['run_id']}")
+    config = parse_config(json.loads(run["config_json"]), source=f"run {run['run_id']}",
+                          stored=True)
     specs = [d for d in config.detectors if d.name == "modelxray"]
     detector = specs[0].build() if specs else registry.build("modelxray")
     planes, row = rerun_planes(record, detector, config)

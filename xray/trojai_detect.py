@@ -8,8 +8,8 @@
     python -m xray.trojai_detect ...       (the same command; what the containers run)
 
 Writes one float in [0, 1] (probability that the model is trojaned) on the first line of R,
-which is what the harness reads (ref: trojai-test-harness; trojai-format.md "Detector
-entrypoint"). Guarantees:
+which is what the harness reads (ref: trojai-test-harness; docs/algorithms/trojai-format.md
+"Detector entrypoint"). Guarantees:
 
 * R is always written. It holds 0.5 from the first moment (so even a hard kill leaves a valid
   answer), and is overwritten with the estimate at the end. A broken model file, a missing or
@@ -75,7 +75,11 @@ from xray import cli_args
 from xray.io.records import MODEL_FORMATS, ModelRecord
 from xray.jsonsafe import json_safe
 
-STARTED = time.monotonic()
+STARTED = time.monotonic()  # this module's import: the process's start, in a fresh process
+# A command invoked within this many seconds of the import runs in a fresh process (the
+# harness's case): its budget counts from the process's start, imports included. Later (a
+# long-lived process: tests, a notebook calling the command) it counts from the call.
+FRESH_PROCESS_S = 30.0
 DEFAULT_BUDGET = 600.0
 FALLBACK = 0.5
 MIN_BUDGET = 2.0
@@ -194,8 +198,9 @@ def detect(model_filepath: str, result_filepath: str, scratch_dirpath: str,
            time_budget: float = DEFAULT_BUDGET, allow_pickle: bool = False,
            round: str | None = None, model_format: str | None = None, device: str = "auto",
            allow_training_models: bool = False, started: float | None = None) -> Outcome:
-    """Run the entrypoint's work; R is written whatever happens (see the module docstring)."""
-    started = STARTED if started is None else started
+    """Run the entrypoint's work; R is written whatever happens (see the module docstring).
+    started: the time.monotonic() the budget counts from (default: this call)."""
+    started = time.monotonic() if started is None else started
     deadline = started + float(time_budget)
     _write_result(result_filepath, FALLBACK)
 
@@ -230,8 +235,12 @@ def detect(model_filepath: str, result_filepath: str, scratch_dirpath: str,
                 scan_config = yaml.safe_load(f) or {}
         except (OSError, yaml.YAMLError) as e:
             return fallback(f"cannot read config {config}: {e}")
+        if isinstance(scan_config, dict) and "allow_pickle" in scan_config:
+            return fallback(f"config {config}: allow_pickle is not a config setting: pickle "
+                            "loading runs the file's code, so only --allow_pickle can allow it")
     elif cal_dict and cal_dict.get("scan"):
-        scan_config = cal_dict["scan"]
+        # a calibrator records its training run's config; it never turns pickles on
+        scan_config = {k: v for k, v in cal_dict["scan"].items() if k != "allow_pickle"}
     else:
         scan_config = DEFAULT_CONFIG
 
@@ -458,8 +467,8 @@ def worker(job_path: str) -> int:
 @cli_args.CALIBRATOR
 @click.option("--time-budget", "--time_budget", "time_budget", type=float,
               default=DEFAULT_BUDGET, show_default=True, metavar="SECONDS",
-              help="Seconds for this model, counted from the start of the process; R is "
-              "written before it ends.")
+              help="Seconds for this model, counted from the start of the process (from the "
+              "command's start in a long-lived process); R is written before it ends.")
 @cli_args.allow_pickle("--allow_pickle")
 @cli_args.ALLOW_TRAINING_MODELS
 @click.option("--round", "round_", type=click.Choice(ROUNDS), default=None,
@@ -478,11 +487,14 @@ def main(ctx: click.Context, model_filepath: str, result_filepath: str, scratch_
     the result file R, always (0.5 with the reason on stderr when it cannot do better). Exit 0
     when R holds an estimate, 1 when it holds the 0.5 fallback, 2 on a usage error. Installed as
     `trojai-detector`; also `xray trojai-detect` and `python -m xray.trojai_detect`."""
+    now = time.monotonic()
+    started = STARTED if now - STARTED < FRESH_PROCESS_S else now
     try:
         outcome = detect(model_filepath, result_filepath, scratch_dirpath, examples_dirpath,
                          config=config_uri, calibrator=calibrator, time_budget=time_budget,
                          allow_pickle=allow_pickle, round=round_, model_format=model_format,
-                         device=device, allow_training_models=allow_training_models)
+                         device=device, allow_training_models=allow_training_models,
+                         started=started)
     except BaseException as err:  # last resort: R already holds 0.5
         print(f"trojai-detect: wrote {FALLBACK} (unexpected {type(err).__name__}: {err})",
               file=sys.stderr)

@@ -169,7 +169,8 @@ class Calibrator:
 
     def scan_config(self):
         """The ScanConfig the calibrator was trained under (its detectors and settings)."""
+        # local: xray.config imports every detector (torch); applying a calibrator needs none
         from xray.config import parse_config
 
         return parse_config(self.scan or {"detectors": {n: {} for n in self.detector_names}},
-                            source=f"calibrator {self.id}")
+                            source=f"calibrator {self.id}", stored=True)
