@@ -44,3 +44,45 @@ def inversion_scan(tiny_round, ray_local, tmp_path_factory):
     summary = run_scan(str(round_dir / "manifest.csv"), str(out),
                        parse_config(INVERSION_SCAN_CONFIG), show_progress=False)
     return round_dir, out, summary
+
+
+@pytest.fixture(scope="session")
+def mnist_composed_scans(mntd_target):
+    """scans(name) -> [(record, DetectorResult)] of the composed scanner `name` ("nc+exray",
+    "abs+exray", "karm+exray"; small presets, seed 0) on every model of the MNTD target round
+    (MNIST, 10 labels: 6 clean, 3 BadNets, 3 MNTD-M), computed once per session.
+
+    A composed result also carries its upstream's (`upstream_result`): the vanilla scanner ran
+    with the same parameters on the same data, so the vanilla negative controls (test_nc,
+    test_abs) and the composed ones (test_composed) share one optimisation per model."""
+    from xray import detectors
+    from xray.detectors.base import ScanContext, ScanData
+    from xray.io.examples import load_examples
+    from xray.io.manifest import read_manifest
+    from xray.io.model_loading import load_model
+
+    cache: dict[str, list] = {}
+
+    def scans(name: str) -> list:
+        if name not in cache:
+            detector = detectors.build(name, preset="small")
+            out = []
+            for record in read_manifest(str(mntd_target[0] / "manifest.csv")):
+                x, y = load_examples(record)
+                data = ScanData(x=x, y=y, num_classes=record.num_classes)
+                out.append((record, detector.score(load_model(record), data,
+                                                   ScanContext(seed=0))))
+            cache[name] = out
+        return cache[name]
+
+    return scans
+
+
+def upstream_result(composed):
+    """The vanilla scanner's own result inside a composed one (score, target, stats and
+    candidates exactly as the upstream detector returned them)."""
+    from xray.detectors.base import DetectorResult
+
+    stats = composed.stats
+    return DetectorResult(score=stats["upstream_score"], target=stats["upstream_target"],
+                          stats=stats["upstream"], artifacts=composed.artifacts)

@@ -11,7 +11,24 @@ from _trojai_fixtures import tiny_scores, trojai_rounds  # noqa: F401  (TrojAI t
 from _report_fixtures import scanned_tiny  # noqa: F401  (report / compare tests)
 from _mntd_fixtures import (mntd_contract_artifact, mntd_meta, mntd_shadow,  # noqa: F401
                             mntd_target, tiny_shadow)  # (MNTD shadow and target rounds)
-from _inversion_fixtures import inversion_round, inversion_scan  # noqa: F401  (NC / ABS / K-Arm)
+from _inversion_fixtures import (inversion_round, inversion_scan,  # noqa: F401  (NC / ABS / K-Arm)
+                                 mnist_composed_scans)
+
+
+# Tests that use one of these fixtures train a round of their own or start Ray (a local instance
+# or a simulated cluster): they are marked `slow`, so `pytest -m "not slow"` (make test-fast)
+# is the inner loop; `make test` runs everything. tiny_round (~40 s) stays in the fast subset:
+# most model-level tests need one real round.
+SLOW_FIXTURES = {"ray_local", "two_nodes", "scanned", "scanned_tiny", "inversion_round",
+                 "inversion_scan", "mntd_shadow", "mntd_target", "mntd_meta", "tiny_shadow",
+                 "mnist_composed_scans", "clean_round", "badnets_scans", "trojai_rounds",
+                 "tiny_scores", "s3_server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 class S3Server(NamedTuple):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from _inversion_fixtures import upstream_result
+
 from xray import detectors
 from xray.detectors.inversion.nc import holdout_split, mad_anomaly
 from xray.reduce.metrics import roc_auc
@@ -54,21 +56,12 @@ def test_nc_recovers_badnets_targets(inversion_scan):
 
 
 @pytest.fixture(scope="module")
-def mnist_nc_scores(mntd_target):
+def mnist_nc_scores(mnist_composed_scans):
     """(record, DetectorResult) of NC (small preset) on each model of the MNTD target round:
-    MNIST, 10 labels (NC's own MNIST setting), 6 clean, 3 BadNets and 3 MNTD-M patch models."""
-    from xray.detectors.base import ScanContext, ScanData
-    from xray.io.examples import load_examples
-    from xray.io.manifest import read_manifest
-    from xray.io.model_loading import load_model
-
-    nc = detectors.build("nc", preset="small")
-    out = []
-    for record in read_manifest(str(mntd_target[0] / "manifest.csv")):
-        x, y = load_examples(record)
-        data = ScanData(x=x, y=y, num_classes=record.num_classes)
-        out.append((record, nc.score(load_model(record), data, ScanContext(seed=0))))
-    return out
+    MNIST, 10 labels (NC's own MNIST setting), 6 clean, 3 BadNets and 3 MNTD-M patch models.
+    NC's own results from the session's nc+exray scan (the same NC run; test_composed uses the
+    pruned scores)."""
+    return [(r, upstream_result(out)) for r, out in mnist_composed_scans("nc+exray")]
 
 
 def test_negative_control_clean_models_score_below_trojaned(mnist_nc_scores):

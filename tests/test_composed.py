@@ -1,0 +1,72 @@
+"""The composed scanners (nc+exray, abs+exray, karm+exray) on the MNTD target round (MNIST, 10
+labels, 2 examples per class: 6 clean, 3 BadNets, 3 MNTD-M patch models), one scan per model
+shared with the vanilla negative controls of test_nc and test_abs.
+
+EX-RAY only ever removes triggers (a natural one scores 0), so on any round a composed scanner
+flags no clean model its upstream did not flag, never scores above the best REASR of the
+candidates its upstream reports, and proves its work with more steps than its upstream's when
+it examined a trigger. The negative control (clean models below trojaned ones) is asserted
+where the round lets it mean something:
+
+- nc+exray: measured ROC-AUC 0.75, clean all 0 (NC alone flags 2 clean models), 3 trojaned
+  models flagged on their true target.
+- abs+exray: not here. This round's MNTD CNN splits at a 16-channel block, too narrow for
+  EX-RAY's sparse masks (manifests/recipes/exray.yaml): it pruned both flagged BadNets triggers
+  and kept a clean model's label-8 trigger (measured ROC-AUC 0.42). On the EX-RAY round (NiN,
+  `bench/exray.py`) it keeps 4 of 6 trojaned models and 0 of 4 clean ones (ROC-AUC 0.771).
+- karm+exray: not here. At the small preset K-Arm calls every model of this round (and of the
+  EX-RAY round, where its own score separates clean from trojaned perfectly) benign, so there
+  is no arm to examine and every score is 0 (ROC-AUC 0.5). test_karm holds K-Arm's control.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from xray.reduce.metrics import roc_auc
+
+RUN_BOUND = 0.9  # the small presets' run_bound: a composed score >= it flags the model
+
+
+def _auc(labels, scores) -> float:
+    auc = roc_auc(np.array(labels), np.array(scores))
+    return float(auc[0] if isinstance(auc, tuple) else auc)
+
+
+def _split(scans):
+    clean = [out for r, out in scans if not r.poisoned]
+    trojaned = [(r, out) for r, out in scans if r.poisoned]
+    assert len(clean) == 6 and len(trojaned) == 6
+    return clean, trojaned
+
+
+@pytest.mark.parametrize("name", ["nc+exray", "abs+exray", "karm+exray"])
+def test_pruning_only_removes_and_proves_its_work(mnist_composed_scans, name):
+    scans = mnist_composed_scans(name)
+    clean, trojaned = _split(scans)
+    for _, out in scans:
+        stats = out.stats
+        assert isinstance(stats["steps"], int) and stats["steps"] >= stats["upstream"]["steps"]
+        assert stats["steps"] > stats["upstream"]["steps"] or stats["tested"] == 0
+        assert out.score <= stats["best_reasr_upstream"] + 1e-9
+        assert stats["pruned"] <= stats["tested"] <= stats["selected"]
+    flagged = sum(o.score >= RUN_BOUND for o in clean)
+    flagged_upstream = sum(o.stats["best_reasr_upstream"] >= RUN_BOUND for o in clean)
+    assert flagged <= flagged_upstream
+    scores = [o.score for o in clean] + [o.score for _, o in trojaned]
+    print(name, json.dumps({"auc": round(_auc([0] * 6 + [1] * 6, scores), 3),
+                            "clean": [round(o.score, 3) for o in clean],
+                            "trojaned": [round(o.score, 3) for _, o in trojaned],
+                            "flagged_clean": flagged, "flagged_clean_upstream": flagged_upstream}))
+
+
+def test_nc_exray_negative_control_clean_models_score_below_trojaned(mnist_composed_scans):
+    clean, trojaned = _split(mnist_composed_scans("nc+exray"))
+    scores = [o.score for o in clean] + [o.score for _, o in trojaned]
+    auc = _auc([0] * len(clean) + [1] * len(trojaned), scores)
+    assert auc >= 0.7, (auc, scores)
+    assert not any(o.score >= RUN_BOUND for o in clean), scores
+    on_target = sum(o.score >= RUN_BOUND and o.target == r.target for r, o in trojaned)
+    assert on_target >= 2, [(r.target, o.target, o.score) for r, o in trojaned]
