@@ -13,7 +13,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict:
-    return {"cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+    return {"cores": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(),
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "platform": platform.platform()}
 

@@ -6,8 +6,8 @@ The round is manifests/recipes/exray.yaml (built into --round if that directory 
 a few minutes on 2 cores). One "abs+exray" scan per model gives both detectors at once: its
 upstream_score is vanilla ABS's score (same run, same seed), its score ABS+EX-RAY's. A model is
 flagged when the score reaches the run bound (0.9); TP / FP count trojaned / clean models flagged.
-abs_exray_r3rule_*: the same masks judged by the (r3) patch rule (exray.md), computed from the
-recorded s1, s2 and accuracies.
+abs_exray_r3rule_*: the same masks judged by the (r3) patch rule (docs/algorithms/exray.md),
+computed from the recorded s1, s2 and accuracies.
 With --nc the same for Neural Cleanse (vanilla flagged = MAD anomaly index > 2).
 abs_exray_true_positives_on_target: flagged trojaned models whose surviving candidates (score >=
 the bound) include one aimed at the true target label (a TP for the right reason).

@@ -141,8 +141,8 @@ def main() -> None:
     from xray.io.manifest import read_manifest
 
     round_dir = Path(args.round) if args.round else _round()
-    records = read_manifest(str(round_dir / "METADATA.csv")) \
-        if not (round_dir / "manifest.csv").exists() else read_manifest(str(round_dir / "manifest.csv"))
+    manifest = round_dir / "manifest.csv"
+    records = read_manifest(str(manifest if manifest.exists() else round_dir / "METADATA.csv"))
     trojaned = next(r for r in records if r.poisoned)
     model, data = _load(trojaned, device)
     figures = speedup(model, data)

@@ -11,7 +11,7 @@ into the model, as the scanner sees it. (The models only need non-trivial decisi
 Per model, with the same params and the same seed (so the same triplets):
   batched   ModelXray.score: every batch of grid points built by one matmul per plane it spans
             (batch size: the detector's default for the device).
-  naive     the reference's execution, written out here (shared/specs/modelxray.md, "Cost"):
+  naive     the reference's execution, written out here (docs/algorithms/modelxray.md, "Cost"):
             one plane at a time, a torch Dataset building each grid point in __getitem__, a
             DataLoader with batch 128, logits appended one by one, then torch.stack + softmax +
             argmax, label counts in a Counter, the nearest grid cell found by a Python loop and
@@ -127,8 +127,10 @@ class PlaneGrid(torch.utils.data.Dataset):
         xs = torch.stack([c[0] for c in coords])
         ys = torch.stack([c[1] for c in coords])
         len1, len2 = xs.max() - xs.min(), ys.max() - ys.min()
-        list1 = torch.linspace(float(xs.min() - eta * len1), float(xs.max() + eta * len1), resolution)
-        list2 = torch.linspace(float(ys.min() - eta * len2), float(ys.max() + eta * len2), resolution)
+        list1 = torch.linspace(float(xs.min() - eta * len1), float(xs.max() + eta * len1),
+                               resolution)
+        list2 = torch.linspace(float(ys.min() - eta * len2), float(ys.max() + eta * len2),
+                               resolution)
         grid = torch.meshgrid([list1, list2], indexing="ij")
         self.coefs1, self.coefs2 = grid[0].flatten(), grid[1].flatten()
         points = list(zip(self.coefs1.numpy(), self.coefs2.numpy()))
@@ -216,8 +218,8 @@ def naive_scan(model, data: ScanData, params: ModelXray.Params, ctx: ScanContext
 # ------------------------------------------------------------------------------ measurements
 
 
-def matmul_flops(n: int = 2048, reps: int = 5, device: torch.device = torch.device("cpu")
-                 ) -> float:
+def matmul_flops(n: int = 2048, reps: int = 5,
+                 device: torch.device | str = "cpu") -> float:
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     torch.mm(a, b)
     sync(device)

@@ -57,7 +57,8 @@ def test_scan_report_explain(tiny_round, ray_local, tmp_path):
 def test_bad_manifest_is_one_clear_line(tmp_path):
     bad = tmp_path / "m.csv"
     bad.write_text("model_id,uri\nm1,x.pt\n")
-    result = CliRunner().invoke(main, ["scan", "--manifest", str(bad), "--out", str(tmp_path / "o")])
+    result = CliRunner().invoke(main, ["scan", "--manifest", str(bad),
+                                       "--out", str(tmp_path / "o")])
     assert result.exit_code == 1
     assert "m.csv" in result.output and "Traceback" not in result.output
 

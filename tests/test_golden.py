@@ -10,7 +10,7 @@ scikit-image 0.26.0, one torch thread.
 Neural Cleanse is the exception: bolunwang/backdoor is Keras / TF1 and cannot run here. Its MAD
 test (mad_outlier_detection.py, plain numpy) was run as written; its cost schedule / early stop
 bookkeeping (visualizer.py) was run with the Keras calls stripped, on a fixed sequence of step
-means; both figures are also checked by hand against shared/specs/inversion.md.
+means; both figures are also checked by hand against docs/algorithms/inversion.md.
 
 Two discrepancies these tests found (EX-RAY's target on ties, NC's cost after its early stop)
 were fixed in the detectors; the tests now pin the reference's behaviour.
@@ -485,10 +485,10 @@ def test_exray_target_tie_break_matches_reference(case):
 # bolunwang/backdoor @e8577747 is Keras / TF1: it cannot run here.
 # REF_NC_MAD: mad_outlier_detection.py outlier_detection (lines 35-61) run as written (numpy;
 # ADAPTED: its final `pass` returns median, mad, min_mad, flag_list) on fixed L1 vectors.
-# By hand for k10_one_outlier (spec inversion.md "Decision"): sorted L1 37.8 38.7 39.5 40.1 41.2
-# | 42.6 43.3 44.9 45.0 and 12.3 -> median (40.1 + 41.2) / 2 = 40.65; |L1 - 40.65| sorted ...
-# 2.15 2.3 | 2.65 ...: median 2.3 -> MAD 1.4826 * 2.3 = 3.40998; index |12.3 - 40.65| / 3.40998
-# = 8.3138; only label 3 is <= median with index > 2.
+# By hand for k10_one_outlier (docs/algorithms/inversion.md "Decision"): sorted L1 37.8 38.7 39.5
+# 40.1 41.2 | 42.6 43.3 44.9 45.0 and 12.3 -> median (40.1 + 41.2) / 2 = 40.65; |L1 - 40.65|
+# sorted ... 2.15 2.3 | 2.65 ...: median 2.3 -> MAD 1.4826 * 2.3 = 3.40998; index
+# |12.3 - 40.65| / 3.40998 = 8.3138; only label 3 is <= median with index > 2.
 REF_NC_MAD = {
     "k10_one_outlier": {
         "median": 40.650000000000006,

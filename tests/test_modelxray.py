@@ -2,6 +2,7 @@
 determinism, batched == naive, the picture."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 
@@ -134,7 +135,8 @@ def test_fewer_than_three_labels_raises():
 
 def test_triplets_have_three_labels_and_are_recorded():
     data, _ = _prototype_data()
-    result = _xray(num_planes=6, resolution=8).score(_Prototypes(_PROTOS), data, ScanContext(seed=3))
+    result = _xray(num_planes=6, resolution=8).score(_Prototypes(_PROTOS), data,
+                                                     ScanContext(seed=3))
     for idx, labels in zip(result.stats["triplet_indices"], result.stats["triplet_labels"]):
         assert len(set(labels)) == 3
         assert [int(data.y[i]) for i in idx] == labels
@@ -260,7 +262,7 @@ def test_registry_and_presets():
     small = detectors.build("modelxray", preset="small").params
     assert (small.num_planes, small.resolution) == (4, 32)
     assert detectors.build("modelxray", preset="current").params.resolution == 200
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         default.num_planes = 3  # frozen
 
 

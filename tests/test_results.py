@@ -46,7 +46,8 @@ def test_wrong_type_fails_at_write(tmp_path):
 
 def test_dedupe_keeps_latest_ok_row(tmp_path):
     write_part(str(tmp_path), "scores", "r1", [_row("a", "crashed", None, 1), _row("b", score=0.1)])
-    write_part(str(tmp_path), "scores", "r2", [_row("a", "ok", 0.9, 2), _row("b", "crashed", None, 3)])
+    write_part(str(tmp_path), "scores", "r2",
+               [_row("a", "ok", 0.9, 2), _row("b", "crashed", None, 3)])
     scores = read_table(str(tmp_path), "scores").set_index("model_id")
     assert len(scores) == 2
     assert scores.loc["a", "score"] == 0.9 and scores.loc["b", "score"] == 0.1

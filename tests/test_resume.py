@@ -29,6 +29,7 @@ def _one_row_per_key(scores):
     assert not scores.duplicated(SCORE_KEY).any()
 
 
+@pytest.mark.slow  # a driver subprocess starts its own Ray instance
 def test_driver_killed_then_rerun_finishes_with_same_result(no_ray_in_this_process, tiny_round,
                                                           tmp_path):
     round_dir, _ = tiny_round

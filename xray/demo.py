@@ -28,7 +28,8 @@ def run_demo(out: Path, workers: int | None = None, echo: Callable[[str], None] 
     built = build_round(load_recipe("demo"), round_uri, workers=workers)
     echo(describe_round(round_uri))
     echo(f"[2/3] scanning {len(built.records)} models on a local Ray instance -> {scan_uri}")
-    summary = run_scan(str(Path(round_uri) / "manifest.csv"), scan_uri, load_config(str(DEMO_CONFIG)))
+    summary = run_scan(str(Path(round_uri) / "manifest.csv"), scan_uri,
+                       load_config(str(DEMO_CONFIG)))
     echo(f"run {summary.run_id}: {summary.models_scanned} scanned, {summary.failures} with errors, "
          f"{summary.seconds:.1f} s")
     echo("[3/3] summary")

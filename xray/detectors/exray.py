@@ -5,7 +5,7 @@ Differencing", CVPR 2022 (and its appendix), https://arxiv.org/abs/2203.13211.
 Reference code (ref): PurduePAML/Exray abs_pytorch1_both_batch_inner_both_with_prune.py
 (mask_prune_by_neuron_mask, filter_prune_by_neuron_mask); round-3 variant (r3):
 naiyeleo/ABS TrojAI_competition/round3/abs_pytorch1_color_simple_filter4_10_5_determinism.py
-(prune_by_neuron_mask). Spec: shared/specs/exray.md.
+(prune_by_neuron_mask). Spec: docs/algorithms/exray.md.
 
 An upstream scanner (NC / ABS / K-Arm, composed.py) gives a trigger t flipping victim V to
 target T. At an inner layer (xray.models.layers.split_model: h = input -> layer, g = the rest)
@@ -226,7 +226,8 @@ def optimise_masks(g: torch.nn.Module, a_feats: Sequence[torch.Tensor],
                 ok_f = cnt_f >= base_f * nb
                 ok_b = cnt_b >= base_b * nb
             msum = m.flatten(1).sum(1)
-            if p.loss == "r3":  # L = sum over sides: 0.5 sum(m) if the side meets base, else w * logit
+            # r3: L = sum over sides: 0.5 sum(m) if the side meets base, else w * logit
+            if p.loss == "r3":
                 loss = (torch.where(ok_f, 0.5 * msum, -weight * dif_f)
                         + torch.where(ok_b, 0.5 * msum, -weight * dif_b))
             else:

@@ -1,5 +1,5 @@
 """Round directories on disk -> manifest records: TrojAI image-classification rounds 1-4
-(trojai-format.md) and the zoo's own rounds (xray.zoo.round).
+(docs/algorithms/trojai-format.md) and the zoo's own rounds (xray.zoo.round).
 
     records = read_round("/data/round4-train-dataset")        # models/ or flat, METADATA.csv
     records = read_round(uri, split="test", exclude_errata=True)
@@ -33,15 +33,16 @@ An `xray` block in config.json (written by xray.zoo.trojai_export) overrides inp
 std, preprocessing and tags, so a zoo round exported in the TrojAI layout reads back as the same
 records as the zoo's own manifest.
 
-Round 1 errata (labelled poisoned, no trigger; trojai-format.md) are left out by default
-(`exclude_errata`). Which ids depends on the split (train / test): given, or inferred from the
-folder name ("train" / "test" / "holdout" in a path component). Inferred (not in the spec): when
-the split is unknown, every errata id of both lists that is labelled poisoned is left out, with a
-warning, since the test errata ids also exist in the train round.
+Round 1 errata (labelled poisoned, no trigger; docs/algorithms/trojai-format.md) are left out
+by default (`exclude_errata`). Which ids depends on the split (train / test): given, or inferred
+from the folder name ("train" / "test" / "holdout" in a path component). Inferred (not in the
+spec): when the split is unknown, every errata id of both lists that is labelled poisoned is left
+out, with a warning, since the test errata ids also exist in the train round.
 """
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
@@ -281,7 +282,7 @@ def r1_row(folder: str, names: set[str], ground_truth: bool | None,
         poisoned = _truthy(_first(meta, _META["poisoned"]))
     target, attack = _first(meta, _META["target"]), _first(meta, _META["attack"])
     if poisoned is True and attack is None:
-        attack = "polygon"  # round 1 has polygon triggers only (trojai-format.md)
+        attack = "polygon"  # round 1 has polygon triggers only (docs/algorithms/trojai-format.md)
     if poisoned is not True:
         target = attack = None
     return {**_base_row(folder, names, "r1", {}, split),
@@ -363,8 +364,8 @@ def read_round(uri: str, *, exclude_errata: bool = True,
     metadata: dict[str, dict[str, Any]] = {}
     for folder in dict.fromkeys([root, models_dir]):
         path = posixpath.join(folder, METADATA_FILE)
-        if storage.with_retries(lambda: fs.exists(path)):
-            metadata = read_metadata(storage.with_retries(lambda: fs.cat_file(path)))
+        if storage.with_retries(functools.partial(fs.exists, path)):
+            metadata = read_metadata(storage.with_retries(functools.partial(fs.cat_file, path)))
             break
     configs = {} if round1 else fetch(CONFIG_FILE, complete)
     truths = fetch(GROUND_TRUTH_FILE, [d for d in complete if GROUND_TRUTH_FILE in children[d]])

@@ -17,7 +17,8 @@ def _flat_features(features: nn.Module, input_shape: tuple[int, int, int]) -> in
 
 
 class MNTDMnistCNN(nn.Module):
-    """MNTD's MNIST CNN (ref model_lib/mnist_cnn_model.py): conv5(16)-pool-conv5(32)-pool-fc512-fc."""
+    """MNTD's MNIST CNN (ref model_lib/mnist_cnn_model.py):
+    conv5(16)-pool-conv5(32)-pool-fc512-fc."""
 
     def __init__(self, num_classes: int, input_shape: tuple[int, int, int]) -> None:
         super().__init__()
@@ -57,9 +58,11 @@ class MNTDCifarCNN(nn.Module):
 
 
 class NiN(nn.Module):
-    """A small Network-in-Network: mlpconv blocks (3x3 conv + two 1x1 convs), global average pool."""
+    """A small Network-in-Network: mlpconv blocks (3x3 conv + two 1x1 convs), global average
+    pool."""
 
-    def __init__(self, num_classes: int, input_shape: tuple[int, int, int], width: int = 48) -> None:
+    def __init__(self, num_classes: int, input_shape: tuple[int, int, int],
+                 width: int = 48) -> None:
         super().__init__()
 
         def block(cin: int, cout: int, k: int, pad: int) -> nn.Sequential:

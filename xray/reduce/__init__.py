@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str):  # lazy: the report pulls in matplotlib and jinja2
     if name == "render_report":
         from xray.reduce.report import render_report
 

@@ -36,7 +36,8 @@ def fingerprints(records: Sequence[ModelRecord], threads: int = 16) -> list[tupl
         return list(pool.map(one, records))
 
 
-def plan(records: Sequence[ModelRecord], out_uri: str, detector_keys: Sequence[tuple[str, str, str]],
+def plan(records: Sequence[ModelRecord], out_uri: str,
+         detector_keys: Sequence[tuple[str, str, str]],
          retry_errors: bool = False) -> list[PlannedModel]:
     """Models that still lack a final row for one of `detector_keys` (name, version, hash)."""
     facts = fingerprints(records)

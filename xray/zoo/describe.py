@@ -11,7 +11,8 @@ def round_table(round_uri: str) -> pd.DataFrame:
              "attack": config.get("attack") or "clean",
              "clean_accuracy": config.get("clean_accuracy"), "asr": config.get("asr")}
             for config in model_configs(round_uri)]
-    return pd.DataFrame(rows, columns=["model_id", "architecture", "attack", "clean_accuracy", "asr"])
+    return pd.DataFrame(rows, columns=["model_id", "architecture", "attack", "clean_accuracy",
+                                       "asr"])
 
 
 def describe_round(round_uri: str) -> str:

@@ -1,4 +1,4 @@
-"""Write trained models as a round in the TrojAI layout (trojai-format.md).
+"""Write trained models as a round in the TrojAI layout (docs/algorithms/trojai-format.md).
 
     <round>/
       id-00000000/
@@ -62,7 +62,8 @@ def model_config(trained: TrainedModel, dataset: Dataset, recipe: Recipe) -> dic
         "weights": WEIGHT_FILES[recipe.weights_format],
         "poisoned": attack is not None,
         "target": int(attack.target) if attack is not None else None,
-        "victims": list(attack.victims) if attack is not None and attack.victims is not None else None,
+        "victims": (list(attack.victims)
+                    if attack is not None and attack.victims is not None else None),
         "attack": spec.attack,
         "trigger": attack.to_config() if attack is not None else None,
         "poison_rate": (spec.poison_rate if spec.poison_rate is not None else attack.default_rate)

@@ -82,7 +82,8 @@ def predict(net: nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 512)
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
 
 
-def attack_success_rate(net: nn.Module, attack: Any, x_test: np.ndarray, y_test: np.ndarray) -> float:
+def attack_success_rate(net: nn.Module, attack: Any, x_test: np.ndarray,
+                        y_test: np.ndarray) -> float:
     """Share of held-out images from the attack's victim classes (all non-target classes when
     all-to-one) that the triggered version sends to the target."""
     victims = attack.victims

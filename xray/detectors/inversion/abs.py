@@ -1,12 +1,13 @@
-"""ABS: Artificial Brain Stimulation — candidate neurons from stimulation, then triggers driving them.
+"""ABS (Artificial Brain Stimulation): stimulated candidate neurons, then triggers driving them.
 
 Paper: Liu et al., "ABS: Scanning Neural Networks for Back-doors by Artificial Brain
 Stimulation", ACM CCS 2019, https://doi.org/10.1145/3319535.3363216. Reference code (ref): the
 TrojAI-round-3 ABS used by EX-RAY, PurduePAML/Exray abs_pytorch1_both_batch_inner_both_with_prune.py
 at commit 847e0ce1cbea303e27cef502c28faa0729b67b45 (patch and filter triggers, one inner layer);
-original: naiyeleo/ABS abs.py (TensorFlow). Spec: shared/specs/inversion.md "ABS"; where the spec
-and the ref disagree the ref wins (noted "(ref, not spec)"). Layer: shared/specs/exray.md "Layer"
-via xray.models.layers.split_model (h = input -> layer incl. normalisation, g = the rest).
+original: naiyeleo/ABS abs.py (TensorFlow). Spec: docs/algorithms/inversion.md "ABS"; where the
+spec and the ref disagree the ref wins (noted "(ref, not spec)"). Layer:
+docs/algorithms/exray.md "Layer" via xray.models.layers.split_model (h = input -> layer incl.
+normalisation, g = the rest).
 docs/fidelity/abs.md lists what each fidelity fix changed.
 
 1. Stimulation at the layer (`layer`, default the second-to-last block): M_y = the max of the
@@ -122,6 +123,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.models as tvm
 
 from xray.detectors import register
 from xray.detectors.base import (DetectorResult, NoUsableExamples, ScanContext, ScanData,
@@ -130,21 +132,18 @@ from xray.detectors.inversion.core import (MS_SSIM_WEIGHTS, BatchedAdam, Trigger
                                            apply_filter, filter_pool_size,
                                            identity_kernel_logits, mask_size, measure_reasr,
                                            ms_ssim)
+from xray.models import layers
 
 REFERENCE_AREA = 224 * 224
 REF_BATCH = 60  # ref config['re_batch_size']; // 4 for ResNet, DenseNet, VGG
 
 
 def _split(model: torch.nn.Module, position: str):
-    from xray.models.layers import split_model
-
-    return split_model(model, position)
+    return layers.split_model(model, position)  # through the module: tests may swap it
 
 
 def reference_batch_size(model: torch.nn.Module) -> int:
     """The ref's re_batch_size: 60, or 60 // 4 for ResNet / DenseNet / VGG (by class name)."""
-    import torchvision.models as tvm
-
     net = getattr(model, "net", model)
     return REF_BATCH // 4 if isinstance(net, (tvm.ResNet, tvm.DenseNet, tvm.VGG)) else REF_BATCH
 
@@ -318,8 +317,6 @@ def inner_features(model: torch.nn.Module, h: torch.nn.Module, g: torch.nn.Modul
     kind "resnet_pre_relu": the layer is a torchvision ResNet stage; a = its last block's last
     BatchNorm output + the identity (downsample output or block input), the block's pre-ReLU sum,
     read with forward hooks as the ref does. kind "output": a = h(x)."""
-    import torchvision.models as tvm
-
     block = None
     if pre_relu:
         try:

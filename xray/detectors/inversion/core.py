@@ -1,8 +1,8 @@
 """The shared trigger-inversion core: parameterisation, batched Adam, cost schedule, REASR.
 
-Spec: shared/specs/inversion.md. Neural Cleanse (nc.py), ABS (abs.py) and K-Arm (karm.py) are
-built from these functions; they differ in which (victim, target) pairs they optimise and how they
-score, not in the optimisation machinery.
+Spec: docs/algorithms/inversion.md. Neural Cleanse (nc.py), ABS (abs.py) and K-Arm (karm.py)
+are built from these functions; they differ in which (victim, target) pairs they optimise and how
+they score, not in the optimisation machinery.
 
 Batching. K triggers (one per target label for NC, one per (victim, target) arm for K-Arm, one
 per candidate neuron for ABS) are optimised together: their parameters are stacked along a
@@ -25,6 +25,8 @@ NC and K-Arm use eps = 1e-7 (ref), ABS eps = 0.
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -247,9 +249,6 @@ class TriggerCandidate:
         """Rebuild from a `triggers` table row (mask / pattern / kernel as arrays or np.save
         bytes, stats_json as text) or a `to_row` dict, so a stored trigger can be re-applied and
         drawn."""
-        import io
-        import json
-
         def arr(value: Any) -> torch.Tensor | None:
             if value is None or (isinstance(value, float) and math.isnan(value)):
                 return None
@@ -433,7 +432,7 @@ def seeds_from(generator: torch.Generator) -> int:
     return int(torch.randint(0, 2 ** 31 - 1, (1,), generator=generator).item())
 
 
-# ----------------------------------------------------------------------------- the batched patch optimiser
+# ------------------------------------------------------------------ the batched patch optimiser
 
 
 @dataclass
@@ -607,7 +606,7 @@ class PatchOptimizer:
         self.loss_first[rows[first]] = loss[first]
         # NC early stop: counted once a valid mask exists; stop when the cost went both ways.
         if self.early_stop_patience is not None:
-            for j, r in enumerate(rows):
+            for r in rows:
                 if np.isfinite(self.best_l1[r]):
                     if self.best_l1[r] >= self.early_stop_threshold * self.early_best[r]:
                         self.early_counter[r] += 1

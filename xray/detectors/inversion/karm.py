@@ -3,8 +3,9 @@
 Paper: Shen et al., "Backdoor Scanning for Deep Neural Networks through K-Arm Optimization",
 ICML 2021, https://arxiv.org/abs/2102.05123. Reference code:
 PurduePAML/K-ARM_Backdoor_Optimization @ 8c837fd386f64f0cb2a1021e2d94a327339187ff (main.py,
-Arm_Pre_Screening.py, K_ARM_Opt.py, K_Arm_Scanner.py, utils.py). Spec: shared/specs/inversion.md
-"K-Arm"; where the spec and the code disagree the code wins (marked "code, not spec" below).
+Arm_Pre_Screening.py, K_ARM_Opt.py, K_Arm_Scanner.py, utils.py). Spec:
+docs/algorithms/inversion.md "K-Arm"; where the spec and the code disagree the code wins (marked
+"code, not spec" below).
 docs/fidelity/karm.md lists what was read and what differs.
 
 1. Pre-screen (Arm_Pre_Screening.py) on the softmax of the clean examples: k = 2 if <= 8 classes
@@ -65,8 +66,9 @@ Deviations, each on purpose:
   - Arms train on the scan's clean examples minus a seeded held-out share per class
     (`reasr_holdout`) on which each trigger's REASR is measured (inferred); the pre-screen sees
     the same training share (the reference: every example), so K-Arm never sees the held-out
-    images (reasr_holdout 0: every example for everything, as the reference). Random draws come from seeded generators (salts
-    "karm/holdout", "karm/init", "karm/bandit", "karm/sym") instead of the global torch seed 333.
+    images (reasr_holdout 0: every example for everything, as the reference). Random draws
+    come from seeded generators (salts "karm/holdout", "karm/init", "karm/bandit", "karm/sym")
+    instead of the global torch seed 333.
   - No arm with a valid trigger -> benign without the symmetric check (the reference runs it on
     arm 0 and then decides benign from L1 = 1e10: same verdict); target None.
   - Default kill rules (30, 0), (40, 0.3), (200, 0.8) for the small images of the test zoo
@@ -392,7 +394,7 @@ class KArm:
                 stats["threshold_l1"] = thr
             stats.update({"trojaned": bool(trojaned), "steps": int(run["pulls"] + sym_pulls)})
             candidates = []
-            for r, (v, t) in enumerate(arms):
+            for r, (v, _t) in enumerate(arms):
                 cand = candidate_from_row(opt, r, v, binarize=p.binarize, stats={
                     "pulls": int(opt.steps[r]), "alive": not bool(run["stopped"][r]),
                     "arm": kind, "winner": r == winner, "trojaned": bool(trojaned and r == winner),

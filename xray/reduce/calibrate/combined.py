@@ -12,6 +12,7 @@ import pandas as pd
 from xray.reduce.calibrate.artifact import STACKER_VERSION, Calibrator
 from xray.reduce.calibrate.default_map import DEFAULT_VERSION, default_combined
 from xray.reduce.calibrate.features import COMBINED, model_results
+from xray.results.schema import SCORES
 from xray.results.sink import json_object
 
 log = logging.getLogger(__name__)
@@ -26,8 +27,6 @@ def combined_rows(scores: pd.DataFrame, calibrator: Calibrator | None = None) ->
     (`Calibrator.trained_on`; None: the artifact cannot tell). Such rows are marked, not
     refused: scoring a corpus that includes the training round is legitimate, and the readers
     (summary, report, score-testset) say which figures are in-sample."""
-    from xray.results.schema import SCORES
-
     scores = scores[scores["detector"] != COMBINED]
     if not len(scores):
         return SCORES.empty_table().to_pandas()

@@ -13,8 +13,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 from scipy.special import expit
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
+from threadpoolctl import threadpool_limits
 
 from xray.io import storage
+from xray.reduce import metrics as M
 from xray.reduce.calibrate.artifact import STACKER_VERSION, Calibrator
 from xray.reduce.calibrate.features import COMBINED, _usable, features_from_results, model_results
 from xray.results.sink import read_runs, read_table
@@ -65,8 +69,6 @@ def _fit_predict(z_train: np.ndarray, y_train: np.ndarray, C: float | None,
                  z_test: np.ndarray) -> np.ndarray:
     """P(trojaned) of z_test from a logistic regression fitted on the training rows (C None, or
     no columns: the training rows' base rate)."""
-    from sklearn.linear_model import LogisticRegression
-
     if C is None or z_train.shape[1] == 0:
         return np.full(len(z_test), y_train.mean())
     model = LogisticRegression(C=C, max_iter=2000).fit(z_train, y_train)
@@ -75,8 +77,6 @@ def _fit_predict(z_train: np.ndarray, y_train: np.ndarray, C: float | None,
 
 def _folds(y: np.ndarray, seed: int):
     """Stratified k-fold with k = min(5, models per class); None when a class has < 2."""
-    from sklearn.model_selection import StratifiedKFold
-
     k = min(5, int(y.sum()), int((1 - y).sum()))
     return StratifiedKFold(n_splits=k, shuffle=True, random_state=seed) if k >= 2 else None
 
@@ -104,8 +104,6 @@ def _select(z: np.ndarray, y: np.ndarray, candidates: Mapping[str, list[int]],
     then the simplest candidate within `tolerance` of the lowest CE. With fewer than 2 models
     of a class there is nothing to cross-validate: the simplest allowed candidate (`model`, else
     the base rate) at the first C of `grid`."""
-    from xray.reduce import metrics as M
-
     cv = _folds(y, seed)
     if cv is None:
         name = model or "prior"
@@ -156,10 +154,6 @@ def fit(scores: pd.DataFrame, *, detectors: Sequence[str] | None = None, C: floa
     must beat every simpler one by more than `tolerance` (nats) to be chosen over it.
     train.cross_validated holds the nested cross-validated figures of this whole procedure;
     train.selection the (optimistic) figures the selection compared."""
-    from threadpoolctl import threadpool_limits
-
-    from xray.reduce import metrics as M
-
     scores = scores[scores["detector"] != COMBINED]
     present = sorted(set(_usable(scores)["detector"]))
     detectors = list(detectors) if detectors else present
@@ -221,8 +215,6 @@ def fit(scores: pd.DataFrame, *, detectors: Sequence[str] | None = None, C: floa
     z = z[:, cols]
     C = float(sel.C if sel.C is not None else (C if C is not None else 1.0))
     if cols:
-        from sklearn.linear_model import LogisticRegression
-
         fitted = LogisticRegression(C=C, max_iter=2000).fit(z, y)
         coef, intercept = fitted.coef_[0].tolist(), float(fitted.intercept_[0])
     else:  # the base rate
