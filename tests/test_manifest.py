@@ -319,3 +319,161 @@ def test_round_dir_on_s3(s3_server, tmp_path):
     with pytest.raises(ManifestError) as info:
         read_manifest(f"{base}/missing.csv")
     assert "file not found" in str(info.value)
+
+
+# ---- hostile corpora: empty and mislabelled manifests, URIs outside a root ---------------------
+
+PNG_BYTES = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_empty_manifest_is_an_error_naming_the_file(tmp_path, fmt):
+    touched = tmp_path / f"touched.{fmt}"
+    touched.write_bytes(b"")  # `touch m.csv`
+    with pytest.raises(ManifestError) as info:
+        read_manifest(str(touched))
+    assert (info.value.file, info.value.row, info.value.field) == (str(touched), None, None)
+    assert str(info.value) == f"{touched}: the manifest is empty (no rows)"
+
+    written = str(tmp_path / f"written.{fmt}")  # what our own writer makes of no records
+    write_manifest([], written)
+    expected = {"csv": "the manifest has a header but no rows",
+                "jsonl": "the manifest is empty (no rows)",
+                "parquet": "the manifest has columns but no rows",
+                "yaml": "the manifest has no rows (an empty list)"}[fmt]
+    with pytest.raises(ManifestError) as info:
+        read_manifest(written)
+    assert str(info.value) == f"{written}: {expected}"
+
+
+@pytest.mark.parametrize("name,text", [("blank.csv", "\n  \r\n"), ("blank.jsonl", "\n\n  \n"),
+                                       ("comment.yaml", "# nothing here\n"),
+                                       ("list.yml", "[]\n"), ("null.yaml", "models:\n")])
+def test_blank_manifests_are_empty(tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ManifestError, match=r"the manifest (is empty|has no rows)"):
+        read_manifest(str(tmp_path / name))
+
+
+def test_round_dir_with_an_empty_manifest_or_no_complete_model(tmp_path):
+    (tmp_path / "listed").mkdir()
+    (tmp_path / "listed" / "manifest.csv").write_text(",".join(GOOD) + "\n")
+    with pytest.raises(ManifestError, match="manifest.csv: the manifest has a header but no rows"):
+        read_manifest(str(tmp_path / "listed"))
+
+    half = tmp_path / "half"  # model folders still being written: no config.json, no model.pt
+    (half / "id-00000000" / "clean_example_data").mkdir(parents=True)
+    (half / "id-00000001").mkdir()
+    with pytest.raises(ManifestError) as info:
+        read_manifest(str(half))
+    assert str(info.value).startswith(f"{half}: the round directory has no complete model folder")
+
+
+@pytest.mark.parametrize("fmt,kind", [("csv", "CSV"), ("jsonl", "JSONL"), ("yaml", "YAML")])
+def test_binary_file_under_a_text_name(tmp_path, fmt, kind):
+    path = tmp_path / f"m.{fmt}"
+    path.write_bytes(PNG_BYTES)
+    with pytest.raises(ManifestError) as info:
+        read_manifest(str(path))
+    assert str(info.value) == (f"{path}: not a UTF-8 text {kind} file (byte 0x89 at offset 0); "
+                               f"expected a manifest in {kind}")
+    path.write_bytes(b"model_id,uri\n\xff\xfe")  # the offset is where the bad byte is
+    with pytest.raises(ManifestError, match=r"\(byte 0xff at offset 13\)"):
+        read_manifest(str(path))
+
+
+@pytest.mark.parametrize("content", [PNG_BYTES, ",".join(GOOD).encode() + b"\n", b"PAR1"])
+def test_not_a_parquet_file(tmp_path, content):
+    path = tmp_path / "m.parquet"
+    path.write_bytes(content)
+    with pytest.raises(ManifestError) as info:
+        read_manifest(str(path))
+    assert (info.value.file, info.value.row, info.value.field) == (str(path), None, None)
+    assert str(info.value).startswith(f"{path}: not a")
+    assert "Parquet file" in str(info.value)
+    if content is PNG_BYTES:
+        assert "not a Parquet file" in str(info.value)
+
+
+def test_hostile_cells_name_the_row(tmp_path):
+    path = tmp_path / "m.csv"
+    head = ",".join(GOOD) + "\n" + ",".join(map(str, GOOD.values())) + "\n"
+    path.write_text(head + "m1,m.pt,state_dict,nin,10," + "x" * 200_000 + "\n")
+    with pytest.raises(ManifestError, match=r"m.csv row 2: invalid CSV: field larger than"):
+        read_manifest(str(path))
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + "[" * 100_000 + "\n")
+    with pytest.raises(ManifestError, match=r"m.jsonl row 2: invalid JSON: nested too deeply"):
+        read_manifest(str(path))
+    path = tmp_path / "m.yaml"
+    path.write_text("[" * 100_000)
+    with pytest.raises(ManifestError, match=r"m.yaml: invalid YAML: nested too deeply"):
+        read_manifest(str(path))
+
+
+def _rows_with_uris(*uris: str, examples: str | None = None) -> list[dict]:
+    rows = [{**GOOD, "model_id": f"m{i}", "uri": uri} for i, uri in enumerate(uris)]
+    if examples is not None:
+        rows[-1]["examples_uri"] = examples
+    return rows
+
+
+@pytest.mark.parametrize("escape,field", [
+    ("../../etc/passwd", "uri"),
+    ("/etc/shadow", "uri"),
+    ("models/../../round-evil/m.pt", "uri"),  # a sibling folder that shares the root's prefix
+    ("file:///etc/passwd", "uri"),
+    ("s3://bucket/m.pt", "uri"),  # another scheme is outside a local root
+    ("link.pt", "uri"),  # a symlink inside the root pointing out of it
+    ("examples:../../etc", "examples_uri"),
+])
+def test_root_confines_model_and_examples_uris(tmp_path, escape, field):
+    root = tmp_path / "round"
+    (root / "models").mkdir(parents=True)
+    (root / "link.pt").symlink_to("/etc/passwd")
+    if escape.startswith("examples:"):
+        rows = _rows_with_uris("models/m0.pt", "models/m1.pt", examples=escape.split(":", 1)[1])
+    else:
+        rows = _rows_with_uris("models/m0.pt", escape)
+    uri = _write_rows(root / "manifest.csv", "csv", rows)
+    records = read_manifest(uri)  # no root: read as before
+    assert len(records) == 2
+    target = getattr(records[1], field)
+    for given in (str(root), str(root) + "/", f"file://{root}"):
+        with pytest.raises(ManifestError) as info:
+            read_manifest(uri, root=given, check_uris=True)  # before anything is probed
+        assert (info.value.file, info.value.row, info.value.field) == (uri, 2, field)
+        assert str(info.value) == (f"{uri} row 2 field '{field}': {target} is outside the "
+                                   f"allowed root {given}")
+
+
+def test_root_accepts_what_is_inside(tmp_path):
+    root = tmp_path / "round"
+    (root / "models" / "ex").mkdir(parents=True)
+    rows = _rows_with_uris("models/m0.pt", str(root / "models" / "sub" / ".." / "m1.pt"),
+                           examples="models/ex")
+    uri = _write_rows(root / "manifest.jsonl", "jsonl", rows)
+    assert read_manifest(uri, root=str(root)) == read_manifest(uri)
+    assert read_manifest(uri, root=root) == read_manifest(uri, root=str(tmp_path))
+    with pytest.raises(ManifestError, match="row 1 field 'uri': .* is outside the allowed root"):
+        read_manifest(uri, root=str(root / "models" / "ex"))
+
+    _model_dir(root / "models", "id-00000000", ZOO_CONFIG)  # round directories too
+    (root / "manifest.jsonl").unlink()
+    assert len(read_manifest(str(root), root=str(root))) == 1
+    with pytest.raises(ManifestError, match="model.safetensors is outside the allowed root"):
+        read_manifest(str(root), root=str(tmp_path / "elsewhere"))
+
+
+def test_root_on_object_storage_uris():
+    base = "memory://test_manifest_root"
+    rows = _rows_with_uris("models/m0.pt", "../other/m1.pt")
+    storage.write_text(f"{base}/round/manifest.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    uri = f"{base}/round/manifest.jsonl"
+    with pytest.raises(ManifestError) as info:
+        read_manifest(uri, root=f"{base}/round")
+    assert str(info.value) == (f"{uri} row 2 field 'uri': {base}/other/m1.pt is outside the "
+                               f"allowed root {base}/round")
+    assert len(read_manifest(uri, root=base)) == 2
+    with pytest.raises(ManifestError, match="row 1 field 'uri'"):
+        read_manifest(uri, root="/")  # a local root does not admit memory:// URIs

@@ -4,16 +4,22 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import os
 import pathlib
+import threading
 
 import pytest
 import torch
 
 from xray import models
 from xray.io import storage
-from xray.io.model_loading import (ModelLoadError, Normalized, PickleNotAllowedError, load_model,
+from xray.io.model_loading import (MAX_MODEL_BYTES, ModelLoadError, Normalized,
+                                   PickleNotAllowedError, check_model_file, load_model,
                                    model_digest, save_model)
 from xray.io.records import ModelRecord
+from xray.reduce.formatting import first_line
+from xray.scan import _error_text, model_fingerprint
+from xray.textclip import clip_text
 
 ARCH, CLASSES, SHAPE = "mntd_mnist_cnn", 3, (1, 16, 16)
 
@@ -166,3 +172,128 @@ def test_load_from_s3(s3_server, x):
         loaded = load_model(record_for(uri, fmt))
         with torch.no_grad():
             assert torch.equal(loaded(x), net(x))
+
+
+# ---- hostile model files: devices, oversized files, long error texts ---------------------------
+
+def _refused_everywhere(uri: str, reason: str, fmt: str = "safetensors") -> None:
+    """`uri` is refused with `reason` by the check itself first (so a broken check fails here,
+    before anything below reads a device), then by loading, digesting and fingerprinting."""
+    with pytest.raises(ModelLoadError) as info:
+        check_model_file(uri)
+    assert str(info.value) == f"{uri}: {reason}"
+    for read in (lambda: load_model(record_for(uri, fmt)), lambda: model_digest(uri),
+                 lambda: model_fingerprint(uri)):
+        with pytest.raises(ModelLoadError) as info:
+            read()
+        assert str(info.value) == f"{uri}: {reason}"
+
+
+def test_devices_fifos_and_directories_are_refused_unread(tmp_path):
+    _refused_everywhere("/dev/zero", "not a regular file (character device); refused")
+    _refused_everywhere("file:///dev/zero", "not a regular file (character device); refused",
+                        fmt="state_dict")
+    (tmp_path / "model.pt").symlink_to("/dev/zero")  # a link in the corpus, followed
+    _refused_everywhere(str(tmp_path / "model.pt"), "not a regular file (character device); "
+                                                    "refused")
+    _refused_everywhere(str(tmp_path), "not a regular file (directory); refused")
+    storage.write_text("memory://test_model_loading_dir/inside.txt", "x")
+    _refused_everywhere("memory://test_model_loading_dir",
+                        "not a regular file (directory); refused")
+
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)
+    errors: list[BaseException] = []
+
+    def load() -> None:  # opening a FIFO with no writer blocks: in a thread, with a deadline
+        try:
+            _refused_everywhere(str(fifo), "not a regular file (FIFO); refused")
+        except BaseException as e:  # noqa: B036 (reported below, on the test's thread)
+            errors.append(e)
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "blocked opening a FIFO"
+    assert not errors, errors
+
+
+def test_size_cap_default_and_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("XRAY_MAX_MODEL_BYTES", raising=False)
+    assert MAX_MODEL_BYTES == 4 * 1024**3
+    big = tmp_path / "x.pt"
+    with open(big, "wb") as f:  # sparse: 5 GiB that take no disk and are never read
+        f.truncate(5 * 1024**3)
+    _refused_everywhere(str(big), "5.0 GiB is over the 4.0 GiB model size cap "
+                                  "(XRAY_MAX_MODEL_BYTES); refused", fmt="state_dict")
+
+    uri = str(tmp_path / "m.safetensors")
+    save_model(make_net(), uri, "safetensors")
+    size = os.path.getsize(uri)
+    copy = "memory://test_model_loading_cap/m.safetensors"  # fs.info rather than os.stat
+    storage.atomic_write_bytes(copy, pathlib.Path(uri).read_bytes())
+    monkeypatch.setenv("XRAY_MAX_MODEL_BYTES", str(size - 1))
+    for target in (uri, copy):
+        _refused_everywhere(target, f"{size / 1024:.1f} KiB is over the {(size - 1) / 1024:.1f} "
+                                    "KiB model size cap (XRAY_MAX_MODEL_BYTES); refused")
+    monkeypatch.setenv("XRAY_MAX_MODEL_BYTES", str(size))
+    for target in (uri, copy):
+        assert check_model_file(target) == size
+        assert model_digest(target) == model_digest(uri)
+        load_model(record_for(target, "safetensors"))
+    monkeypatch.setenv("XRAY_MAX_MODEL_BYTES", "4GB")
+    with pytest.raises(ValueError, match="XRAY_MAX_MODEL_BYTES='4GB': expected a positive whole"):
+        load_model(record_for(uri, "safetensors"))
+
+
+def test_empty_files_and_proc_files_are_refused(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    _refused_everywhere(str(tmp_path / "empty.pt"), "an empty file (0 bytes); refused")
+    # /proc files are regular files that say 0 bytes, whatever they hold
+    _refused_everywhere("/proc/self/environ", "an empty file (0 bytes); refused")
+
+
+def test_wrong_shape_error_keeps_its_whole_text(tmp_path):
+    folder = tmp_path / ("round-" + "a-long-corpus-folder-name-" * 6) / "id-00000042"
+    folder.mkdir(parents=True)
+    buf = io.BytesIO()
+    torch.save(make_net().state_dict(), buf)  # 3 classes, read as 5: a real wrong shape
+    (folder / "model.pt").write_bytes(buf.getvalue())
+    wrong = dataclasses.replace(record_for(folder / "model.pt", "state_dict"), num_classes=5)
+    with pytest.raises(ModelLoadError) as info:
+        load_model(wrong)
+    message = str(info.value)
+    assert len(message) > 300  # longer than the old cuts ...
+    assert message.endswith("classifier.3.bias (3,) vs (5,), classifier.3.weight (3, 512) vs "
+                            "(5, 512)")
+    # ... and whole in the error row and in the report's one-line summary of it.
+    assert first_line(_error_text(info.value)) == f"ModelLoadError: {message}"
+
+
+def test_refused_state_dict_names_the_reason_whole(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(ModelLoadError) as info:
+        load_model(record_for(tmp_path / "junk.pt", "state_dict"))
+    assert "refused it (Unsupported operand 110). If it is a whole-module pickle" in str(info.value)
+
+    torch.save(TouchOnLoad(tmp_path / "pwned"), tmp_path / "evil.pt")
+    with pytest.raises(ModelLoadError) as info:
+        load_model(record_for(tmp_path / "evil.pt", "state_dict"))
+    assert ("refused it (Unsupported global: GLOBAL getattr was not an allowed global by "
+            "default.). If it is") in str(info.value)
+    assert "\x1b" not in str(info.value) and not (tmp_path / "pwned").exists()
+
+
+def test_clip_text_cuts_at_a_sentence_or_clause_end():
+    assert clip_text("short. text") == "short. text"
+    sentences = "A first sentence that says what failed. " + "Then detail, and more. " * 60
+    assert clip_text(sentences) == sentences  # under the generous default cap: whole
+    clipped = clip_text(sentences, 300)
+    assert len(clipped) <= 300 and clipped.endswith("and more. [...]")
+    assert clipped.startswith("A first sentence that says what failed. ")
+    clauses = "x.pt: weights do not fit nin; " + "; ".join(f"layer{i} (3,) vs (5,)"
+                                                            for i in range(100))
+    assert clip_text(clauses, 200).endswith("vs (5,); [...]")
+    assert clip_text("y" * 500, 100) == "y" * 94 + " [...]"
+    assert first_line("E: " + sentences + "\ntraceback") == "E: " + sentences
+    assert first_line("E: " + sentences * 2).endswith("and more. [...]")

@@ -92,3 +92,39 @@ def test_stacked_scan_gives_the_same_scores(scanned, tmp_path):
     assert (many["status"] == "ok").all()
     assert np.allclose(many.loc[one.index, "score"], one["score"], rtol=1e-6)
     assert (many.loc[one.index, "predicted_target"] == one["predicted_target"]).all()
+
+
+def test_a_storage_outage_is_retryable_not_a_verdict(tiny_round, tmp_path, monkeypatch):
+    """A model whose object store does not answer (connection refused) gets `retryable` rows,
+    which the next run plans again without --retry-errors; a missing file stays a final
+    `error`."""
+    import dataclasses
+    import socket
+
+    from xray.config import parse_config
+    from xray.io.manifest import read_manifest
+    from xray.runner.plan import plan
+    from xray.results.sink import write_part
+    from xray.scan import scan_model
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("XRAY_S3_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    monkeypatch.setenv("XRAY_STORAGE_ATTEMPTS", "1")  # the outage is certain: fail fast
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    round_dir, _ = tiny_round
+    record = read_manifest(str(round_dir / "manifest.csv"))[0]
+    config = parse_config({"seed": 0, "detectors": {"modelxray": {"preset": "small"}}})
+    detectors = [d.build() for d in config.detectors]
+    unreachable = dataclasses.replace(record, uri="s3://bucket/id-0/model.safetensors")
+    missing = dataclasses.replace(record, model_id="gone", uri=str(tmp_path / "gone.pt"))
+    rows = [*scan_model(unreachable, detectors, config)["scores"],
+            *scan_model(missing, detectors, config)["scores"]]
+    assert [r["status"] for r in rows] == ["retryable", "error"], [r["error"] for r in rows]
+    write_part(str(tmp_path / "out"), "scores", "r1", rows)
+    keys = [(d.name, d.version, config.detector_hash(d)) for d in detectors]
+    again = plan([unreachable, missing], str(tmp_path / "out"), keys)
+    assert [p.record.model_id for p in again] == [unreachable.model_id]

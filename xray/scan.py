@@ -24,8 +24,9 @@ import torch
 from xray.config import ScanConfig
 from xray.detectors.base import DeadlinePassed, ScanContext, ScanData
 from xray.io.examples import load_examples
-from xray.io.model_loading import load_model
+from xray.io.model_loading import check_model_file, load_model
 from xray.io.records import ModelRecord
+from xray.io import storage
 from xray.io.storage import filesystem
 from xray.jsonsafe import json_safe
 from xray.models.device import resolve_device
@@ -47,6 +48,7 @@ def file_facts(uri: str) -> tuple[str, int]:
 
 
 def model_fingerprint(uri: str) -> str:
+    check_model_file(uri)  # a device, FIFO or oversized file: an error row before any read
     return file_facts(uri)[0]
 
 
@@ -123,7 +125,11 @@ def stop_margin(time_limit: float) -> float:
 
 
 def _status_of(err: BaseException) -> str:
-    return "timeout" if isinstance(err, DeadlinePassed) else "error"
+    """timeout: the model's time ran out; retryable: the storage failed for a reason that may
+    pass (xray.io.storage.is_transient), so the next run scans it again; error: final."""
+    if isinstance(err, DeadlinePassed):
+        return "timeout"
+    return "retryable" if storage.is_transient(err) else "error"
 
 
 def _load_inputs(record: ModelRecord, config: ScanConfig, device: torch.device):
@@ -215,6 +221,6 @@ def scan_stack(records: Sequence[ModelRecord], detectors: Sequence[Any], config:
 def _error_rows(record: ModelRecord, digest: str, detectors: Sequence[Any],
                 hashes: dict[str, str], err: BaseException, run_id: str,
                 worker: str) -> list[dict[str, Any]]:
-    text = _error_text(err)
-    return [score_row(record, digest, d, hashes[d.name], "error", run_id=run_id, error=text,
+    text, status = _error_text(err), _status_of(err)
+    return [score_row(record, digest, d, hashes[d.name], status, run_id=run_id, error=text,
                       worker=worker) for d in detectors]

@@ -11,6 +11,12 @@ manifest's own folder. Every problem raises `ManifestError` naming file, row (1-
 the CSV header, blank JSONL lines and the YAML `models:` key are not counted) and field; the
 row rules themselves are xray.io.rows (`record_from_row`), shared with the TrojAI round reader
 (xray.io.trojai). The schema is documented in manifests/README.md.
+
+A corpus may be hostile, so a manifest with no rows (0 bytes, a CSV header alone, an empty
+list), a file that is not what its extension says (binary bytes in a .csv, anything but Parquet
+in a .parquet) and a round directory without a complete model folder are errors naming the file;
+`read_manifest(uri, root=...)` also confines every model and examples URI to one folder
+(`check_manifest_root`).
 """
 from __future__ import annotations
 
@@ -38,7 +44,7 @@ from xray.io.trojai import zoo_row_from_config as row_from_config
 # (xray.io.trojai.zoo_row_from_config, once this module's row_from_config) live beside it.
 __all__ = ["FIELDS", "TAG_PREFIX", "ManifestError", "record_from_row", "read_manifest",
            "read_round_dir", "row_from_config", "write_manifest", "check_manifest_uris",
-           "manifest_digest"]
+           "check_manifest_root", "manifest_digest"]
 
 log = logging.getLogger(__name__)
 
@@ -98,48 +104,91 @@ def _kind(uri: str) -> str | None:
     return None
 
 
-def _text(data: bytes) -> str:
-    return data.decode("utf-8-sig")
+def _empty(file: str, what: str = "the manifest is empty (no rows)") -> ManifestError:
+    # An empty manifest is a mistake (a failed export, the wrong file), never "scan nothing".
+    return ManifestError(file, None, None, what)
+
+
+def _text(data: bytes, file: str, kind: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:  # a binary file under a text name: say what was expected
+        raise ManifestError(file, None, None, f"not a UTF-8 text {kind} file (byte "
+                            f"0x{data[e.start]:02x} at offset {e.start}); expected a manifest "
+                            f"in {kind}") from None
 
 
 def _rows_csv(data: bytes, file: str) -> list[tuple[int, dict[str, Any]]]:
-    reader = csv.DictReader(io.StringIO(_text(data), newline=""))
-    for column in reader.fieldnames or []:
-        if column not in FIELDS and not column.startswith(TAG_PREFIX):
-            raise ManifestError(file, None, column, unknown_field("column"))
-    return [(i, row) for i, row in enumerate(reader, start=1)]
+    text = _text(data, file, "CSV")
+    if not text.strip():
+        raise _empty(file)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows: list[tuple[int, dict[str, Any]]] = []
+    try:
+        for column in reader.fieldnames or []:
+            if column not in FIELDS and not column.startswith(TAG_PREFIX):
+                raise ManifestError(file, None, column, unknown_field("column"))
+        for row in reader:
+            rows.append((len(rows) + 1, row))
+    except csv.Error as e:  # e.g. a cell over the csv module's field size limit
+        row_number = len(rows) + 1 if reader.line_num > 1 else None  # None: the header
+        raise ManifestError(file, row_number, None, f"invalid CSV: {e}") from None
+    if not rows:
+        raise _empty(file, "the manifest has a header but no rows")
+    return rows
 
 
 def _rows_jsonl(data: bytes, file: str) -> list[tuple[int, Any]]:
     rows = []
-    lines = [line for line in _text(data).splitlines() if line.strip()]
+    lines = [line for line in _text(data, file, "JSONL").splitlines() if line.strip()]
     for i, line in enumerate(lines, start=1):
         try:
             rows.append((i, json.loads(line)))
         except json.JSONDecodeError as e:
             raise ManifestError(file, i, None, f"invalid JSON: {e.msg}") from None
+        except RecursionError:  # "[[[[..." a million deep
+            raise ManifestError(file, i, None, "invalid JSON: nested too deeply") from None
+    if not rows:
+        raise _empty(file)
     return rows
 
 
+PARQUET_MAGIC = b"PAR1"  # a Parquet file starts and ends with it
+
+
 def _rows_parquet(data: bytes, file: str) -> list[tuple[int, Any]]:
+    if not data:
+        raise _empty(file)
+    if not (data.startswith(PARQUET_MAGIC) and data.endswith(PARQUET_MAGIC)):
+        raise ManifestError(file, None, None, "not a Parquet file (it does not start and end "
+                            "with the Parquet magic bytes PAR1); expected a manifest in Parquet")
     try:
-        table = pq.read_table(pa.BufferReader(data))
-    except (pa.ArrowInvalid, OSError) as e:
+        rows = pq.read_table(pa.BufferReader(data)).to_pylist()
+    except (pa.ArrowException, OSError) as e:
         raise ManifestError(file, None, None, f"not a readable Parquet file: {e}") from None
-    return list(enumerate(table.to_pylist(), start=1))
+    if not rows:
+        raise _empty(file, "the manifest has columns but no rows")
+    return list(enumerate(rows, start=1))
 
 
 def _rows_yaml(data: bytes, file: str) -> list[tuple[int, Any]]:
+    text = _text(data, file, "YAML")
     try:
-        doc = yaml.safe_load(_text(data))
+        doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ManifestError(file, None, None, f"invalid YAML: {e}") from None
+    except RecursionError:
+        raise ManifestError(file, None, None, "invalid YAML: nested too deeply") from None
+    if doc is None:  # nothing but blanks and comments
+        raise _empty(file)
     if isinstance(doc, dict):
-        extra = sorted(set(doc) - {"models"})
+        extra = set(doc) - {"models"}
         if "models" not in doc or extra:
             raise ManifestError(file, None, None, "expected a list of rows or a mapping "
-                                f"{{models: [rows]}}; found keys {sorted(doc)}")
+                                f"{{models: [rows]}}; found keys {sorted(map(str, doc))}")
         doc = doc["models"]
+    if doc is None or doc == []:
+        raise _empty(file, "the manifest has no rows (an empty list)")
     if not isinstance(doc, list):
         raise ManifestError(file, None, None,
                             "expected a list of rows or a mapping {models: [rows]}")
@@ -195,11 +244,14 @@ _WRITERS = {"csv": _write_csv, "jsonl": _write_jsonl, "parquet": _write_parquet,
 # ---------------------------------------------------------------------------------------------
 # Public API
 
-def read_manifest(uri: str, *, check_uris: bool = False) -> list[ModelRecord]:
+def read_manifest(uri: str, *, check_uris: bool = False,
+                  root: str | os.PathLike[str] | None = None) -> list[ModelRecord]:
     """The records of a manifest file or a round directory, checked (see module docstring).
 
     check_uris: also verify that every model file (field 'uri') and examples folder
     ('examples_uri') exists.
+    root: a folder (local path or URI) every model file and examples folder must lie inside,
+    `..` and (local) symlinks resolved; checked before anything is probed (`check_manifest_root`).
     """
     uri = str(uri)
     kind = _kind(uri)
@@ -211,17 +263,55 @@ def read_manifest(uri: str, *, check_uris: bool = False) -> list[ModelRecord]:
         found = {_kind(n): n for n in names if n.lower().startswith("manifest.") and _kind(n)}
         preferred = [found[k] for k in MANIFEST_PREFERENCE if k in found]
         if preferred:
-            return read_manifest(storage.join(uri, preferred[0]), check_uris=check_uris)
+            return read_manifest(storage.join(uri, preferred[0]), check_uris=check_uris,
+                                 root=root)
         records = read_round_dir(uri)
+        if not records:  # id-*/ folders, none complete (or all round-1 errata)
+            raise ManifestError(uri, None, None, "the round directory has no complete model "
+                                "folder (an id-*/ folder with config.json, or model.pt in a "
+                                "round-1 layout); nothing to scan")
     else:
         try:
             data = storage.read_bytes(uri)
         except FileNotFoundError:
             raise ManifestError(uri, None, None, "file not found") from None
+        except IsADirectoryError:
+            raise ManifestError(uri, None, None, "a directory, not a manifest file") from None
         records = records_from_rows(_READERS[kind](data, uri), uri, _parent(uri))
+    if root is not None:
+        check_manifest_root(records, root, uri)
     if check_uris:
         check_manifest_uris(records, uri)
     return records
+
+
+def check_manifest_root(records: list[ModelRecord], root: str | os.PathLike[str],
+                        file: str = "<manifest>") -> None:
+    """Raise ManifestError for the first record whose model file ('uri') or examples folder
+    ('examples_uri') is not inside `root`: a hostile manifest may name ../../etc/passwd or
+    /etc/shadow, which a worker would otherwise read. Local paths are compared after
+    os.path.realpath (`..` and symlinks resolved, so a link inside root pointing out is caught
+    too); URIs (s3://, memory://) after normalising `..`, and only within the root's own scheme.
+    """
+    def normal(target: str) -> tuple[str, str]:  # (scheme, normalised path)
+        if storage.is_local(target):
+            path = target[len("file://"):] if target.startswith("file://") else target
+            return "", os.path.realpath(path)
+        scheme, rest = target.split("://", 1)
+        return scheme.lower(), posixpath.normpath("/" + rest)
+
+    root = str(root)
+    root_scheme, root_path = normal(root)
+    inside = root_path.rstrip("/" + os.sep) + (os.sep if root_scheme == "" else "/")
+    for number, record in enumerate(records, start=1):
+        for field in ("uri", "examples_uri"):
+            target = getattr(record, field)
+            if target is None:
+                continue
+            scheme, path = normal(target)
+            if scheme != root_scheme or not (path == root_path or path.startswith(inside)):
+                raise ManifestError(file, number, field,
+                                    f"{target} is outside the allowed root {root}")
 
 
 def check_manifest_uris(records: list[ModelRecord], file: str = "<manifest>") -> None:

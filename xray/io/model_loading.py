@@ -12,12 +12,21 @@ Formats (record.format):
   pickle       a whole-module torch.save: unpickling runs arbitrary code, so it is opened only
                with allow_pickle=True (the CLI's --allow-pickle) and never otherwise read at all
 Every read goes through fsspec (xray.io.storage), so s3:// URIs work like local paths.
+
+A corpus may be hostile: before a byte is read (to load or to fingerprint), the file must be a
+non-empty regular file (not a device such as /dev/zero, a FIFO or a directory; local symlinks
+are followed) of at most MAX_MODEL_BYTES (4 GiB), a cap the environment variable
+XRAY_MAX_MODEL_BYTES overrides (a whole number of bytes); anything else is a ModelLoadError
+naming the file and why (`check_model_file`).
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import io
+import os
+import re
+import stat
 import warnings
 from typing import Any, Mapping, Sequence
 
@@ -29,9 +38,12 @@ from xray import models
 from xray.models.normalize import Normalized
 from xray.io import storage
 from xray.io.records import MODEL_FORMATS, ModelRecord
+from xray.textclip import clip_text
 
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")
 DATAPARALLEL_PREFIX = "module."
+MAX_MODEL_BYTES = 4 * 1024**3  # the largest TrojAI / torchvision classifiers are well under 1 GiB
+MAX_MODEL_BYTES_ENV = "XRAY_MAX_MODEL_BYTES"
 
 
 @contextlib.contextmanager
@@ -61,6 +73,83 @@ def _check_format(fmt: str) -> None:
     if fmt not in MODEL_FORMATS:
         raise ModelLoadError(f"unknown model format {fmt!r}; expected one of "
                              f"{', '.join(MODEL_FORMATS)}")
+
+
+def max_model_bytes() -> int:
+    """The model size cap: XRAY_MAX_MODEL_BYTES when set (read on every call, so a worker sees
+    its own environment), else MAX_MODEL_BYTES."""
+    raw = os.environ.get(MAX_MODEL_BYTES_ENV, "").strip()
+    if not raw:
+        return MAX_MODEL_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ValueError(f"{MAX_MODEL_BYTES_ENV}={raw!r}: expected a positive whole number of "
+                         f"bytes (default {MAX_MODEL_BYTES})")
+    return value
+
+
+def _size_text(n: int) -> str:
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _too_large(uri: str, what: str, limit: int) -> ModelLoadError:
+    return ModelLoadError(f"{uri}: {what} is over the {_size_text(limit)} model size cap "
+                          f"({MAX_MODEL_BYTES_ENV}); refused")
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "directory"), (stat.S_ISCHR, "character device"),
+               (stat.S_ISBLK, "block device"), (stat.S_ISFIFO, "FIFO"),
+               (stat.S_ISSOCK, "socket"))
+
+
+def check_model_file(uri: str) -> int | None:
+    """The size in bytes of the model file at `uri` (None where the store does not say), after
+    checking that it may be read: a non-empty regular file (reading /dev/zero or a FIFO never
+    ends) of at most `max_model_bytes()` (the bytes are held in memory whole). Reads metadata
+    only. Raises ModelLoadError naming the file and the reason; FileNotFoundError when there is
+    none."""
+    limit = max_model_bytes()
+    fs, path = storage.filesystem(uri)
+    if storage.is_local(uri):
+        mode = os.stat(path)  # follows symlinks, as the read would
+        if not stat.S_ISREG(mode.st_mode):
+            kind = next((name for test, name in _FILE_KINDS if test(mode.st_mode)), "special file")
+            raise ModelLoadError(f"{uri}: not a regular file ({kind}); refused")
+        size = mode.st_size
+    else:
+        info = storage.with_retries(lambda: fs.info(path))
+        if info.get("type") != "file":
+            raise ModelLoadError(f"{uri}: not a regular file ({info.get('type')}); refused")
+        if info.get("size") is None:
+            return None  # the bounded read in read_model_bytes still holds
+        size = int(info["size"])
+    if size == 0:  # never a model; and /proc files say 0 bytes whatever they hold
+        raise ModelLoadError(f"{uri}: an empty file (0 bytes); refused")
+    if size > limit:
+        raise _too_large(uri, _size_text(size), limit)
+    return size
+
+
+def read_model_bytes(uri: str) -> bytes:
+    """The bytes of a model file, after `check_model_file`. At most the size the check saw (+1)
+    is read, so a file that grows in between is refused rather than read without bound."""
+    size = check_model_file(uri)
+    limit = max_model_bytes()
+    fs, path = storage.filesystem(uri)
+    expected = limit if size is None else size
+    data = storage.with_retries(lambda: fs.cat_file(path, start=0, end=expected + 1))
+    if len(data) > limit:
+        raise _too_large(uri, "the file", limit)
+    if len(data) > expected:
+        raise ModelLoadError(f"{uri}: holds more than the {expected} bytes its metadata gave "
+                             "(changed while read, or not a plain file); refused")
+    return data
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -110,6 +199,19 @@ def _build(record: ModelRecord, state: dict[str, torch.Tensor]) -> nn.Module:
     return net
 
 
+def _load_refusal_reason(err: BaseException) -> str:
+    """Why torch.load refused a file, in one whole sentence. torch's text opens with generic
+    advice (to rerun with weights_only=False: not for a corpus we do not trust) and names the
+    actual problem after "WeightsUnpickler error:"; other errors are kept whole, on one line."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # torch bolds words with terminal escapes
+    _, marker, reason = text.partition("WeightsUnpickler error:")
+    if marker:
+        reason = reason.strip().split("\n\n")[0]  # the paragraph after it is a docs link
+        first = re.match(r".*?[.!?](?=\s|$)", " ".join(reason.split()))
+        reason = first.group(0) if first else reason  # then comes advice to allowlist it
+    return clip_text(" ".join((reason if marker else text).split()))
+
+
 def _read_network(record: ModelRecord, data: bytes) -> nn.Module:
     fmt, uri = record.format, record.uri
     if fmt == "safetensors":
@@ -124,7 +226,7 @@ def _read_network(record: ModelRecord, data: bytes) -> nn.Module:
         except Exception as e:  # an UnpicklingError names the forbidden global
             raise ModelLoadError(
                 f"{uri}: not a plain state dict; torch.load(weights_only=True) refused it "
-                f"({str(e).splitlines()[0][:300]}). If it is a whole-module pickle, give it "
+                f"({_load_refusal_reason(e)}). If it is a whole-module pickle, give it "
                 "format 'pickle' and load it with --allow-pickle.") from None
         return _build(record, extract_state_dict(obj, uri))
     if fmt == "torchscript":
@@ -146,7 +248,7 @@ def load_model(record: ModelRecord, *, allow_pickle: bool = False,
     _check_format(record.format)
     if record.format == "pickle" and not allow_pickle:
         raise _pickle_refused(record.uri)  # before a single byte of the file is read
-    net = _read_network(record, storage.read_bytes(record.uri))
+    net = _read_network(record, read_model_bytes(record.uri))
     return Normalized(net, record.mean, record.std).to(device).eval()
 
 
@@ -195,13 +297,19 @@ def _digest(data: bytes) -> str:
 
 
 def model_digest(uri: str, chunk_size: int = 1 << 22) -> str:
-    """First 16 hex digits of the sha256 of the file's bytes (read in chunks)."""
+    """First 16 hex digits of the sha256 of the file's bytes (read in chunks), after
+    `check_model_file`: a device or an oversized file is refused, not hashed forever."""
+    check_model_file(uri)
+    limit = max_model_bytes()
     fs, path = storage.filesystem(uri)
 
     def digest() -> str:
-        h = hashlib.sha256()
+        h, seen = hashlib.sha256(), 0
         with fs.open(path, "rb") as f:
             while chunk := f.read(chunk_size):
+                seen += len(chunk)
+                if seen > limit:  # it grew after the check
+                    raise _too_large(uri, "the file", limit)
                 h.update(chunk)
         return h.hexdigest()[:16]
 

@@ -46,16 +46,41 @@ def is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
 
 
-def with_retries(fn: Callable[[], T], *, attempts: int = 4, first_delay: float = 0.2) -> T:
-    """Retry transient storage errors (OSError / connection errors) with exponential backoff."""
+# Errors that say the answer will not change on a retry.
+PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                    FileExistsError)
+# botocore / aiohttp failures of the connection itself (their classes are not all OSErrors):
+# matched by name so this module needs neither library.
+TRANSIENT_ERROR_NAMES = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+                         "ConnectionClosedError", "ClientConnectorError",
+                         "ServerDisconnectedError", "ClientOSError", "ProxyConnectionError"}
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether `err` is a storage failure that may pass (connection refused or reset, timeouts,
+    5xx / throttling answers, which s3fs raises as OSError), not an answer about the file."""
+    if isinstance(err, PERMANENT_ERRORS):
+        return False
+    if isinstance(err, (OSError, ConnectionError, TimeoutError)):
+        return True
+    return any(cls.__name__ in TRANSIENT_ERROR_NAMES for cls in type(err).__mro__)
+
+
+ATTEMPTS_ENV = "XRAY_STORAGE_ATTEMPTS"
+
+
+def with_retries(fn: Callable[[], T], *, attempts: int | None = None,
+                 first_delay: float = 0.5) -> T:
+    """Retry transient storage errors (`is_transient`) with exponential backoff: 5 attempts over
+    about 7.5 s by default (XRAY_STORAGE_ATTEMPTS overrides the count), on top of the S3
+    client's own retries; then the last error is raised."""
+    attempts = attempts or int(os.environ.get(ATTEMPTS_ENV, "5"))
     delay = first_delay
     for attempt in range(attempts):
         try:
             return fn()
-        except (FileNotFoundError, PermissionError, IsADirectoryError):
-            raise
-        except (OSError, ConnectionError, TimeoutError):
-            if attempt == attempts - 1:
+        except Exception as err:
+            if not is_transient(err) or attempt == attempts - 1:
                 raise
             time.sleep(delay)
             delay *= 2
@@ -85,13 +110,13 @@ def atomic_write_bytes(uri: str, data: bytes) -> None:
     fs, path = filesystem(uri)
     parent = posixpath.dirname(path) if not is_local(uri) else os.path.dirname(path)
     if parent:
-        fs.makedirs(parent, exist_ok=True)
+        with_retries(lambda: fs.makedirs(parent, exist_ok=True))
     if uri.startswith("s3://"):
         with_retries(lambda: fs.pipe_file(path, data))
         return
     tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
-    fs.pipe_file(tmp, data)
-    fs.mv(tmp, path)
+    with_retries(lambda: fs.pipe_file(tmp, data))
+    with_retries(lambda: fs.mv(tmp, path))
 
 
 def write_text(uri: str, text: str) -> None:
@@ -100,12 +125,13 @@ def write_text(uri: str, text: str) -> None:
 
 def makedirs(uri: str) -> None:
     fs, path = filesystem(uri)
-    fs.makedirs(path, exist_ok=True)
+    with_retries(lambda: fs.makedirs(path, exist_ok=True))
 
 
 def listdir(uri: str) -> list[str]:
     """Base names of the entries directly under `uri` (empty when it does not exist)."""
     fs, path = filesystem(uri)
-    if not fs.exists(path):
+    if not with_retries(lambda: fs.exists(path)):
         return []
-    return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+    return sorted(posixpath.basename(p.rstrip("/"))
+                  for p in with_retries(lambda: fs.ls(path, detail=False)))

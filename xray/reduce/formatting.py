@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from xray.textclip import MAX_ERROR_CHARS, clip_text
+
 MISSING = "-"
 
 
@@ -32,10 +34,11 @@ def fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
-def first_line(text: Any, limit: int = 200) -> str:
+def first_line(text: Any, limit: int = MAX_ERROR_CHARS) -> str:
     """What failed, from an error text: scan.py writes "Type: message" then a traceback, so the
-    first non-empty line, at most `limit` characters ("" when there is no text)."""
+    first non-empty line: whole up to `limit` characters, beyond that cut at a sentence, clause or
+    word end (xray.textclip.clip_text); "" when there is no text."""
     if not isinstance(text, str):
         return ""
     lines = [line for line in text.strip().splitlines() if line.strip()]
-    return (lines[0] if lines else "")[:limit]
+    return clip_text(lines[0], limit) if lines else ""

@@ -8,7 +8,10 @@ detectors never see them.
 import pyarrow as pa
 
 SCHEMA_VERSION = "1"
-STATUSES = ("ok", "error", "timeout", "crashed")
+# ok: scored; error: final failure (bad file, detector error); timeout: past the time limit;
+# crashed: the worker died every attempt; retryable: a storage failure that may pass (a
+# network blip): the next run scans it again, as timeout and crashed rows.
+STATUSES = ("ok", "error", "timeout", "crashed", "retryable")
 SCORE_KEY = ["model_id", "model_digest", "detector", "detector_version", "config_hash"]
 
 SCORES = pa.schema(

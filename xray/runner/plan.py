@@ -10,7 +10,7 @@ from xray.results.sink import read_table
 from xray.scan import file_facts
 
 # Outcomes that are final for a (model, detector, config): scanning again would give the same.
-# `timeout` and `crashed` rows are retried on the next run.
+# `timeout`, `crashed` and `retryable` rows are retried on the next run.
 FINAL_STATUSES = ("ok", "error")
 
 
