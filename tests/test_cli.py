@@ -63,6 +63,24 @@ def test_bad_manifest_is_one_clear_line(tmp_path):
     assert "m.csv" in result.output and "Traceback" not in result.output
 
 
+def test_root_confines_the_manifest_before_anything_runs(tiny_round, tmp_path):
+    """A manifest row pointing outside --root (here at /etc/passwd) is refused, naming row and
+    field, before any model is read or any output written."""
+    import pandas as pd
+
+    round_dir, _ = tiny_round
+    rows = pd.read_csv(round_dir / "manifest.csv").head(2)
+    rows["examples_uri"] = [str(round_dir / v) for v in rows["examples_uri"]]
+    rows["uri"] = [str(round_dir / rows["uri"][0]), "/etc/passwd"]
+    hostile = tmp_path / "hostile.csv"
+    rows.to_csv(hostile, index=False)
+    result = CliRunner().invoke(main, ["scan", "--manifest", str(hostile), "--out",
+                                       str(tmp_path / "o"), "--root", str(round_dir)])
+    assert result.exit_code == 1, result.output
+    assert "outside the allowed root" in result.output and "'uri'" in result.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_unknown_detector_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(main, ["scan", "--manifest", "x.csv", "--out", str(tmp_path),
                                        "--detectors", "nope"])
@@ -108,3 +126,24 @@ def test_a_bad_threshold_is_a_usage_error(command, tmp_path):
     result = CliRunner().invoke(main, [command, *args, "--threshold", "modelxray=high"])
     assert result.exit_code == 2
     assert "'modelxray=high': expected DETECTOR=NUMBER" in result.output
+
+
+def test_unreachable_output_store_is_one_clear_line(tiny_round, tmp_path, monkeypatch):
+    """An object store that does not answer (after the retries) ends the command with one
+    line saying so and what to do, not a botocore traceback."""
+    import socket
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("XRAY_S3_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    monkeypatch.setenv("XRAY_STORAGE_ATTEMPTS", "1")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    round_dir, _ = tiny_round
+    result = CliRunner().invoke(main, ["scan", "--manifest", str(round_dir / "manifest.csv"),
+                                       "--out", "s3://bucket/out"])
+    assert result.exit_code == 1, result.output
+    assert "storage unavailable after retries" in result.output
+    assert "run the same command again" in result.output and "Traceback" not in result.output

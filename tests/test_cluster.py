@@ -102,7 +102,8 @@ def test_time_limit_gives_timeout_rows(two_nodes, tiny_round, tmp_path):
     slow = parse_config({"seed": 0, "model_time_limit_s": 0.5, "detectors": {"modelxray": {
         "params": {"num_planes": 40, "resolution": 100}}}})
     out = str(tmp_path / "out")
-    summary = run_scan(str(round_dir / "manifest.csv"), out, slow, num_actors=1,
+    # two models: each timeout restarts the actor, and the next model waits for it
+    summary = run_scan(_first_models(round_dir, tmp_path, 2), out, slow, num_actors=1,
                        show_progress=False)
     scores = read_table(out, "scores", dedupe=False)
     assert len(scores) == summary.models_total

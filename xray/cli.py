@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import click
 
 from xray import cli_args, nightly as nightly_job, trojai_detect
 from xray.io import storage
+from xray.results.lease import LeaseHeld, LeaseLost
 from xray.zoo.recipe import load_recipe
 
 
@@ -29,14 +31,23 @@ class UserError(click.ClickException):
 
 def _fail_cleanly(fn):
     """Turn expected errors into one line on stderr and exit 1 (no traceback). A bad manifest
-    (xray.io.manifest.ManifestError), config or calibrator raises a ValueError."""
+    (xray.io.manifest.ManifestError), config or calibrator raises a ValueError; an output folder
+    another driver writes to, LeaseHeld; storage that keeps failing, a transient error."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (FileNotFoundError, ValueError, KeyError) as err:
+        except (FileNotFoundError, ValueError, KeyError, LeaseHeld, LeaseLost) as err:
             message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
             raise UserError(str(message)) from err
+        except Exception as err:
+            if not storage.is_transient(err):
+                raise
+            # storage still failing after its retries: rows written so far stay; the same
+            # command run again plans only what is missing
+            text = (str(err).strip().splitlines() or [""])[0]
+            raise UserError(f"storage unavailable after retries ({type(err).__name__}: "
+                            f"{text}); run the same command again to finish") from err
 
     return wrapper
 
@@ -53,6 +64,16 @@ def main(verbose: int) -> None:
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=max(level, logging.DEBUG),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM ends a command as Ctrl-C does: every `finally` runs (rows still buffered are
+    written, the output lease is released, the scan actors are killed) and then the exit
+    handlers (the local Ray instance this command started is shut down, its agents too).
+    Exit status 143 (128 + SIGTERM), or 1 when it lands inside a Ray call (Ray raises its own
+    SystemExit(1) there)."""
+    raise SystemExit(128 + signum)
 
 
 # ---------------------------------------------------------------- zoo
@@ -172,13 +193,16 @@ def mntd_train(shadow: str, out: str | None, epochs: int, repeats: int, seed: in
 @click.option("--flush-seconds", type=float, default=10.0, show_default=True,
               help="Rows are written to Parquet at least this often (what an interrupted "
                    "driver can lose; re-running the command scans it again).")
+@click.option("--root", default=None, metavar="URI",
+              help="Confine the manifest: refuse it when a model or examples URI lies outside "
+                   "this folder (for manifests you did not write).")
 @cli_args.QUIET
 @_fail_cleanly
 def scan(manifest: str, out: str, detectors: list[str] | None, config_uri: str | None,
          preset: str | None, address: str | None, actors: int | None, cpus_per_actor: float,
          gpus_per_actor: float, stack_size: int, allow_pickle: bool, retry_errors: bool,
          time_limit: float | None,
-         max_retries: int, flush_seconds: float, quiet: bool) -> None:
+         max_retries: int, flush_seconds: float, root: str | None, quiet: bool) -> None:
     """Scan every model of a manifest and stream per-model scores to OUT/scores (Parquet).
 
     Models already scored with the same config are skipped; re-running finishes an interrupted
@@ -197,7 +221,7 @@ def scan(manifest: str, out: str, detectors: list[str] | None, config_uri: str |
                        num_cpus_per_actor=cpus_per_actor, num_gpus_per_actor=gpus_per_actor,
                        retry_errors=retry_errors, max_retries=max_retries,
                        flush_seconds=flush_seconds, stack_size=stack_size,
-                       show_progress=not quiet)
+                       show_progress=not quiet, root=root)
     click.echo(f"run {summary.run_id}: {summary.models_scanned} of {summary.models_total} models "
                f"scanned ({summary.models_total - summary.models_planned} already scored), "
                f"{summary.failures} with errors, {summary.seconds:.1f} s")

@@ -11,7 +11,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 import uuid
 from collections import deque
@@ -27,6 +29,7 @@ from xray.code_identity import code_version
 from xray.config import ScanConfig
 from xray.io.manifest import manifest_digest, read_manifest
 from xray.progress import Progress
+from xray.results.lease import OutputLease
 from xray.results.sink import ParquetSink, write_part
 from xray.runner.plan import PlannedModel, plan
 from xray.scan import scan_stack, score_row
@@ -122,11 +125,16 @@ def ensure_ray(address: str | None) -> None:
     """Connect to `address`, or start a local instance when none is given."""
     if ray.is_initialized():
         return
+    # ray.init installs its own SIGTERM handler; keep the caller's (the CLI's, which ends the
+    # command through its `finally` blocks) where there was one.
+    sigterm = signal.getsignal(signal.SIGTERM)
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(include_dashboard=False, log_to_driver=True,
                  logging_level=logging.WARNING, configure_logging=False)
+    if callable(sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, sigterm)
 
 
 def new_run_id() -> str:
@@ -138,21 +146,44 @@ def run_scan(manifest_uri: str, out_uri: str, config: ScanConfig, *, address: st
              num_gpus_per_actor: float = 0, in_flight_per_actor: int = 2, max_retries: int = 2,
              retry_errors: bool = False, show_progress: bool = True,
              run_id: str | None = None, flush_seconds: float = 10.0, stack_size: int = 1,
-             on_result: Callable[[dict[str, Any]], None] | None = None) -> RunSummary:
+             on_result: Callable[[dict[str, Any]], None] | None = None,
+             root: str | None = None) -> RunSummary:
     """Scan every model of the manifest not yet scored with `config`; rows stream to
     <out>/scores and <out>/triggers. `on_result` is called with each model's rows as they land
     (progress hooks for jobs). Rows become durable (a Parquet part) at least every
     `flush_seconds`; a driver killed mid-run loses at most that window, which the next run of
     the same command scans again. `stack_size` > 1 sends up to that many models of one
     architecture to an actor together (Model X-ray scores them in one vmapped pass: worth it on
-    a GPU, where one small model leaves the device idle)."""
+    a GPU, where one small model leaves the device idle). While another driver scans into
+    `out_uri`, raises xray.results.lease.LeaseHeld before planning anything. `root`: refuse a
+    manifest with a model or examples URI outside it (ManifestError naming row and field)."""
     started = time.monotonic()
-    started_at = dt.datetime.now(dt.timezone.utc)
-    records = read_manifest(manifest_uri)
+    records = read_manifest(manifest_uri, root=root)
     built = [d.build() for d in config.detectors]
+    run_id = run_id or new_run_id()
+    # One writer per output folder: a second driver here would plan from the same scored set
+    # and scan everything twice (xray.results.lease).
+    with OutputLease(out_uri, run_id) as lease:
+        summary = _scan_holding_lease(
+            lease, records, built, manifest_uri, out_uri, config, run_id, address=address,
+            num_actors=num_actors, num_cpus_per_actor=num_cpus_per_actor,
+            num_gpus_per_actor=num_gpus_per_actor, in_flight_per_actor=in_flight_per_actor,
+            max_retries=max_retries, retry_errors=retry_errors, show_progress=show_progress,
+            flush_seconds=flush_seconds, stack_size=stack_size, on_result=on_result)
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _scan_holding_lease(lease: OutputLease, records: list[Any], built: list[Any],
+                        manifest_uri: str, out_uri: str, config: ScanConfig, run_id: str, *,
+                        address: str | None, num_actors: int | None, num_cpus_per_actor: float,
+                        num_gpus_per_actor: float, in_flight_per_actor: int, max_retries: int,
+                        retry_errors: bool, show_progress: bool, flush_seconds: float,
+                        stack_size: int,
+                        on_result: Callable[[dict[str, Any]], None] | None) -> RunSummary:
+    started_at = dt.datetime.now(dt.timezone.utc)
     keys = [(d.name, d.version, config.detector_hash(d)) for d in built]
     pending = plan(records, out_uri, keys, retry_errors=retry_errors)
-    run_id = run_id or new_run_id()
     summary = RunSummary(run_id, out_uri, len(records), len(pending))
     runs_row = {"run_id": run_id, "config_hash": config.config_hash,
                 "config_json": config.to_json(), "code_version": code_version(),
@@ -171,30 +202,33 @@ def run_scan(manifest_uri: str, out_uri: str, config: ScanConfig, *, address: st
                       if num_gpus_per_actor else by_cpu)
             num_actors = max(1, min(by_cpu, by_gpu, len(pending)))
         pool = _ActorPool(config, num_actors, num_cpus_per_actor, num_gpus_per_actor)
-        with ParquetSink(out_uri, "scores", run_id, flush_seconds=flush_seconds) as scores, \
-                ParquetSink(out_uri, "triggers", run_id, flush_seconds=flush_seconds) as triggers, \
-                Progress(len(pending), f"scan {run_id}", disable=not show_progress) as bar:
+        try:
+            with ParquetSink(out_uri, "scores", run_id, flush_seconds=flush_seconds) as scores, \
+                    ParquetSink(out_uri, "triggers", run_id,
+                                flush_seconds=flush_seconds) as triggers, \
+                    Progress(len(pending), f"scan {run_id}", disable=not show_progress) as bar:
 
-            def deliver(result: dict[str, Any]) -> None:
-                scores.write(result["scores"])
-                triggers.write(result["triggers"])
-                summary.record(result["scores"])
-                summary.actor_seconds += result.get("actor_seconds", 0.0)
-                by_node = summary.failures_by_node
-                bar.update(ok=all(r["status"] == "ok" for r in result["scores"]),
-                           **({"failures_by_node": by_node} if len(by_node) > 1 else {}))
-                if on_result:
-                    on_result(result)
+                def deliver(result: dict[str, Any]) -> None:
+                    lease.check()  # taken over: stop before writing beside the new holder
+                    scores.write(result["scores"])
+                    triggers.write(result["triggers"])
+                    summary.record(result["scores"])
+                    summary.actor_seconds += result.get("actor_seconds", 0.0)
+                    by_node = summary.failures_by_node
+                    bar.update(ok=all(r["status"] == "ok" for r in result["scores"]),
+                               **({"failures_by_node": by_node} if len(by_node) > 1 else {}))
+                    if on_result:
+                        on_result(result)
 
-            scheduling_started = time.monotonic()
-            _Scheduler(pool, run_id, config, built, in_flight_per_actor, max_retries,
-                       config.model_time_limit_s).run(stacks(pending, stack_size), deliver)
-            summary.schedule_seconds = time.monotonic() - scheduling_started
-            summary.num_actors = num_actors
-        pool.shutdown()
+                scheduling_started = time.monotonic()
+                _Scheduler(pool, run_id, config, built, in_flight_per_actor, max_retries,
+                           config.model_time_limit_s).run(stacks(pending, stack_size), deliver)
+                summary.schedule_seconds = time.monotonic() - scheduling_started
+                summary.num_actors = num_actors
+        finally:
+            pool.shutdown()
     write_part(out_uri, "runs", run_id,
                [{**runs_row, "finished_at": dt.datetime.now(dt.timezone.utc)}])
-    summary.seconds = time.monotonic() - started
     return summary
 
 
