@@ -42,6 +42,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture
+def closed_port() -> int:
+    """A loopback port nobody listens on (a server that is down)."""
+    return _free_port()
+
+
+@pytest.fixture
+def unreachable_s3(monkeypatch, closed_port) -> str:
+    """s3:// URIs point at a loopback port nobody listens on (an object store that is down),
+    with the retries cut to one attempt so the outage is seen at once. Returns the endpoint."""
+    endpoint = f"http://127.0.0.1:{closed_port}"
+    monkeypatch.setenv("XRAY_S3_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    monkeypatch.setenv("XRAY_STORAGE_ATTEMPTS", "1")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    return endpoint
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     """moto's ThreadedMotoServer on 127.0.0.1 with one bucket; XRAY_S3_ENDPOINT_URL and AWS_*

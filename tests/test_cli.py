@@ -128,22 +128,29 @@ def test_a_bad_threshold_is_a_usage_error(command, tmp_path):
     assert "'modelxray=high': expected DETECTOR=NUMBER" in result.output
 
 
-def test_unreachable_output_store_is_one_clear_line(tiny_round, tmp_path, monkeypatch):
+def test_unreachable_output_store_is_one_clear_line(tiny_round, tmp_path, unreachable_s3):
     """An object store that does not answer (after the retries) ends the command with one
     line saying so and what to do, not a botocore traceback."""
-    import socket
-
-    with socket.socket() as s:  # a loopback port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("XRAY_S3_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
-    monkeypatch.setenv("XRAY_STORAGE_ATTEMPTS", "1")
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     round_dir, _ = tiny_round
     result = CliRunner().invoke(main, ["scan", "--manifest", str(round_dir / "manifest.csv"),
                                        "--out", "s3://bucket/out"])
     assert result.exit_code == 1, result.output
     assert "storage unavailable after retries" in result.output
     assert "run the same command again" in result.output and "Traceback" not in result.output
+
+
+def test_unreachable_address_fails_fast_with_one_line(tiny_round, tmp_path, closed_port):
+    """--address of a cluster that is not there: one line within seconds (Ray's client kept
+    retrying for over 10 minutes), nothing written."""
+    import time
+
+    port = closed_port
+    round_dir, _ = tiny_round
+    started = time.monotonic()
+    result = CliRunner().invoke(main, ["scan", "--manifest", str(round_dir / "manifest.csv"),
+                                       "--out", str(tmp_path / "o"), "--address",
+                                       f"127.0.0.1:{port}"])
+    assert result.exit_code == 1, result.output
+    assert f"cannot reach the Ray cluster at 127.0.0.1:{port}" in result.output
+    assert "Traceback" not in result.output and time.monotonic() - started < 60
+    assert not (tmp_path / "o").exists()

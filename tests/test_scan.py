@@ -94,12 +94,11 @@ def test_stacked_scan_gives_the_same_scores(scanned, tmp_path):
     assert (many.loc[one.index, "predicted_target"] == one["predicted_target"]).all()
 
 
-def test_a_storage_outage_is_retryable_not_a_verdict(tiny_round, tmp_path, monkeypatch):
+def test_a_storage_outage_is_retryable_not_a_verdict(tiny_round, tmp_path, unreachable_s3):
     """A model whose object store does not answer (connection refused) gets `retryable` rows,
     which the next run plans again without --retry-errors; a missing file stays a final
     `error`."""
     import dataclasses
-    import socket
 
     from xray.config import parse_config
     from xray.io.manifest import read_manifest
@@ -107,14 +106,6 @@ def test_a_storage_outage_is_retryable_not_a_verdict(tiny_round, tmp_path, monke
     from xray.results.sink import write_part
     from xray.scan import scan_model
 
-    with socket.socket() as s:  # a loopback port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("XRAY_S3_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
-    monkeypatch.setenv("XRAY_STORAGE_ATTEMPTS", "1")  # the outage is certain: fail fast
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     round_dir, _ = tiny_round
     record = read_manifest(str(round_dir / "manifest.csv"))[0]
     config = parse_config({"seed": 0, "detectors": {"modelxray": {"preset": "small"}}})

@@ -24,10 +24,9 @@ import torch
 from xray.config import ScanConfig
 from xray.detectors.base import DeadlinePassed, ScanContext, ScanData
 from xray.io.examples import load_examples
+from xray.io import storage
 from xray.io.model_loading import check_model_file, load_model
 from xray.io.records import ModelRecord
-from xray.io import storage
-from xray.io.storage import filesystem
 from xray.jsonsafe import json_safe
 from xray.models.device import resolve_device
 
@@ -39,7 +38,7 @@ def file_facts(uri: str) -> tuple[str, int]:
     weights. The fingerprint is the object's ETag / checksum where the store has one, else size
     and modification time: a changed file gets a new one and is scanned again (rewriting
     identical bytes may too)."""
-    fs, path = filesystem(uri)
+    fs, path = storage.filesystem(uri)
     info = fs.info(path)
     keys = ("ETag", "etag", "checksum", "size", "mtime", "LastModified", "created")
     ident = {k: str(info[k]) for k in keys if k in info}

@@ -20,6 +20,7 @@ beside the new holder. Released (deleted) on exit, however the block ends.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -28,6 +29,8 @@ import uuid
 from typing import Any
 
 from xray.io import storage
+
+log = logging.getLogger(__name__)
 
 LEASE_FILE = "_lease.json"
 DEFAULT_TTL_S = 60.0
@@ -100,7 +103,8 @@ class OutputLease:
     def acquire(self) -> None:
         for _ in range(3):  # a stale lease removed under us by another taker: try again
             if self._create():
-                return self._start_renewing()
+                self._start_renewing()
+                return
             held = self._read()
             if held is None:
                 continue
@@ -147,15 +151,20 @@ class OutputLease:
             raise LeaseLost(self._lost)
 
     def release(self) -> None:
+        """Stop renewing and delete the lease if it is still ours. A store that fails here
+        does not mask the error the run may be ending with: the lease then expires by itself."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5.0)
-        held = self._read()
-        if held and held.get("token") == self.token:
-            try:
+        try:
+            held = self._read()
+            if held and held.get("token") == self.token:
                 self.fs.rm_file(self.path)
-            except FileNotFoundError:
-                pass
+        except FileNotFoundError:
+            pass
+        except Exception as err:
+            log.warning("%s: could not release the lease (%s); it expires after %.0f s",
+                        self.uri, err, self.ttl)
 
     def __enter__(self) -> "OutputLease":
         self.acquire()
