@@ -121,10 +121,40 @@ class ScanActor:
                 "gpus": ray.get_gpu_ids()}
 
 
+class ClusterUnreachable(ValueError):
+    """--address names a Ray cluster that does not answer (a bad option value: the CLI reports
+    it in one line like any other)."""
+
+
+# Seconds a cluster address gets to accept a TCP connection before the scan gives up (Ray's
+# own client keeps retrying an unreachable GCS for minutes).
+CONNECT_TIMEOUT_S = 10.0
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise ClusterUnreachable unless `address` ("host:port" or "ray://host:port"; "auto" and
+    "local" are Ray's own words and are not probed) accepts a TCP connection within `timeout`."""
+    target = address.split("://", 1)[-1]
+    if address in ("auto", "local") or ":" not in target:
+        return
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return
+    except (OSError, ValueError) as err:
+        raise ClusterUnreachable(
+            f"cannot reach the Ray cluster at {address} within {timeout:.0f} s ({err}); is it "
+            "running (`ray status` on its head node), and is --address its GCS host:port "
+            "(default port 6379) or ray://host:10001?") from None
+
+
 def ensure_ray(address: str | None) -> None:
-    """Connect to `address`, or start a local instance when none is given."""
+    """Connect to `address`, or start a local instance when none is given. An address that
+    does not answer fails within CONNECT_TIMEOUT_S (ClusterUnreachable)."""
     if ray.is_initialized():
         return
+    if address:
+        check_reachable(address)
     # ray.init installs its own SIGTERM handler; keep the caller's (the CLI's, which ends the
     # command through its `finally` blocks) where there was one.
     sigterm = signal.getsignal(signal.SIGTERM)
@@ -158,6 +188,8 @@ def run_scan(manifest_uri: str, out_uri: str, config: ScanConfig, *, address: st
     `out_uri`, raises xray.results.lease.LeaseHeld before planning anything. `root`: refuse a
     manifest with a model or examples URI outside it (ManifestError naming row and field)."""
     started = time.monotonic()
+    if address:
+        check_reachable(address)  # before anything is written to out_uri
     records = read_manifest(manifest_uri, root=root)
     built = [d.build() for d in config.detectors]
     run_id = run_id or new_run_id()
