@@ -154,3 +154,17 @@ def test_unreachable_address_fails_fast_with_one_line(tiny_round, tmp_path, clos
     assert f"cannot reach the Ray cluster at 127.0.0.1:{port}" in result.output
     assert "Traceback" not in result.output and time.monotonic() - started < 60
     assert not (tmp_path / "o").exists()
+
+
+def test_friendly_errors_for_a_missing_config_a_typo_and_an_unknown_preset(tmp_path):
+    runner = CliRunner()
+    args = ["scan", "--manifest", "x.csv", "--out", str(tmp_path / "o")]
+    missing = runner.invoke(main, [*args, "--config", str(tmp_path / "nope.yaml")])
+    assert missing.exit_code == 1 and "config file" in missing.output
+    assert "not found" in missing.output and "Errno" not in missing.output
+    typo = runner.invoke(main, [*args, "--detectors", "modelxay"])
+    assert typo.exit_code == 1 and "did you mean 'modelxray'?" in typo.output
+    assert typo.output.startswith("Error: --detectors:"), typo.output  # not "<defaults>:"
+    preset = runner.invoke(main, [*args, "--preset", "nope"])
+    assert preset.exit_code == 1 and "their presets: " in preset.output
+    assert "reference" in preset.output and "small" in preset.output

@@ -5,6 +5,7 @@ and an unknown one names the valid choices.
 """
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from typing import Callable, Generic, TypeVar
 
@@ -29,9 +30,10 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            raise KeyError(
-                f"unknown {self.kind} {name!r}; available: {', '.join(sorted(self._entries))}"
-            ) from None
+            close = difflib.get_close_matches(name, self._entries, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise KeyError(f"unknown {self.kind} {name!r}{hint} available: "
+                           f"{', '.join(sorted(self._entries))}") from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

@@ -118,8 +118,9 @@ def parse_config(raw: dict[str, Any] | None, source: str = "<config>",
                             tuple(sorted((entry.get("params") or {}).items())))
         try:
             spec.build()
-        except KeyError as err:
-            raise ValueError(f"{source}: detectors.{name}: {err.args[0]}") from None
+        except KeyError as err:  # named where it came from: the file's entry or --detectors
+            where = f"{source}: detectors.{name}" if name in settings else "--detectors"
+            raise ValueError(f"{where}: {err.args[0]}") from None
         specs.append(spec)
     return ScanConfig(
         detectors=tuple(specs), seed=int(raw.get("seed", 0)),
@@ -132,7 +133,12 @@ def load_config(uri: str | None, detector_names: list[str] | None = None, *,
                 allow_pickle: bool = False, **overrides: Any) -> ScanConfig:
     """A config file (YAML), or the defaults when `uri` is None; `overrides` (None = keep) win
     over the file; allow_pickle as in parse_config."""
-    raw = yaml.safe_load(storage.read_text(uri)) if uri else {}
+    try:
+        raw = yaml.safe_load(storage.read_text(uri)) if uri else {}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {uri} not found") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{uri}: not a YAML scan config ({err})") from None
     raw = {**(raw or {}), **{k: v for k, v in overrides.items() if v is not None}}
     return parse_config(raw, source=uri or "<defaults>", detector_names=detector_names,
                         allow_pickle=allow_pickle)
@@ -145,5 +151,8 @@ def with_preset(config: ScanConfig, preset: str) -> ScanConfig:
         presets = getattr(detector_registry.get(spec.name), "presets", {})
         specs.append(dataclasses.replace(spec, preset=preset) if preset in presets else spec)
     if not any(s.preset == preset for s in specs):
-        raise ValueError(f"no selected detector has a preset {preset!r}")
+        known = sorted({name for s in config.detectors
+                        for name in getattr(detector_registry.get(s.name), "presets", {})})
+        raise ValueError(f"no selected detector has a preset {preset!r}; their presets: "
+                         f"{', '.join(known) or 'none'}")
     return dataclasses.replace(config, detectors=tuple(specs))
