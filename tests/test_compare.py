@@ -196,3 +196,15 @@ def test_usage_errors_exit_2(tmp_path):
     assert parse_side("s3://bucket/out@20260101T000000Z-abc") == ("s3://bucket/out",
                                                                  "20260101T000000Z-abc")
     assert parse_side("/data/x@y/out") == ("/data/x@y/out", None)
+
+
+def test_one_threshold_for_both_sides_so_an_unchanged_score_never_flips(tmp_path):
+    """B adds one clean model with a high score: its own clean-quantile threshold would rise
+    past t2's unchanged 0.7 and 'flip' it; judged at A's threshold nothing that kept its score
+    changes verdict."""
+    a = _write(tmp_path / "a", [_row(m, s, p) for m, s, p in BASE])
+    b = _write(tmp_path / "b", [_row(m, s, p) for m, s, p in BASE]
+               + [_row("c4", 0.85, False)])
+    result = compare(a, b)
+    assert result.flips == [], result.flips
+    assert "both sides at the baseline's threshold" in result.to_text()

@@ -157,9 +157,11 @@ def _model_rows(side_a: _Side, side_b: _Side, tolerances: ToleranceSet,
     for detector, (key_a, pm_a, thr_a, _) in side_a.units.items():
         if detector not in side_b.units:
             continue
-        key_b, pm_b, thr_b, _ = side_b.units[detector]
+        key_b, pm_b, _, _ = side_b.units[detector]
         tol = tolerances.get(detector)
-        va, vb = verdicts(pm_a, thr_a), verdicts(pm_b, thr_b)
+        # One threshold for both sides, the baseline's: a threshold re-fitted on B (its clean
+        # quantile moves with any clean score) would flip models whose score did not change.
+        va, vb = verdicts(pm_a, thr_a), verdicts(pm_b, thr_a)
         common = pm_a.index.intersection(pm_b.index)
         wrong = 0
         for model_id in common:
@@ -179,7 +181,7 @@ def _model_rows(side_a: _Side, side_b: _Side, tolerances: ToleranceSet,
                     "verdict_a": a_v, "verdict_b": b_v,
                     "score_a": _num(pm_a.at[model_id, "score"]),
                     "score_b": _num(pm_b.at[model_id, "score"]),
-                    "threshold_a": thr_a, "threshold_b": thr_b, "effect": effect})
+                    "threshold": thr_a, "effect": effect})
             ok_a = bool(pm_a.at[model_id, "usable"])
             ok_b = bool(pm_b.at[model_id, "usable"])
             if ok_a != ok_b:

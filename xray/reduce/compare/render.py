@@ -42,7 +42,8 @@ def render(result: Any, markdown: bool) -> str:
              m.get("note") or ""] for m in result.metrics]
     out.append(_table(["detector", "group", "metric", "A", "B", "delta", "tolerance", "status",
                        "note"], rows, markdown) if rows else "(no common detector)")
-    out.append(h(f"Flipped verdicts ({len(result.flips)})"))
+    out.append(h(f"Flipped verdicts ({len(result.flips)}; both sides at the baseline's "
+                 "threshold)"))
     rows = [[f["detector"], f["model_id"], f["truth"], f["verdict_a"], f["verdict_b"],
              fmt(f["score_a"], 4), fmt(f["score_b"], 4), f["effect"]] for f in result.flips]
     out.append(_table(["detector", "model", "truth", "verdict A", "verdict B", "score A",
