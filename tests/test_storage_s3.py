@@ -61,3 +61,21 @@ def test_scan_from_s3_with_outputs_on_s3(s3_server, ray_local):
     # Nothing temporary is left behind on the object store.
     fs, path = storage.filesystem(out)
     assert not [p for p in fs.find(path) if "/." in p]
+
+
+def test_transient_errors_are_the_ones_that_may_pass():
+    """Network failures and the OSErrors s3fs raises for 5xx / throttling answers are retried
+    (and make a `retryable` row); answers about the file (missing, forbidden, not an image)
+    are final."""
+    import errno
+
+    from PIL import UnidentifiedImageError
+
+    from xray.io.storage import is_transient
+
+    for err in (ConnectionRefusedError(), TimeoutError(), OSError(errno.EBUSY, "SlowDown"),
+                OSError(errno.EIO, "InternalError"), ConnectionResetError()):
+        assert is_transient(err), err
+    for err in (FileNotFoundError(), PermissionError(), UnidentifiedImageError("not a PNG"),
+                OSError("no errno"), ValueError("bad"), IsADirectoryError()):
+        assert not is_transient(err), err

@@ -7,6 +7,7 @@ S3 endpoint and credentials come from the usual environment (AWS_* variables, ~/
 """
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import time
@@ -56,12 +57,22 @@ TRANSIENT_ERROR_NAMES = {"EndpointConnectionError", "ConnectTimeoutError", "Read
                          "ServerDisconnectedError", "ClientOSError", "ProxyConnectionError"}
 
 
+# OSError numbers of a failure that may pass: the network, and what s3fs raises for 5xx and
+# throttling answers (EBUSY for SlowDown / ServiceUnavailable, EREMOTEIO or EIO for 500s).
+TRANSIENT_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT,
+                    errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EPIPE,
+                    errno.EAGAIN, errno.EBUSY, errno.EIO, getattr(errno, "EREMOTEIO", errno.EIO)}
+
+
 def is_transient(err: BaseException) -> bool:
     """Whether `err` is a storage failure that may pass (connection refused or reset, timeouts,
-    5xx / throttling answers, which s3fs raises as OSError), not an answer about the file."""
+    5xx / throttling answers), not an answer about the file. An OSError without such a number
+    (PIL's "cannot identify image file", a corrupt archive) is an answer: not transient."""
     if isinstance(err, PERMANENT_ERRORS):
         return False
-    if isinstance(err, (OSError, ConnectionError, TimeoutError)):
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(err, OSError) and err.errno in TRANSIENT_ERRNOS:
         return True
     return any(cls.__name__ in TRANSIENT_ERROR_NAMES for cls in type(err).__mro__)
 
