@@ -74,9 +74,6 @@ def _hash(payload: Any) -> str:
 
 
 _CONFIG_KEYS = {"seed", "examples_per_class", "detectors", "device", "model_time_limit_s"}
-# A stored run config (runs.config_json, a calibrator's scan) records whether that run allowed
-# pickles; reading it back never turns them on.
-_RECORDED_ONLY = {"allow_pickle"}
 
 
 class PickleNotAConfigSetting(ValueError):
@@ -98,8 +95,9 @@ def parse_config(raw: dict[str, Any] | None, source: str = "<config>",
         raise PickleNotAConfigSetting(
             f"{source}: allow_pickle is not a config setting: pickle loading runs the file's "
             "code, so only the command line (--allow-pickle) can allow it")
-    for key in _RECORDED_ONLY:
-        raw.pop(key, None)
+    # A stored config (runs.config_json, a calibrator's scan) records whether that run allowed
+    # pickles; reading it back never turns them on.
+    raw.pop("allow_pickle", None)
     unknown = sorted(set(raw) - _CONFIG_KEYS)
     if unknown:
         raise ValueError(f"{source}: unknown key {unknown[0]!r}; valid: {sorted(_CONFIG_KEYS)}")

@@ -149,12 +149,10 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
 
 
 def ensure_ray(address: str | None) -> None:
-    """Connect to `address`, or start a local instance when none is given. An address that
-    does not answer fails within CONNECT_TIMEOUT_S (ClusterUnreachable)."""
+    """Connect to `address`, or start a local instance when none is given (run_scan has
+    already checked that the address answers: `check_reachable`)."""
     if ray.is_initialized():
         return
-    if address:
-        check_reachable(address)
     # ray.init installs its own SIGTERM handler; keep the caller's (the CLI's, which ends the
     # command through its `finally` blocks) where there was one.
     sigterm = signal.getsignal(signal.SIGTERM)
