@@ -117,9 +117,9 @@ def scan_model(record: ModelRecord, detectors: Sequence[Any], config: ScanConfig
 
 def stop_margin(time_limit: float) -> float:
     """Seconds before the runner's kill at which detectors are told their time is up, so they
-    stop with what they have (and their row is written) instead of being killed. The runner's
-    clock starts when it hands the model over, a little before this process starts on it, and
-    the result still has to travel back: 10% of the limit, 1 s to 30 s."""
+    stop with what they have (and their row is written) instead of being killed. The runner
+    counts from when the actor starts the model (it asks the actor), but polls about once a
+    second and the result still has to travel back: 10% of the limit, 1 s to 30 s."""
     return min(30.0, max(1.0, 0.1 * time_limit))
 
 
