@@ -14,9 +14,10 @@ where the round lets it mean something:
   EX-RAY's sparse masks (manifests/recipes/exray.yaml): it pruned both flagged BadNets triggers
   and kept a clean model's label-8 trigger (measured ROC-AUC 0.42). On the EX-RAY round (NiN,
   `bench/exray.py`) it keeps 4 of 6 trojaned models and 0 of 4 clean ones (ROC-AUC 0.771).
-- karm+exray: not here. At the small preset K-Arm calls every model of this round (and of the
-  EX-RAY round, where its own score separates clean from trojaned perfectly) benign, so there
-  is no arm to examine and every score is 0 (ROC-AUC 0.5). test_karm holds K-Arm's control.
+- karm+exray: not here, where K-Arm calls no model trojaned, so there is no arm to examine
+  (every score 0). Its control is on a NiN round (`nin_karm_scans`, 2 clean, 2 BadNets) where
+  K-Arm calls one trojaned model trojaned: EX-RAY keeps that trigger (score 1.0 on target 4),
+  both clean models score 0.
 """
 from __future__ import annotations
 
@@ -70,3 +71,16 @@ def test_nc_exray_negative_control_clean_models_score_below_trojaned(mnist_compo
     assert not any(o.score >= RUN_BOUND for o in clean), scores
     on_target = sum(o.score >= RUN_BOUND and o.target == r.target for r, o in trojaned)
     assert on_target >= 2, [(r.target, o.target, o.score) for r, o in trojaned]
+
+
+def test_karm_exray_negative_control_clean_models_score_below_trojaned(nin_karm_scans):
+    clean = [out for r, out in nin_karm_scans if not r.poisoned]
+    trojaned = [(r, out) for r, out in nin_karm_scans if r.poisoned]
+    assert len(clean) == 2 and len(trojaned) == 2
+    assert max(o.score for o in clean) < max(o.score for _, o in trojaned)
+    assert not any(o.score >= RUN_BOUND for o in clean), [o.score for o in clean]
+    kept = [(r, o) for r, o in trojaned if o.score >= RUN_BOUND]
+    assert kept and all(o.target == r.target for r, o in kept), [
+        (r.target, o.target, o.score) for r, o in trojaned]
+    for _, out in nin_karm_scans:  # it examined exactly K-Arm's trojaned arms
+        assert out.stats["selected"] == int(bool(out.stats["upstream"]["trojaned"]))

@@ -1,9 +1,9 @@
 """K-Arm: pre-screening on hand-made probabilities; the deadline; the per-arm trojaned mark; a
 golden run against the authors' code on a fixed tiny linear model; real label-specific
-(victim -> target) BadNets models and clean models of the same recipe."""
+(victim -> target) BadNets models; the negative control on a NiN round of clean and BadNets
+models (shared with test_composed's karm+exray control)."""
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -16,8 +16,7 @@ from xray.io.examples import load_examples
 from xray.io.manifest import read_manifest
 from xray.io.model_loading import load_model
 
-from _fixtures import build_test_round
-from _inversion_fixtures import INVERSION_RECIPE
+from _inversion_fixtures import upstream_result
 
 REF_KILL = ((10, 1e-9), (20, 0.3), (200, 0.8))
 
@@ -72,8 +71,13 @@ def test_prescreen_global_pair_and_none():
     probs[(torch.arange(n) % 4) == 3, 0] = 0.09
     out = prescreen(probs, pair_share=0.9)
     assert out["kind"] == "pair" and (0, 3) in out["arms"] and (1, 0) in out["arms"]
-    confident = torch.eye(12)[torch.arange(48) % 12] * 0.9 + torch.rand(48, 12) * 0.01
-    out = prescreen(confident)  # k = 3 for 12 classes; no label is a steady runner-up
+    # k = 3 for 12 classes; each of a label's 4 images has other runners-up, so none is steady
+    # (deterministic: unseeded noise made this a steady pair in about 1 run in 7)
+    i = torch.arange(48)
+    confident = torch.eye(12)[i % 12] * 0.9
+    confident[i, (i % 12 + 1 + 3 * (i // 12)) % 12] = 0.009
+    confident[i, (i % 12 + 2 + 3 * (i // 12)) % 12] = 0.008
+    out = prescreen(confident)
     assert out["k"] == 3 and out["kind"] == "none" and out["arms"] == []
 
 
@@ -233,14 +237,6 @@ def badnets_scans(inversion_round):
     return _scan(inversion_round[0], "badnets")
 
 
-@pytest.fixture(scope="module")
-def clean_round(tmp_path_factory):
-    """Two clean models of INVERSION_RECIPE (same data, architecture and training)."""
-    recipe = copy.deepcopy(INVERSION_RECIPE)
-    recipe.update(name="inversion-clean", groups=[{"count": 2}])
-    return build_test_round(tmp_path_factory, recipe, "inversion-clean")
-
-
 def test_karm_finds_label_specific_targets(badnets_scans, inversion_round):
     round_dir, _ = inversion_round
     assert len(badnets_scans) == 2
@@ -255,12 +251,20 @@ def test_karm_finds_label_specific_targets(badnets_scans, inversion_round):
         assert all("trojaned" in c.stats for c in out.artifacts["candidates"])
 
 
-def test_negative_control_clean_models_score_below_trojaned(badnets_scans, clean_round):
-    clean = _scan(clean_round[0])
-    assert len(clean) == 2 and all(not r.poisoned for r, _ in clean)
-    clean_scores = [out.score for _, out in clean]
-    trojan_scores = [out.score for _, out in badnets_scans]
-    assert max(clean_scores) < min(trojan_scores), (clean_scores, trojan_scores)
+def test_negative_control_clean_models_score_below_trojaned(nin_karm_scans):
+    """On the NiN control round (2 clean, 2 BadNets): every clean model scores below every
+    trojaned one, no clean model is called trojaned and at least one trojaned model is, on
+    its true target. Measured: clean -10 / -2.71, trojaned -0.97 / 0.40 (called, target 4).
+    With the old rounds 20 the EX-RAY round had no model called trojaned (docs/fidelity/karm.md)."""
+    scans = [(record, upstream_result(out)) for record, out in nin_karm_scans]
+    clean = [out for r, out in scans if not r.poisoned]
+    trojaned = [(r, out) for r, out in scans if r.poisoned]
+    assert len(clean) == 2 and len(trojaned) == 2
+    assert all(out.stats["steps"] > 0 or out.stats["stop_reason"] == "no arm" for _, out in scans)
+    assert max(o.score for o in clean) < min(o.score for _, o in trojaned), scans
+    assert not any(o.stats["trojaned"] for o in clean)
+    assert any(o.stats["trojaned"] and o.target == r.target for r, o in trojaned), [
+        (r.target, o.target, o.score) for r, o in trojaned]
 
 
 def test_reference_preset():

@@ -74,8 +74,10 @@ Deviations, each on purpose:
   - Default kill rules (30, 0), (40, 0.3), (200, 0.8) for the small images of the test zoo
     (inferred: a 24 px arm starts farther, in Adam steps, from a trigger off the centre square);
     preset "reference" has the published (10, 0), (20, 0.3), (200, 0.8).
-  - Budgets: defaults are small (CPU / tests: 200 pulls, rounds 20); preset "reference" has the
-    published 1000 pulls, rounds 60.
+  - Budget: 200 pulls by default (CPU / tests); preset "reference" has the published 1000.
+    `rounds` is the reference's 60 in both: at 20 an arm stopped after ~23 pulls, before the
+    cost schedule had shrunk its mask, and no model of the EX-RAY bench round was called
+    trojaned (0 / 6, 0 / 4 clean); at 60, 4 / 6 at 0 / 4 (docs/fidelity/karm.md).
 """
 from __future__ import annotations
 
@@ -259,7 +261,7 @@ class KArm:
     @dataclass(frozen=True)
     class Params:
         budget: int = 200  # pulls (ref --step 1000)
-        rounds: int = 20  # an arm stops after > rounds improvements (ref --rounds 60)
+        rounds: int = 60  # an arm stops after > rounds improvements (ref --rounds 60)
         warmup_improvements: int = 2
         epsilon: float = 0.3
         batch_size: int = 32
@@ -294,7 +296,7 @@ class KArm:
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "small": {},
-        "reference": {"budget": 1000, "rounds": 60,
+        "reference": {"budget": 1000,
                       "kill_rules": ((10, 1e-9), (20, 0.3), (200, 0.8))},
     }
 
