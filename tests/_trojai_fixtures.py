@@ -30,13 +30,13 @@ def trojai_rounds(tiny_round, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_scores(tiny_round, tmp_path_factory):
     """(out dir, run id, {model_id: score row}) of the safe-format tiny round scanned with
-    FAST_CONFIG by scan.scan_model (the workers' function), written as one run."""
+    FAST_CONFIG by scanning.scan_model (the workers' function), written as one run."""
     import json
 
     from xray.config import parse_config
     from xray.io.manifest import manifest_digest, read_manifest
     from xray.results.sink import write_part
-    from xray.scan import scan_model
+    from xray.scanning import scan_model
 
     round_dir, _ = tiny_round
     out = tmp_path_factory.mktemp("tiny-scores") / "out"

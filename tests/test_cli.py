@@ -168,3 +168,57 @@ def test_friendly_errors_for_a_missing_config_a_typo_and_an_unknown_preset(tmp_p
     preset = runner.invoke(main, [*args, "--preset", "nope"])
     assert preset.exit_code == 1 and "their presets: " in preset.output
     assert "reference" in preset.output and "small" in preset.output
+
+
+def test_every_command_with_a_progress_bar_takes_quiet():
+    """A command whose body asks for a progress bar (show_progress=...) takes --quiet."""
+    import inspect
+
+    with_bar = set()
+    for path, cmd in _commands(main):
+        if cmd.callback is None or isinstance(cmd, click.Group):
+            continue
+        if "show_progress" in inspect.getsource(inspect.unwrap(cmd.callback)):
+            with_bar.add(" ".join(path))
+            assert any("--quiet" in p.opts for p in cmd.params), " ".join(path)
+    assert with_bar == {"zoo build", "mntd train", "scan", "report", "score-testset",
+                        "nightly", "demo"}
+
+
+def _scores_out(out) -> str:
+    """An output folder of one run, detector det: 5 clean and 3 trojaned models."""
+    import datetime as dt
+
+    from xray.results.sink import write_part
+
+    rows = []
+    for i in range(8):
+        trojaned = i >= 5
+        rows.append({
+            "run_id": "R", "model_id": f"m{i}", "model_digest": "d", "detector": "det",
+            "detector_version": "1", "config_hash": "h", "status": "ok", "error": None,
+            "score": float(i), "predicted_target": None, "stats_json": "{}", "seconds": 1.0,
+            "worker": "w", "architecture": "net", "num_classes": 10, "gt_poisoned": trojaned,
+            "gt_target": None, "gt_attack": "badnets" if trojaned else None, "tags_json": "{}",
+            "finished_at": dt.datetime(2026, 1, 1, 0, i, tzinfo=dt.timezone.utc)})
+    write_part(str(out), "scores", "R", rows)
+    return str(out)
+
+
+def test_report_quiet_and_the_threshold_warning(tmp_path):
+    """xray report draws its drill-down progress bar unless --quiet; its threshold rests on 5
+    clean models, which one line under the table and the page say."""
+    out = _scores_out(tmp_path / "out")
+    runner = CliRunner()
+    loud = runner.invoke(main, ["report", out, "--planes", "0"])
+    assert loud.exit_code == 0, loud.output
+    assert "report drill-down" in loud.stderr
+    quiet = runner.invoke(main, ["report", out, "--planes", "0", "--quiet"])
+    assert quiet.exit_code == 0, quiet.output
+    assert "report drill-down" not in quiet.stderr and "%|" not in quiet.stderr
+    warnings = [line for line in quiet.stdout.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        "WARNING: the det threshold (clean_q0.95) rests on 5 clean models (fewer than 20)")
+    assert "(clean_q0.95 of 5 clean)" in quiet.stdout
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert 'id="threshold-warning"' in html and "rests on 5 clean models" in html

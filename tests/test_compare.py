@@ -208,3 +208,54 @@ def test_one_threshold_for_both_sides_so_an_unchanged_score_never_flips(tmp_path
     result = compare(a, b)
     assert result.flips == [], result.flips
     assert "both sides at the baseline's threshold" in result.to_text()
+
+
+def _metric_lines(text: str) -> list[tuple[str, str, str]]:
+    """(detector, group, metric) of the metric table's rows in a text comparison."""
+    names = {"roc_auc", "accuracy", "tpr_at_fpr", "ce", "runtime_p50"}
+    return [(t[0], t[1], t[2]) for t in (line.split() for line in text.splitlines())
+            if len(t) > 2 and t[0] in ("det", "other") and t[2] in names
+            and not t[1].endswith(":")]
+
+
+def test_text_shows_what_changed_and_counts_the_rest_all_lists_every_row(tmp_path):
+    """B: det's t2 falls under A's threshold (a flip to a wrong verdict; ROC-AUC, accuracy
+    drop), detector other is unchanged, an unlabelled model is new. The default text lists the
+    changed metric rows, the flip and the new model, and one line counting the others; --all
+    lists every metric row."""
+    other = [_row(m, s, p, detector="other") for m, s, p in BASE]
+    a = _write(tmp_path / "a", [_row(m, s, p) for m, s, p in BASE] + other)
+    b = _write(tmp_path / "b", [_row(m, 0.25 if m == "t2" else s, p) for m, s, p in BASE]
+               + other + [_row("n0", 0.5, None)])
+    result = compare(a, b)
+    assert result.regression and [f["model_id"] for f in result.flips] == ["t2"]
+    rows = [(m["detector"], m["group"], m["metric"]) for m in result.metrics]
+    changed = [r for r, m in zip(rows, result.metrics) if m["changed"]]
+    same = [r for r, m in zip(rows, result.metrics) if not m["changed"]]
+    assert ("det", "all", "roc_auc") in changed and ("det", "all", "accuracy") in changed
+    assert ("det", "all", "runtime_p50") in same
+    assert all(r in same for r in rows if r[0] == "other")
+
+    text = result.to_text()
+    assert _metric_lines(text) == changed
+    assert f"{len(same)} of {len(rows)} metric rows unchanged within their tolerance " \
+           "(--all lists every row)" in text
+    assert "t2" in text and "now wrong" in text  # the flip
+    assert "models new in B: n0" in text and "models missing from B" not in text
+    everything = result.to_text(all_rows=True)
+    assert _metric_lines(everything) == rows
+    assert "metric rows unchanged" not in everything
+    assert "models missing from B: none" in everything
+
+    runner = CliRunner()
+    default = runner.invoke(main, ["compare", a, b])
+    assert default.exit_code == 1 and default.output == text
+    listed = runner.invoke(main, ["compare", a, b, "--all"])
+    assert listed.exit_code == 1 and listed.output == everything
+    md = runner.invoke(main, ["compare", a, b, "--format", "markdown"]).output
+    assert f"- {len(same)} of {len(rows)} metric rows unchanged" in md
+    assert "| other | all | roc_auc |" not in md and "| det | all | roc_auc |" in md
+    assert "| other | all | roc_auc |" in runner.invoke(
+        main, ["compare", a, b, "--format", "markdown", "--all"]).output
+    as_json = json.loads(runner.invoke(main, ["compare", a, b, "--format", "json"]).output)
+    assert [m["changed"] for m in as_json["metrics"]] == [m["changed"] for m in result.metrics]

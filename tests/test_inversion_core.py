@@ -122,7 +122,7 @@ def test_optimizer_finds_the_corner_trigger():
 
 
 def test_patch_candidate_apply_binarises_and_rows_round_trip():
-    from xray.scan import trigger_rows
+    from xray.scanning import trigger_rows
 
     mask = torch.zeros(8, 8)
     mask[:2, :2] = 0.9

@@ -18,7 +18,7 @@ from xray.io.model_loading import (MAX_MODEL_BYTES, ModelLoadError, Normalized,
                                    model_digest, save_model)
 from xray.io.records import ModelRecord
 from xray.reduce.formatting import first_line
-from xray.scan import _error_text, model_fingerprint
+from xray.scanning import _error_text, model_fingerprint
 from xray.textclip import clip_text
 
 ARCH, CLASSES, SHAPE = "mntd_mnist_cnn", 3, (1, 16, 16)

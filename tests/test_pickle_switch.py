@@ -21,7 +21,7 @@ from xray.config import PickleNotAConfigSetting, load_config, parse_config
 from xray.io.manifest import read_manifest
 from xray.reduce.calibrate import Calibrator
 from xray.results.sink import read_table, write_part
-from xray.scan import scan_model
+from xray.scanning import scan_model
 
 PAYLOAD_ID = "id-99999999"
 

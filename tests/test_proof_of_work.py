@@ -70,7 +70,7 @@ def test_scan_model_turns_a_spent_time_limit_into_timeout_rows(tiny_round):
     already spent gives `timeout` rows naming DeadlinePassed; a generous one lets NC work and
     its row carries the steps."""
     from xray.io.manifest import read_manifest
-    from xray.scan import scan_model
+    from xray.scanning import scan_model
 
     round_dir, _ = tiny_round
     record = read_manifest(str(round_dir / "manifest.csv"))[0]

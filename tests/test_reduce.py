@@ -1,6 +1,7 @@
 """Reducer: metrics against hand-computed values, summaries of a synthetic scores table, report."""
 import json
 import math
+import re
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -12,13 +13,16 @@ import pytest
 from xray.reduce import metrics as M
 from xray.reduce.report import render_report
 from xray.reduce.summary import (
+    MIN_CLEAN_MODELS,
     SUMMARY_COLUMNS,
     deduplicate,
     format_table,
     load_scores,
     summarize,
+    threshold_warning,
     unit_frames,
     verdicts,
+    with_probability,
     write_summary,
 )
 from xray.reduce.formatting import fmt
@@ -257,7 +261,8 @@ def test_summarize_labelled_run_given_and_calibrated_thresholds():
     assert (b.TP, b.FP, b.FN, b.TN) == (2, 1, 1, 3)
     assert b.probability_source == "logistic"
     yb = np.array([0, 0, 0, 0, 1, 1, 1])
-    pb = M.logistic(np.array(list(DET_B.values())) - 3.85)
+    # the default map: logistic((score - threshold) / sd of the clean scores [1, 2, 3, 4])
+    pb = M.logistic((np.array(list(DET_B.values())) - 3.85) / np.std([1, 2, 3, 4], ddof=1))
     assert b.ce == pytest.approx(M.cross_entropy(yb, pb).value)
     # missing m7 (trojaned) counted as 0.5
     ce_half = M.cross_entropy(np.append(yb, 1), np.append(pb, 0.5))
@@ -341,6 +346,70 @@ def test_verdicts_say_why_a_model_without_a_score_has_none():
     assert nothr["m6"] == "not scored"
 
 
+def test_probability_beside_the_score_is_monotone_bounded_and_nan_without_a_score():
+    """with_probability: det_a's rows carry a calibrated probability statistic (used as is);
+    det_b's go through the default map, monotone in the score, 0.5 at the threshold; rows
+    without a usable score (error, ok with NaN) get NaN; the input frame is not changed."""
+    scores = scores_frame()
+    scores = scores[scores.run_id == "A"].reset_index(drop=True)
+    scores.loc[(scores.detector == "det_b") & (scores.model_id == "m2"), "score"] = nan
+    before = scores.copy()
+    p = with_probability(scores)
+    assert scores.equals(before) and "probability" not in scores.columns
+    assert list(p.columns[list(p.columns).index("score"):][:3]) == [
+        "score", "probability", "probability_source"]
+    usable = p["status"].eq("ok") & p["score"].notna()
+    assert p.loc[usable, "probability"].between(0, 1).all()
+    assert p.loc[~usable, "probability"].isna().all() and len(p[~usable]) == 2  # m7 error, m2 NaN
+    assert p.loc[~usable, "probability_source"].isna().all()
+    a = p[p.detector == "det_a"]
+    assert (a["probability_source"] == "stats").all()
+    assert a["probability"].tolist() == a["score"].tolist()  # the stat, as stored
+    b = p[(p.detector == "det_b") & usable].sort_values("score")
+    assert (b["probability_source"] == "logistic").all()
+    assert (np.diff(b["probability"].to_numpy()) > 0).all()  # strictly monotone in the score
+    (_, pm, thr, source, _), = [f for f in unit_frames(scores) if f[0]["detector"] == "det_b"]
+    clean = pm.loc[(pm.y == 0) & pm.usable, "score"].to_numpy()  # m2's score is gone
+    assert source == "clean_q0.95" and thr == pytest.approx(np.quantile(clean, 0.95))
+    expect = M.logistic((b["score"].to_numpy() - thr) / np.std(clean, ddof=1))
+    assert b["probability"].to_numpy() == pytest.approx(expect)
+    # p >= 0.5 is the verdict "trojaned"
+    v = verdicts(pm, thr)
+    assert ((pm.loc[pm.usable, "probability"] >= 0.5) == (v[pm.usable] == "trojaned")).all()
+    assert with_probability(scores, thresholds={"det_b": 3.0}).query(
+        "detector == 'det_b' and model_id == 'm1'")["probability"].item() == pytest.approx(
+        float(M.logistic([(2.0 - 3.0) / np.std(clean, ddof=1)])[0]))
+    # no threshold (no labels, none given): the default map has no centre, the stat still counts
+    nolabel = with_probability(scores_frame().query("run_id == 'B'"))
+    assert (nolabel["probability_source"] == "stats").all()
+    nostat = scores_frame().query("run_id == 'B'").assign(stats_json="{}")
+    assert with_probability(nostat)["probability"].isna().all()
+
+
+def test_threshold_says_how_many_clean_models_it_rests_on_and_warns_below_20():
+    scores = scores_frame()
+    s = summarize(scores[scores.run_id == "A"], thresholds={"det_a": 0.5})
+    assert pd.isna(_pick(s, "det_a").threshold_n_clean)  # given: rests on no clean model
+    b = _pick(s, "det_b")
+    assert (b.threshold_source, b.threshold_n_clean) == ("clean_q0.95", 4)
+    warning = threshold_warning(s)
+    assert warning.startswith("WARNING: the det_b threshold (clean_q0.95) rests on 4 clean "
+                              "models (fewer than 20)") and "\n" not in warning
+    text = format_table(s)
+    assert text.splitlines()[-1] == warning and "3.850(clean_q0.95 of 4 clean)" in text
+    # several detectors on the same clean models: one line naming both
+    both = threshold_warning(summarize(scores[scores.run_id == "A"]))
+    assert "the det_a, det_b thresholds (clean_q0.95) rest on 4 clean models" in both
+    # MIN_CLEAN_MODELS clean models: no warning
+    rows = [_row("C", f"c{i}", "det_b", "ok", float(i), i) for i in range(MIN_CLEAN_MODELS)]
+    for row in rows:
+        row["gt_poisoned"], row["gt_attack"] = False, None
+    rows.append(_row("C", "m4", "det_b", "ok", 99.0, 30))
+    enough = summarize(pa.Table.from_pylist(rows, schema=SCORES).to_pandas())
+    assert _pick(enough, "det_b").threshold_n_clean == MIN_CLEAN_MODELS
+    assert threshold_warning(enough) is None and "WARNING" not in format_table(enough)
+
+
 def test_one_number_format():
     assert [fmt(None), fmt(pd.NA), fmt(nan), fmt(pd.NaT)] == ["-"] * 4
     assert fmt(0.123456) == "0.123" and fmt(0.5, 4) == "0.5000" and fmt(np.float32(2)) == "2.000"
@@ -397,5 +466,10 @@ def test_report_is_self_contained(tmp_path):
     assert "RuntimeError: boom" in html  # errors list
     assert "m7" in html and "u2" in html  # per-model table
     assert "config_json" in html  # run info
+    # the threshold: how it was set, on how many clean models, and the warning below 20
+    assert "(clean_q0.95: the scores of 4 clean models)" in html
+    warning = re.search(r'<p class="warn" id="threshold-warning">([^<]*)</p>', html)
+    assert warning and "the det_a, det_b thresholds (clean_q0.95) rest on 4 clean" in warning[1]
+    assert "<th>probability</th>" in html  # beside each score in the drill-down
     other = render_report(str(tmp_path), run_id="B", html_path=str(tmp_path / "b.html"))
     assert "RuntimeError" not in (tmp_path / "b.html").read_text() and other.endswith("b.html")

@@ -9,7 +9,7 @@ from xray.io.manifest import read_manifest
 from xray.reduce.metrics import roc_auc
 from xray.results.sink import read_table
 from xray.runner import run_scan
-from xray.scan import scan_model
+from xray.scanning import scan_model
 
 CONFIG = parse_config({"seed": 0, "detectors": {"modelxray": {"preset": "small"}}})
 
@@ -104,7 +104,7 @@ def test_a_storage_outage_is_retryable_not_a_verdict(tiny_round, tmp_path, unrea
     from xray.io.manifest import read_manifest
     from xray.runner.plan import plan
     from xray.results.sink import write_part
-    from xray.scan import scan_model
+    from xray.scanning import scan_model
 
     round_dir, _ = tiny_round
     record = read_manifest(str(round_dir / "manifest.csv"))[0]

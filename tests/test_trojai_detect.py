@@ -48,7 +48,7 @@ def test_writes_the_calibrated_probability_using_only_scratch(trojai_rounds, tin
     from xray.io.manifest import read_manifest
     from xray.io.model_loading import model_digest
     from xray.reduce.calibrate import calibrate
-    from xray.scan import scan_model
+    from xray.scanning import scan_model
 
     out, run_id, _, _ = tiny_scores
     cal, cal_uri = calibrate(str(out), run_id, artifact_uri=str(tmp_path / "cal.json"))

@@ -160,7 +160,7 @@ def test_pickles_scan_only_with_the_opt_in_and_only_in_workers(
 
 def test_r2_export_scores_like_the_safe_round(tiny_scores, trojai_rounds):
     from xray.config import parse_config
-    from xray.scan import scan_model
+    from xray.scanning import scan_model
     from _trojai_fixtures import FAST_CONFIG
 
     _, _, safe_rows, _ = tiny_scores

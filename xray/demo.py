@@ -22,14 +22,16 @@ from xray.zoo.recipe import RECIPES_DIR, load_recipe
 DEMO_CONFIG = RECIPES_DIR.parent / "configs" / "demo.yaml"
 
 
-def run_demo(out: Path, workers: int | None = None, echo: Callable[[str], None] = print) -> dict:
+def run_demo(out: Path, workers: int | None = None, echo: Callable[[str], None] = print,
+             show_progress: bool = True) -> dict:
     round_uri, scan_uri = str(out / "round"), str(out / "scan")
     echo(f"[1/3] building the demo round in {round_uri} (real training; resumes if interrupted)")
-    built = build_round(load_recipe("demo"), round_uri, workers=workers)
+    built = build_round(load_recipe("demo"), round_uri, workers=workers,
+                        show_progress=show_progress)
     echo(describe_round(round_uri))
     echo(f"[2/3] scanning {len(built.records)} models on a local Ray instance -> {scan_uri}")
     summary = run_scan(str(Path(round_uri) / "manifest.csv"), scan_uri,
-                       load_config(str(DEMO_CONFIG)))
+                       load_config(str(DEMO_CONFIG)), show_progress=show_progress)
     echo(f"run {summary.run_id}: {summary.models_scanned} scanned, {summary.failures} with errors, "
          f"{summary.seconds:.1f} s")
     echo("[3/3] summary")

@@ -38,11 +38,11 @@ from xray.detectors.inversion.core import TriggerCandidate
 from xray.detectors.modelxray import plot_planes
 from xray.io import storage
 from xray.io.examples import load_examples
-from xray.io.manifest import read_manifest
 from xray.plots import as_image, as_mask, panels_figure, png_base64, png_bytes
 from xray.reduce.formatting import first_line, fmt
+from xray.results import locations
 from xray.results.sink import read_runs, read_table
-from xray.scan import scan_model
+from xray.scanning import scan_model
 from xray.zoo.round import trigger_config
 
 PLANES_RTOL = 1e-4  # re-run per-plane RE vs the scan's stored value
@@ -275,9 +275,10 @@ def _latest_run_records(out_uri: str, model_id: str) -> tuple[pd.Series, Any]:
         raise FileNotFoundError(f"no runs under {out_uri}: scan first "
                                 f"(xray scan ... --out {out_uri})")
     run = runs.iloc[-1]
-    records = {r.model_id: r for r in read_manifest(run["manifest_uri"])}
+    where = locations.locate_manifest(run, out_uri)  # wherever the output folder is now
+    records = {r.model_id: r for r in locations.read_located(where)}
     if model_id not in records:
-        raise KeyError(f"model {model_id!r} is not in the manifest {run['manifest_uri']}")
+        raise KeyError(f"model {model_id!r} is not in the manifest {where.uri}")
     return run, records[model_id]
 
 

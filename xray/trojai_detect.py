@@ -29,7 +29,7 @@ which is what the harness reads (ref: trojai-test-harness; docs/algorithms/troja
   TMPDIR / TMP / TEMP, XDG_CACHE_HOME, MPLCONFIGDIR and TORCH_HOME pointing into S.
 * --time-budget (default 600 s, the harness's per-model allowance) is counted from the start of
   this process. The worker is killed `margin` before its end; each detector is given what is
-  left until then, less xray.scan.stop_margin, as ctx.deadline (seconds left), so a detector
+  left until then, less xray.scanning.stop_margin, as ctx.deadline (seconds left), so a detector
   that loops stops with what it has before the kill; R then holds the estimate from the
   detectors that finished (through the calibrator, which treats the others as missing, or the
   default map), else 0.5.
@@ -408,7 +408,7 @@ def worker(job_path: str) -> int:
         from xray.detectors.base import DeadlinePassed, ScanContext, ScanData
         from xray.io.examples import load_examples
         from xray.io.model_loading import load_model, model_digest
-        from xray.scan import resolve_device, stop_margin
+        from xray.scanning import resolve_device, stop_margin
 
         config = parse_config(job["config"], source="trojai-detect config")
         device = resolve_device(job["device"] or config.device)

@@ -1,7 +1,7 @@
 """The model record: one manifest row, the unit of work of a scan.
 
-Ground-truth fields (`poisoned`, `target`, `attack`) reach only the reducer; `scan.scan_model`
-strips nothing from the record but detectors are never handed it (see xray.scan).
+Ground-truth fields (`poisoned`, `target`, `attack`) reach only the reducer; `scanning.scan_model`
+strips nothing from the record but detectors are never handed it (see xray.scanning).
 """
 from __future__ import annotations
 

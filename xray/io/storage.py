@@ -47,6 +47,51 @@ def is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
 
 
+def absolute(uri: str) -> str:
+    """`uri` as it reads from any working directory: a local path made absolute (normalised,
+    `~` left alone); a URL (`file://`, `s3://`, `memory://`, ...) as it is."""
+    uri = str(uri)
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
+def _split(uri: str) -> tuple[str, str]:
+    """(scheme, path): scheme "" for a local path or a file:// URL (its path)."""
+    if uri.startswith("file://"):
+        return "", uri[len("file://"):]
+    if "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return scheme, rest
+    return "", uri
+
+
+def relative(uri: str, base: str) -> str | None:
+    """`uri` relative to the folder `base` (POSIX separators, `..` where it lies outside), or
+    None when they are not on one filesystem (different schemes, or S3 buckets)."""
+    (scheme, path), (base_scheme, base_path) = _split(absolute(uri)), _split(absolute(base))
+    if scheme != base_scheme:
+        return None
+    if not scheme:
+        try:
+            rel = os.path.relpath(os.path.abspath(path), os.path.abspath(base_path))
+        except ValueError:  # another drive (Windows)
+            return None
+        return rel.replace(os.sep, "/")
+    path, base_path = path.strip("/"), base_path.strip("/")
+    if path.split("/", 1)[0] != base_path.split("/", 1)[0]:  # another bucket
+        return None
+    return posixpath.relpath(path, base_path)
+
+
+def join_normalised(base: str, rel: str) -> str:
+    """`rel` (POSIX separators, may hold `..`) resolved against the folder `base`."""
+    base = str(base)
+    if "://" in base:
+        scheme, rest = base.split("://", 1)
+        lead = "/" if rest.startswith("/") else ""
+        return f"{scheme}://{lead}" + posixpath.normpath(posixpath.join(rest, rel)).lstrip("/")
+    return os.path.normpath(os.path.join(base, *rel.split("/")))
+
+
 # Errors that say the answer will not change on a retry.
 PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
                     FileExistsError)

@@ -35,7 +35,7 @@ def fmt(x: Any, digits: int = 3) -> str:
 
 
 def first_line(text: Any, limit: int = MAX_ERROR_CHARS) -> str:
-    """What failed, from an error text: scan.py writes "Type: message" then a traceback, so the
+    """What failed, from an error text: scanning.py writes "Type: message" then a traceback, so the
     first non-empty line: whole up to `limit` characters, beyond that cut at a sentence, clause or
     word end (xray.textclip.clip_text); "" when there is no text."""
     if not isinstance(text, str):

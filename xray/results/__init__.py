@@ -1,1 +1,2 @@
-"""Result tables (Arrow schemas), the Parquet sink and de-duplicating readers."""
+"""Result tables (Arrow schemas), the Parquet sink, de-duplicating readers, and where a run's
+stored URIs point now (locations)."""

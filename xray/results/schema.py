@@ -67,12 +67,15 @@ RUNS = pa.schema(
         pa.field("config_hash", pa.string(), nullable=False),
         pa.field("config_json", pa.string(), nullable=False),
         pa.field("code_version", pa.string(), nullable=False),
-        pa.field("manifest_uri", pa.string(), nullable=False),
+        pa.field("manifest_uri", pa.string(), nullable=False),  # absolute (xray.results.locations)
         pa.field("manifest_digest", pa.string(), nullable=False),
         pa.field("models_total", pa.int64()),
         pa.field("models_planned", pa.int64()),
         pa.field("started_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("finished_at", pa.timestamp("us", tz="UTC")),
+        # the manifest relative to the output folder (null: another filesystem, or written
+        # before this column), so a moved or copied output finds it again
+        pa.field("manifest_relative", pa.string()),
     ],
     metadata={"xray_schema_version": SCHEMA_VERSION},
 )

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 from xray.io.records import ModelRecord
 from xray.results.sink import read_table
-from xray.scan import file_facts
+from xray.scanning import file_facts
 
 # Outcomes that are final for a (model, detector, config): scanning again would give the same.
 # `timeout`, `crashed` and `retryable` rows are retried on the next run.

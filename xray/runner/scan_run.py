@@ -1,6 +1,6 @@
 """Run a scan over a manifest on Ray: plan, actor pool, streaming sink, progress.
 
-Actors build their detectors once and call `scan.scan_model` per model; results are consumed
+Actors build their detectors once and call `scanning.scan_model` per model; results are consumed
 unordered and written to the sink at once. Back-pressure: at most `in_flight_per_actor` models
 are submitted per actor, so driver memory stays bounded for any manifest size. An actor that
 dies mid-model (its process killed) is restarted by Ray and the model resubmitted, up to
@@ -30,9 +30,10 @@ from xray.config import ScanConfig
 from xray.io.manifest import manifest_digest, read_manifest
 from xray.progress import Progress
 from xray.results.lease import OutputLease
+from xray.results.locations import manifest_columns
 from xray.results.sink import ParquetSink, write_part
 from xray.runner.plan import PlannedModel, plan
-from xray.scan import scan_stack, score_row
+from xray.scanning import scan_stack, score_row
 
 log = logging.getLogger(__name__)
 # How long an actor may take to start a model handed to it (a restart: a new process imports
@@ -217,7 +218,8 @@ def _scan_holding_lease(lease: OutputLease, records: list[Any], built: list[Any]
     summary = RunSummary(run_id, out_uri, len(records), len(pending))
     runs_row = {"run_id": run_id, "config_hash": config.config_hash,
                 "config_json": config.to_json(), "code_version": code_version(),
-                "manifest_uri": str(manifest_uri), "manifest_digest": manifest_digest(records),
+                **manifest_columns(manifest_uri, out_uri),  # absolute, and relative to out
+                "manifest_digest": manifest_digest(records),
                 "models_total": len(records), "models_planned": len(pending),
                 "started_at": started_at, "finished_at": None}
     write_part(out_uri, "runs", run_id, [runs_row])
@@ -262,10 +264,12 @@ def _scan_holding_lease(lease: OutputLease, records: list[Any], built: list[Any]
     return summary
 
 
-# Storage settings a worker needs to read what the driver reads; forwarded when the driver has
-# them (a cluster whose nodes carry their own credentials simply leaves them unset).
+# Storage settings a worker needs to read what the driver reads, and to retry as it does;
+# forwarded when the driver has them (a cluster whose nodes carry their own credentials simply
+# leaves them unset).
 FORWARDED_ENV = ("XRAY_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                 "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_PROFILE")
+                 "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_PROFILE",
+                 "XRAY_STORAGE_ATTEMPTS", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE")
 
 
 def stacks(pending: list[PlannedModel], size: int) -> list[tuple[PlannedModel, ...]]:

@@ -223,7 +223,7 @@ class TriggerCandidate:
                             self.count_include_pad)
 
     def to_row(self) -> dict[str, Any]:
-        """The dict xray.scan.trigger_rows reads: victim, target, kind, size, reasr, mask,
+        """The dict xray.scanning.trigger_rows reads: victim, target, kind, size, reasr, mask,
         pattern, kernel as columns; every other key lands in stats_json."""
         row: dict[str, Any] = {
             "victim": None if self.victim is None else int(self.victim),

@@ -2,7 +2,8 @@
 
     result = compare("nightly/base", "nightly/today@20260101T...")   # A = baseline, B = new
     result.regression     # True when something is worse than its tolerance
-    print(result.to_text())   # or to_markdown(), to_json()
+    print(result.to_text())   # what changed; to_text(all_rows=True) every row; or
+                              # to_markdown(), to_json() (everything)
 
 A side is an output folder, optionally narrowed to one run as ``OUT@RUN_ID``; its scores are
 read and de-duplicated as everywhere else (`summary.load_scores`) and summarised with
@@ -30,6 +31,13 @@ regression, anything else is reported):
 * models of A absent from B: at most `missing_models`; a detector of A absent from B is always a
   regression. Models and detectors new in B are listed.
 
+Output: `to_text` / `to_markdown` (`xray compare`'s text and markdown) show what changed: the
+metric rows `changed` marks (a regression, a move beyond the tolerance either way, a group or
+metric present on one side only), the flips, new and fixed failures, models and detectors
+missing or new, and what differs between the runs, with one line counting the metric rows
+that did not change; `all_rows=True` (`xray compare --all`) lists every row. `to_json` holds
+everything, each metric row with its ``changed`` mark.
+
 Defaults (`Tolerances()`): roc_auc 0.05, accuracy 0.05, tpr_at_fpr 0.10, ce 0.10,
 runtime_ratio 1.5 with runtime_min_seconds 1.0, flipped_to_wrong 0, new_failures 0,
 missing_models 0. A tolerances file (YAML or JSON) overrides any of them, globally and per
@@ -43,7 +51,7 @@ detector:
 Package layout: `tolerances`, `sides` (reading one side), `comparison` (the judgement),
 `render` (text / markdown); every name imports from here.
 """
-from xray.reduce.compare.comparison import METRICS, RUNTIME, Comparison, compare
+from xray.reduce.compare.comparison import METRICS, RUNTIME, Comparison, changed, compare
 from xray.reduce.compare.sides import load_side, parse_side
 from xray.reduce.compare.tolerances import (
     CompareUsageError,
@@ -55,5 +63,5 @@ from xray.reduce.compare.tolerances import (
 
 __all__ = [
     "METRICS", "RUNTIME", "CompareUsageError", "Comparison", "ToleranceSet", "Tolerances",
-    "compare", "load_side", "load_tolerances", "parse_side", "parse_tolerances",
+    "changed", "compare", "load_side", "load_tolerances", "parse_side", "parse_tolerances",
 ]

@@ -58,19 +58,21 @@ class Comparison:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
-    def to_text(self) -> str:
-        return render(self, markdown=False)
+    def to_text(self, all_rows: bool = False) -> str:
+        """What changed (`render.changed`), or every metric row with all_rows."""
+        return render(self, markdown=False, all_rows=all_rows)
 
-    def to_markdown(self) -> str:
-        return render(self, markdown=True)
+    def to_markdown(self, all_rows: bool = False) -> str:
+        return render(self, markdown=True, all_rows=all_rows)
 
-    def format(self, fmt: str) -> str:
+    def format(self, fmt: str, all_rows: bool = False) -> str:
+        """text / markdown (what changed, or everything with all_rows) / json (everything)."""
         if fmt == "json":
             return self.to_json()
         if fmt == "markdown":
-            return self.to_markdown()
+            return self.to_markdown(all_rows)
         if fmt == "text":
-            return self.to_text()
+            return self.to_text(all_rows)
         raise CompareUsageError(f"unknown format {fmt!r}; formats: text, json, markdown")
 
 
@@ -97,6 +99,24 @@ def _judge_metric(name: str, higher_better: bool, a: float, b: float, tol: float
     if worse < -1e-12:
         return "improved", delta
     return "ok", delta
+
+
+def _nan(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def changed(m: Mapping[str, Any]) -> bool:
+    """Whether a metric row shows a change (what `xray compare` prints by default): a
+    regression; a move beyond its tolerance either way (runtime: beyond both the ratio and the
+    seconds); a group absent from B; a metric defined on one side only. A move within the
+    tolerance is not one."""
+    if m["status"] == "regression":
+        return True
+    if m["metric"] == RUNTIME:
+        return m["status"] == "improved"
+    if m["status"] == "n/a":
+        return m["a"] is None or _nan(m["a"]) != _nan(m["b"])
+    return not _nan(m["delta"]) and abs(float(m["delta"])) > float(m["tolerance"]) + 1e-12
 
 
 def _metric_rows(side_a: _Side, side_b: _Side, tolerances: ToleranceSet,
@@ -267,6 +287,8 @@ def compare(a: str, b: str, tolerances: ToleranceSet | None = None, *,
         result.regressions.append(f"{len(result.missing_models)} model(s) of A are missing from "
                                   f"B (tolerance {allowed})")
     _metric_rows(side_a, side_b, tolerances, result)
+    for row in result.metrics:
+        row["changed"] = changed(row)
     _model_rows(side_a, side_b, tolerances, result)
     _run_changes(side_a, side_b, result)
     return result

@@ -148,7 +148,8 @@ def drill_entry(model_id: str, reasons: list[str], units: Sequence[Unit],
         detectors.append({
             "label": unit.label, "status": fmt(r["status"]) if not is_missing(
                 r["status"]) else "not scored",
-            "score": fmt(r["score"], 4), "threshold": fmt(unit.threshold, 4),
+            "score": fmt(r["score"], 4), "probability": fmt(r["probability"], 3),
+            "threshold": fmt(unit.threshold, 4),
             "verdict": verdict, "correct": correct,
             "target": fmt(target) if not is_missing(target) else "-",
             "seconds": fmt(r["seconds"], 2), "error": first_line(r["error"])})

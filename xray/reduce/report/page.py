@@ -31,7 +31,12 @@ from xray.reduce.report.tables import (
     runs_view,
     summary_view,
 )
-from xray.reduce.summary import load_scores, summarize
+from xray.reduce.summary import (
+    load_scores,
+    summarize,
+    threshold_clean_models,
+    threshold_warning,
+)
 from xray.reduce.templating import render
 
 if TYPE_CHECKING:  # the type only: importing it would import torch and the detectors
@@ -64,12 +69,14 @@ def render_report(
     summary = summarize(scores, thresholds)
     units = build_units(scores, thresholds)
     runs, runs_note = read_runs_frame(out_uri, run_id)
-    manifests = Manifests(runs)
+    manifests = Manifests(runs, out_uri)
 
     roc, roc_note = roc_png(units) if units else (None, "No scores.")
     detectors = [{"label": u.label, "version": u.key["detector_version"],
                   "config_hash": u.key["config_hash"], "threshold": fmt(u.threshold, 4),
-                  "threshold_source": u.source, "hist_png": hist_png(u)} for u in units]
+                  "threshold_source": u.source,
+                  "threshold_n_clean": threshold_clean_models(u.per_model, u.source),
+                  "hist_png": hist_png(u)} for u in units]
     runtime_rows, runtime_png = runtime(units)
     coverage_counts, coverage_missing, coverage_left_out = coverage_rows(units)
     errors, errors_left_out, errors_by_status = error_rows(scores)
@@ -97,6 +104,7 @@ def render_report(
         coverage_left_out=coverage_left_out,
         summary=summary_view(summary),
         summary_help=leakage_warning(summary) + SUMMARY_HELP,
+        threshold_warning=threshold_warning(summary),
         roc_png=roc,
         roc_note=roc_note,
         detectors=detectors,

@@ -13,6 +13,7 @@ import pandas as pd
 from xray.io import storage
 from xray.reduce.formatting import first_line, fmt
 from xray.reduce.summary import unit_frames, verdicts
+from xray.results import locations
 from xray.results.sink import read_runs
 
 MAX_ROWS = 5000  # per-model and error tables; the rest is counted, not shown
@@ -21,6 +22,7 @@ _SUMMARY_VIEW = [
     ("detector", "detector"), ("group", "group"), ("n", "n"), ("troj", "n_poisoned"),
     ("clean", "n_clean"), ("unlab", "n_unlabelled"), ("missing", "n_missing"),
     ("coverage", "coverage"), ("threshold", "threshold"), ("thr source", "threshold_source"),
+    ("thr clean models", "threshold_n_clean"),
     ("TP", "TP"), ("FP", "FP"), ("FN", "FN"), ("TN", "TN"), ("acc", "accuracy"),
     ("best thr", "best_threshold"), ("best acc", "best_accuracy"), ("ROC-AUC", "roc_auc"),
     ("AUC r1-4", "roc_auc_thresholds"), ("TPR@FPR", "tpr_at_fpr"), ("CE", "ce"),
@@ -32,11 +34,14 @@ _SUMMARY_VIEW = [
 _SUMMARY_TEXT = {"detector", "group", "thr source", "p source", "notes"}
 
 SUMMARY_HELP = (
-    "score >= threshold means trojaned. Attack groups hold the trojaned models of that attack "
+    "score >= threshold means trojaned. The threshold, unless given (--threshold), is the 0.95 "
+    "quantile of the known-clean models' scores (thr source clean_q0.95: about 5% of them "
+    "flagged, in-sample; 'thr clean models' says how many it rests on), else the best "
+    "separating one. Attack groups hold the trojaned models of that attack "
     "and all clean models. Missing = models without an ok score: left out of the plain metrics, "
     "counted as probability 0.5 in the 'miss=0.5' columns (TrojAI convention). CE / Brier use "
-    "the detector's 'probability' statistic when present, else the provisional "
-    "logistic(score - threshold)."
+    "the detector's 'probability' statistic when present (p source stats), else the default "
+    "map logistic((score - threshold) / sd of the clean scores) (p source logistic)."
 )
 
 
@@ -87,23 +92,26 @@ def truth_text(y: float) -> str:
 
 class Manifests:
     """Lazy, cached manifests of the runs: every model's record (for the drill-down's facts and
-    pictures) and the models a run planned (for the never-scored list)."""
+    pictures) and the models a run planned (for the never-scored list). Each run's manifest is
+    found through xray.results.locations (against where `out_uri` is now)."""
 
-    def __init__(self, runs: pd.DataFrame) -> None:
-        self.runs = runs
-        self._manifests: dict[str, Any] = {}
+    def __init__(self, runs: pd.DataFrame, out_uri: str) -> None:
+        self.runs, self.out_uri = runs, str(out_uri)
+        self._located: dict[str, locations.ManifestLocation] = {}
+        self._manifests: dict[locations.ManifestLocation, dict[str, Any] | Exception] = {}
 
-    def manifest(self, uri: str) -> dict[str, Any] | Exception:
-        # local: xray.io.manifest imports torch (through io.examples); a report of tables only
-        # never needs it
-        from xray.io.manifest import read_manifest
-
-        if uri not in self._manifests:
+    def of_run(self, run: Mapping[str, Any]) -> tuple[str, dict[str, Any] | Exception]:
+        """(where the run's manifest was read, its records by model id or the read's error)."""
+        key = str(run.get("run_id"))
+        if key not in self._located:
+            self._located[key] = locations.locate_manifest(run, self.out_uri)
+        where = self._located[key]
+        if where not in self._manifests:
             try:
-                self._manifests[uri] = {r.model_id: r for r in read_manifest(uri)}
+                self._manifests[where] = {r.model_id: r for r in locations.read_located(where)}
             except Exception as exc:
-                self._manifests[uri] = exc
-        return self._manifests[uri]
+                self._manifests[where] = exc
+        return where.uri, self._manifests[where]
 
     def record(self, model_id: str) -> tuple[Any, str]:
         """The model's manifest record from the newest run whose manifest has it; (None, why)."""
@@ -111,10 +119,9 @@ class Manifests:
         if self.runs.empty or "manifest_uri" not in self.runs.columns:
             return None, "no runs table to find the model's manifest"
         for _, run in self.runs.iloc[::-1].iterrows():
-            records = self.manifest(str(run["manifest_uri"]))
+            uri, records = self.of_run(run)
             if isinstance(records, Exception):
-                notes.append(f"manifest {run['manifest_uri']} unreadable: "
-                             f"{type(records).__name__}: {records}")
+                notes.append(f"manifest {uri} unreadable: {type(records).__name__}: {records}")
                 continue
             if model_id in records:
                 return records[model_id], ""
@@ -168,14 +175,15 @@ def never_scored(runs: pd.DataFrame, scores: pd.DataFrame, manifests: Manifests)
     seen = set(scores["model_id"].astype(str)) if len(scores) else set()
     missing: dict[str, str] = {}
     notes = []
-    for uri in dict.fromkeys(runs["manifest_uri"].astype(str)):
-        records = manifests.manifest(uri)
+    for _, run in runs.iterrows():
+        uri, records = manifests.of_run(run)
         if isinstance(records, Exception):
             notes.append(f"manifest {uri} unreadable here ({type(records).__name__}): not checked")
             continue
         for model_id in records:
             if model_id not in seen:
                 missing.setdefault(model_id, uri)
+    notes = list(dict.fromkeys(notes))
     ids = sorted(missing)
     return {"models": ids[:MAX_ROWS], "left_out": max(0, len(ids) - MAX_ROWS),
             "note": "; ".join(notes)}

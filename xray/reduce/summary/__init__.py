@@ -25,12 +25,20 @@ Summarising (`summarize`) works on *units* and *models*:
   ``given`` (the `thresholds` argument), else ``clean_q<quantile>`` = `calibrate_threshold` over
   the unit's known-clean models (an in-sample FPR of about 1 - quantile), else
   ``best_separating`` (the best accuracy threshold over all labelled models), else ``none``.
-* Probability (for CE, Brier and the threshold-form ROC-AUC), per model: the detector's stat
-  ``probability`` when its stats_json has a finite one, else ``logistic(score - threshold)``.
-  PROVISIONAL: the logistic map has unit scale whatever the detector's score scale is, so CE and
-  Brier through it compare runs of one detector, not detectors with each other; a fitted
-  calibrator will replace it. ``probability_source`` says which was used (stats / logistic /
-  mixed).
+  ``threshold_n_clean`` says how many clean models a ``clean_q`` threshold rests on; below
+  MIN_CLEAN_MODELS (20) the 0.95 quantile lies between the two largest clean scores, and
+  `threshold_warning` (under `format_table`'s table, and in the report) says so in one line.
+* Probability, per model (for CE, Brier and the threshold-form ROC-AUC; `with_probability`
+  puts it beside every score row): the detector's stat ``probability`` when its stats_json
+  has a finite one (``probability_source`` "stats": a calibrated map, e.g. the combined
+  detector's stacker or MNTD's meta-classifier), else the default map
+  ``logistic((score - threshold) / scale)`` ("logistic"), with scale = the standard deviation
+  of the unit's clean scores (`probability_scale`). It is monotone in the score, 0.5 exactly at
+  the threshold (p >= 0.5 is the verdict "trojaned"), and in units of the clean models' spread,
+  so detectors with different score scales compare on one scale. A heuristic, not a fitted
+  calibration: a calibrator (`xray calibrate`, the combined detector) fits one. NaN for a
+  model without a usable score or a unit without a threshold. The summary's
+  ``probability_source`` says which was used (stats / logistic / mixed).
 * Leakage: ``n_training_models`` counts the group's models whose row a calibrator made for one
   of its own training models (the combined detector's stats ``trained_on``, see
   xray.reduce.calibrate); their probabilities are in-sample, and ``notes`` says so (or that a
@@ -44,12 +52,22 @@ Package layout: `reading`, `units` (per-model frames, thresholds, probabilities,
 `groups`, `table` (`summarize`), `output` (`format_table`, `write_summary`); every name imports
 from here.
 """
-from xray.reduce.summary.output import format_table, write_summary
+from xray.reduce.summary.output import format_table, threshold_warning, write_summary
 from xray.reduce.summary.reading import deduplicate, load_scores
 from xray.reduce.summary.table import MAX_FPR, SUMMARY_COLUMNS, summarize
-from xray.reduce.summary.units import CLEAN_QUANTILE, UNIT, unit_frames, verdicts
+from xray.reduce.summary.units import (
+    CLEAN_QUANTILE,
+    MIN_CLEAN_MODELS,
+    UNIT,
+    probability_scale,
+    threshold_clean_models,
+    unit_frames,
+    verdicts,
+    with_probability,
+)
 
 __all__ = [
-    "CLEAN_QUANTILE", "MAX_FPR", "SUMMARY_COLUMNS", "UNIT", "deduplicate", "format_table",
-    "load_scores", "summarize", "unit_frames", "verdicts", "write_summary",
+    "CLEAN_QUANTILE", "MAX_FPR", "MIN_CLEAN_MODELS", "SUMMARY_COLUMNS", "UNIT", "deduplicate",
+    "format_table", "load_scores", "probability_scale", "summarize", "threshold_clean_models",
+    "threshold_warning", "unit_frames", "verdicts", "with_probability", "write_summary",
 ]

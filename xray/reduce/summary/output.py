@@ -1,4 +1,5 @@
-"""A summary for a terminal (`format_table`) and as <out>/summary/summary.parquet."""
+"""A summary for a terminal (`format_table`, with `threshold_warning` under it) and as
+<out>/summary/summary.parquet."""
 from __future__ import annotations
 
 import io
@@ -9,10 +10,33 @@ import pyarrow.parquet as pq
 
 from xray.io import storage
 from xray.reduce.formatting import fmt
+from xray.reduce.summary.units import MIN_CLEAN_MODELS
+
+
+def threshold_warning(summary: pd.DataFrame) -> str | None:
+    """One line when a detector's clean_q threshold rests on fewer than MIN_CLEAN_MODELS clean
+    models (its false-positive rate is then a rough guess), naming the detectors and counts;
+    None otherwise. Printed under the summary table and shown in the report."""
+    if summary.empty:
+        return None
+    overall = summary[(summary["group_by"] == "all") & summary["threshold_n_clean"].notna()]
+    few = overall[overall["threshold_n_clean"] < MIN_CLEAN_MODELS]
+    if not len(few):
+        return None
+    groups: dict[tuple[int, str], list[str]] = {}
+    for row in few.itertuples():
+        groups.setdefault((int(row.threshold_n_clean), str(row.threshold_source)),
+                          []).append(str(row.detector))
+    parts = [f"the {', '.join(names)} threshold{'s' if len(names) > 1 else ''} ({source}) "
+             f"rest{'' if len(names) > 1 else 's'} on {n} clean model{'' if n == 1 else 's'}"
+             for (n, source), names in sorted(groups.items())]
+    return (f"WARNING: {'; '.join(parts)} (fewer than {MIN_CLEAN_MODELS}): the false-positive "
+            "rate is a rough guess; scan more clean models or give --threshold DETECTOR=VALUE.")
 
 
 def format_table(summary: pd.DataFrame) -> str:
-    """A compact fixed-width text table of a summary, for a terminal."""
+    """A compact fixed-width text table of a summary, for a terminal; `threshold_warning`'s line
+    under it when there is one."""
     if summary.empty:
         return "(no scores)"
     table = pd.DataFrame(
@@ -27,9 +51,10 @@ def format_table(summary: pd.DataFrame) -> str:
                 f"{fmt(a)}/{fmt(b)}" for a, b in zip(summary["n_poisoned"], summary["n_clean"])
             ],
             "miss": summary["n_missing"].map(fmt),
-            "thr": [
-                f"{fmt(t)}({src})"
-                for t, src in zip(summary["threshold"], summary["threshold_source"])
+            "thr": [  # how it was set, and on how many clean models (clean_q)
+                f"{fmt(t)}({src}{'' if pd.isna(n) else f' of {int(n)} clean'})"
+                for t, src, n in zip(summary["threshold"], summary["threshold_source"],
+                                     summary["threshold_n_clean"])
             ],
             "acc": summary["accuracy"].map(fmt),
             "best_acc": summary["best_accuracy"].map(fmt),
@@ -44,7 +69,8 @@ def format_table(summary: pd.DataFrame) -> str:
             "p50_s": summary["runtime_p50"].map(lambda x: fmt(x, 1)),
         }
     )
-    return table.to_string(index=False)
+    warning = threshold_warning(summary)
+    return table.to_string(index=False) + (f"\n{warning}" if warning else "")
 
 
 def write_summary(out_uri: str, summary: pd.DataFrame) -> str:

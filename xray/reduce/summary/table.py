@@ -11,7 +11,7 @@ import pandas as pd
 from xray.reduce import metrics as M
 from xray.reduce.calibrate import trained_on_flag
 from xray.reduce.summary.groups import _groups
-from xray.reduce.summary.units import CLEAN_QUANTILE, unit_frames
+from xray.reduce.summary.units import CLEAN_QUANTILE, threshold_clean_models, unit_frames
 
 MAX_FPR = 0.05
 SUMMARY_COLUMNS = [
@@ -19,7 +19,8 @@ SUMMARY_COLUMNS = [
     "n", "n_poisoned", "n_clean", "n_unlabelled",
     "n_ok", "n_missing", "n_error", "n_timeout", "n_crashed", "n_not_scored", "n_bad_score",
     "coverage",
-    "threshold", "threshold_source", "n_flagged", "TP", "FP", "FN", "TN", "accuracy",
+    "threshold", "threshold_source", "threshold_n_clean", "n_flagged", "TP", "FP", "FN", "TN",
+    "accuracy",
     "best_threshold", "best_accuracy",
     "roc_auc", "roc_auc_reason", "roc_auc_thresholds", "tpr_at_fpr", "max_fpr",
     "ce", "ce_ci95", "brier", "probability_source",
@@ -30,7 +31,8 @@ SUMMARY_COLUMNS = [
 
 _INT_COLUMNS = [
     "n", "n_poisoned", "n_clean", "n_unlabelled", "n_ok", "n_missing", "n_error", "n_timeout",
-    "n_crashed", "n_not_scored", "n_bad_score", "n_flagged", "TP", "FP", "FN", "TN",
+    "n_crashed", "n_not_scored", "n_bad_score", "threshold_n_clean", "n_flagged", "TP", "FP",
+    "FN", "TN",
     "n_superseded", "n_training_models",
 ]
 
@@ -51,7 +53,7 @@ def _notes(**metrics: Any) -> str:
 
 def _group_row(
     unit: dict[str, Any], group_by: str, value: str, sub: pd.DataFrame, threshold: float,
-    threshold_source: str, superseded: int, max_fpr: float,
+    threshold_source: str, threshold_n_clean: int | None, superseded: int, max_fpr: float,
 ) -> dict[str, Any]:
     y = sub["y"].to_numpy(dtype=float)
     s = sub["score"].to_numpy(dtype=float)
@@ -80,6 +82,7 @@ def _group_row(
         coverage=float(usable.sum() / n) if n else math.nan,
         threshold=threshold,
         threshold_source=threshold_source,
+        threshold_n_clean=threshold_n_clean,
         n_flagged=int((s[usable] >= threshold).sum()) if has_threshold else None,
         max_fpr=max_fpr,
         score_median=float(np.median(s[usable])) if usable.any() else math.nan,
@@ -174,10 +177,11 @@ def summarize(
     group_by = None if group_by is None else list(group_by)
     rows = []
     for unit, per_model, thr, source, superseded in unit_frames(scores, thresholds, clean_quantile):
+        n_clean = threshold_clean_models(per_model, source)
         for kind, value, mask in _groups(per_model, group_by):
             if mask.any():
                 rows.append(_group_row(
-                    unit, kind, value, per_model[mask], thr, source, superseded, max_fpr
+                    unit, kind, value, per_model[mask], thr, source, n_clean, superseded, max_fpr
                 ))
     df = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
     for col in _INT_COLUMNS:

@@ -1,8 +1,10 @@
 """Per unit (detector, detector_version, config_hash): one row per model of the unit's runs, its
-threshold, probabilities and verdicts (see the package docstring)."""
+threshold, probabilities and verdicts (see the package docstring); `with_probability`, the
+same probabilities beside each score row."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -14,6 +16,10 @@ from xray.results.sink import json_object
 
 UNIT = ["detector", "detector_version", "config_hash"]
 CLEAN_QUANTILE = 0.95
+# A clean_q threshold resting on fewer clean models than this gets a warning: below 20 clean
+# models the 0.95 quantile lies between the two largest clean scores, so one model sets it and
+# its false-positive rate (nominally 5%, in-sample) is a rough guess.
+MIN_CLEAN_MODELS = 20
 
 
 def _label(value: Any) -> float:
@@ -92,16 +98,56 @@ def verdicts(per_model: pd.DataFrame, threshold: float) -> pd.Series:
     return pd.Series(np.where(usable, verdict, why).astype(object), index=per_model.index)
 
 
-def unit_frames(
-    scores: pd.DataFrame, thresholds: Mapping[str, float] | None = None,
-    clean_quantile: float = CLEAN_QUANTILE,
-) -> list[tuple[dict[str, Any], pd.DataFrame, float, str, int]]:
-    """Per unit: (unit key dict, one row per model, threshold, threshold source, n superseded).
+def threshold_clean_models(per_model: pd.DataFrame, source: str) -> int | None:
+    """How many clean models a ``clean_q`` threshold rests on (known-clean models of the unit
+    with a usable score); None for a threshold set otherwise (given, best_separating, none)."""
+    if not source.startswith("clean_q"):
+        return None
+    return int(((per_model["y"] == 0) & per_model["usable"]).sum())
 
-    The per-model frame is indexed by model_id and holds y (1 / 0 / NaN), attack, architecture,
-    tags, status (NaN = not scored), score, usable, probability, probability_source, seconds,
-    error. Shared by `summarize` and the report's plots.
-    """
+
+def probability_scale(y: np.ndarray, s: np.ndarray) -> float:
+    """The default map's scale for one unit: the standard deviation (ddof 1) of its clean models'
+    usable scores when there are two or more and they differ, else of all its usable scores,
+    else 1. `s` is NaN where a model has no usable score."""
+    for values in (s[(y == 0) & ~np.isnan(s)], s[~np.isnan(s)]):
+        if values.size >= 2:
+            spread = float(np.std(values, ddof=1))
+            if spread > 0 and math.isfinite(spread):
+                return spread
+    return 1.0
+
+
+def probabilities(score: np.ndarray, usable: np.ndarray, stats_json: Any, threshold: float,
+                  scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """(probability, probability_source) per row of one unit: the row's own finite
+    ``probability`` statistic ("stats": a calibrated map, e.g. the combined detector's stacker,
+    MNTD's meta-classifier), else the default map ``logistic((score - threshold) / scale)``
+    ("logistic"). NaN with source None where the row has no usable score, or no threshold."""
+    score = np.asarray(score, dtype=float)
+    usable = np.asarray(usable, dtype=bool)
+    p_stat = np.array([row_probability(v) for v in stats_json], dtype=float)
+    p_map = M.logistic((score - threshold) / scale)
+    p = np.where(usable, np.where(np.isnan(p_stat), p_map, p_stat), np.nan)
+    source = np.where(np.isnan(p_stat), "logistic", "stats").astype(object)
+    return p, np.where(np.isnan(p), None, source)
+
+
+@dataclass
+class _Unit:
+    """One unit as `unit_frames` gives it, with its default map's scale and its rows."""
+
+    key: dict[str, str]
+    per_model: pd.DataFrame
+    threshold: float
+    source: str
+    superseded: int
+    scale: float
+    rows: np.ndarray  # positions of the unit's rows in the scores frame
+
+
+def _units(scores: pd.DataFrame, thresholds: Mapping[str, float] | None,
+           clean_quantile: float) -> list[_Unit]:
     if scores.empty:
         return []
     unknown = sorted(set(thresholds or {}) - set(scores["detector"]))
@@ -112,7 +158,9 @@ def unit_frames(
         )
     models = _models(scores)
     out = []
-    for key, rows in scores.groupby(UNIT, sort=True, dropna=False):
+    groups = scores.groupby(UNIT, sort=True, dropna=False).indices
+    for key, positions in sorted(groups.items()):
+        rows = scores.iloc[positions]
         unit = dict(zip(UNIT, (str(k) for k in key)))
         runs = set(rows["run_id"])
         universe = sorted(set(scores.loc[scores["run_id"].isin(runs), "model_id"]))
@@ -125,9 +173,45 @@ def unit_frames(
         y = per_model["y"].to_numpy(dtype=float)
         s = np.where(per_model["usable"], per_model["score"].to_numpy(dtype=float), np.nan)
         threshold, source = _unit_threshold(unit["detector"], y, s, thresholds, clean_quantile)
-        p_stat = np.array([row_probability(v) for v in per_model["stats_json"]], dtype=float)
-        p_logit = M.logistic(s - threshold)
-        per_model["probability"] = np.where(np.isnan(p_stat), p_logit, p_stat)
-        per_model["probability_source"] = np.where(np.isnan(p_stat), "logistic", "stats")
-        out.append((unit, per_model, threshold, source, superseded))
+        scale = probability_scale(y, s)
+        per_model["probability"], per_model["probability_source"] = probabilities(
+            s, per_model["usable"], per_model["stats_json"], threshold, scale)
+        out.append(_Unit(unit, per_model, threshold, source, superseded, scale, positions))
+    return out
+
+
+def unit_frames(
+    scores: pd.DataFrame, thresholds: Mapping[str, float] | None = None,
+    clean_quantile: float = CLEAN_QUANTILE,
+) -> list[tuple[dict[str, Any], pd.DataFrame, float, str, int]]:
+    """Per unit: (unit key dict, one row per model, threshold, threshold source, n superseded).
+
+    The per-model frame is indexed by model_id and holds y (1 / 0 / NaN), attack, architecture,
+    tags, status (NaN = not scored), score, usable, probability, probability_source, seconds,
+    error. Shared by `summarize` and the report's plots.
+    """
+    return [(u.key, u.per_model, u.threshold, u.source, u.superseded)
+            for u in _units(scores, thresholds, clean_quantile)]
+
+
+def with_probability(
+    scores: pd.DataFrame, thresholds: Mapping[str, float] | None = None,
+    clean_quantile: float = CLEAN_QUANTILE,
+) -> pd.DataFrame:
+    """`scores` with ``probability`` and ``probability_source`` columns after ``score``: every
+    row mapped to [0, 1] as the summary maps it (`probabilities`, with its unit's threshold and
+    scale), so detectors compare on one scale. Rows without a usable score (status not ok, score
+    not finite) get NaN. Computed when read; the stored rows hold what the detector produced."""
+    out = scores.drop(columns=["probability", "probability_source"], errors="ignore")
+    p = np.full(len(out), np.nan)
+    source = np.full(len(out), None, dtype=object)
+    for unit in _units(out, thresholds, clean_quantile):
+        rows = out.iloc[unit.rows]
+        score = pd.to_numeric(rows["score"], errors="coerce").to_numpy(dtype=float)
+        usable = rows["status"].eq("ok").to_numpy(dtype=bool) & np.isfinite(score)
+        p[unit.rows], source[unit.rows] = probabilities(
+            score, usable, rows["stats_json"], unit.threshold, unit.scale)
+    at = out.columns.get_loc("score") + 1
+    out.insert(at, "probability", p)
+    out.insert(at + 1, "probability_source", source)
     return out

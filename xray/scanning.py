@@ -1,6 +1,7 @@
 """Scan one model with the configured detectors: pure, no Ray, no sinks.
 
     rows = scan_model(record, detectors, config)   # {"scores": [...], "triggers": [...]}
+    rows = scan_loaded(record, model, data, detectors, config)   # a model already in memory
 
 A model that cannot be read or loaded, or a detector that raises, becomes a `status="error"`
 row carrying the error text; nothing here ever stops a run. Detectors see the model, the clean
@@ -148,15 +149,6 @@ def scan_stack(records: Sequence[ModelRecord], detectors: Sequence[Any], config:
     """
     device = resolve_device(config.device)
     started = time.monotonic()
-    limit = config.model_time_limit_s
-
-    def context(detector: Any) -> ScanContext:
-        # The runner's time limit covers the whole unit of work (one model or one stack), from
-        # the moment it started here; detectors get what is left of it, less the stop margin.
-        deadline = None if not limit else limit - stop_margin(limit) - (time.monotonic() - started)
-        return ScanContext(device=device, seed=config.seed, deadline=deadline,
-                           logger=logging.getLogger(f"xray.detector.{detector.name}"))
-
     hashes = {d.name: config.detector_hash(d) for d in detectors}
     digests = list(digests or [None] * len(records))
     outs = [{"scores": [], "triggers": [], "artifacts": {}} for _ in records]
@@ -176,6 +168,40 @@ def scan_stack(records: Sequence[ModelRecord], detectors: Sequence[Any], config:
                                             run_id, worker)
             continue
         loaded.append((k, model, data))
+    _run_detectors(records, loaded, outs, [str(d) for d in digests], detectors, config, device,
+                   started, run_id=run_id, worker=worker, keep_artifacts=keep_artifacts)
+    return outs
+
+
+def scan_loaded(record: ModelRecord, model: torch.nn.Module, data: ScanData,
+                detectors: Sequence[Any], config: ScanConfig, *, digest: str = "in-memory",
+                run_id: str = "", worker: str = "",
+                keep_artifacts: bool = False) -> dict[str, Any]:
+    """`scan_model` for a model already in memory (no file read): `model` takes pixel-space
+    input in [0, 1] (normalisation folded in) and is in eval mode, `data` holds its clean
+    examples; both on `config.device`. `record` names the model in the rows."""
+    out: dict[str, Any] = {"scores": [], "triggers": [], "artifacts": {}}
+    _run_detectors([record], [(0, model, data)], [out], [digest], detectors, config,
+                   resolve_device(config.device), time.monotonic(), run_id=run_id,
+                   worker=worker, keep_artifacts=keep_artifacts)
+    return out
+
+
+def _run_detectors(records: Sequence[ModelRecord], loaded: list[tuple[int, Any, ScanData]],
+                   outs: list[dict[str, Any]], digests: Sequence[str], detectors: Sequence[Any],
+                   config: ScanConfig, device: torch.device, started: float, *, run_id: str,
+                   worker: str, keep_artifacts: bool) -> None:
+    """Every detector on the loaded models ((index into records, model, data)); rows go to
+    outs[index]. `started`: when the unit of work began (the time limit counts from there)."""
+    limit = config.model_time_limit_s
+    hashes = {d.name: config.detector_hash(d) for d in detectors}
+
+    def context(detector: Any) -> ScanContext:
+        # The runner's time limit covers the whole unit of work (one model or one stack), from
+        # the moment it started here; detectors get what is left of it, less the stop margin.
+        deadline = None if not limit else limit - stop_margin(limit) - (time.monotonic() - started)
+        return ScanContext(device=device, seed=config.seed, deadline=deadline,
+                           logger=logging.getLogger(f"xray.detector.{detector.name}"))
 
     for detector in detectors:
         results: dict[int, tuple[Any, float]] = {}
@@ -214,7 +240,6 @@ def scan_stack(records: Sequence[ModelRecord], detectors: Sequence[Any], config:
                                                 run_id=run_id))
             if keep_artifacts:
                 out["artifacts"][detector.name] = result.artifacts
-    return outs
 
 
 def _error_rows(record: ModelRecord, digest: str, detectors: Sequence[Any],
