@@ -29,7 +29,8 @@ def test_torchvision_by_name_with_class_count():
 
 def test_unknown_architecture_names_choices():
     assert not models.is_known("resnet9000")
-    with pytest.raises(KeyError, match="unknown architecture 'resnet9000'.*mntd_cifar_cnn"):
+    with pytest.raises(KeyError, match=r"unknown architecture 'resnet9000'; did you mean "
+                                       r"'resnet50'\? .*mntd_cifar_cnn.*timm:<name>"):
         models.create("resnet9000", 10, (3, 32, 32))
 
 

@@ -7,9 +7,15 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from typing import Callable, Generic, TypeVar
+from typing import Callable, Generic, Iterable, TypeVar
 
 T = TypeVar("T")
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """The tail `; did you mean 'x'?` naming the closest of `choices`, or "" if none is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 class Registry(Generic[T]):
@@ -30,8 +36,7 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            close = difflib.get_close_matches(name, self._entries, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(name, self._entries)
             raise KeyError(f"unknown {self.kind} {name!r}{hint} available: "
                            f"{', '.join(sorted(self._entries))}") from None
 

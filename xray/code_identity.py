@@ -17,9 +17,10 @@ from pathlib import Path
 
 from xray import __version__
 
-# Libraries whose version can change a score (the code key hashes their versions).
+# Libraries whose version can change a score (the code key hashes their versions); timm builds
+# the `timm:` architectures (an optional extra: "absent" when not installed).
 SCORE_DEPENDENCIES = ("torch", "torchvision", "numpy", "scipy", "scikit-learn", "scikit-image",
-                      "safetensors", "pillow")
+                      "safetensors", "pillow", "timm")
 
 _PACKAGE = Path(__file__).resolve().parent
 

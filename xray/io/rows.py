@@ -222,9 +222,9 @@ def record_from_row(row: Mapping[str, Any], *, file: str, row_number: int | None
     if values["format"] not in MODEL_FORMATS:
         raise fail("format", f"unknown format {values['format']!r}; expected one of "
                              f"{', '.join(MODEL_FORMATS)}")
-    if not _known_architecture(values["architecture"]):
-        raise fail("architecture", f"unknown architecture {values['architecture']!r}; see "
-                                   "xray.models.available() (in-project nets or torchvision)")
+    problem = _architecture_problem(values["architecture"])
+    if problem:
+        raise fail("architecture", f"{problem}; see xray.models.available()")
     if values["num_classes"] <= 0:
         raise fail("num_classes", f"expected a positive class count, got {values['num_classes']}")
     channels = values["input_shape"][0]
@@ -247,13 +247,14 @@ def unknown_field(what: str) -> str:
     return f"unknown {what}; known: {', '.join(FIELDS)} and {TAG_PREFIX}<name>"
 
 
-_KNOWN: dict[str, bool] = {}
+_ARCHITECTURE_PROBLEMS: dict[str, str | None] = {}
 
 
-def _known_architecture(name: str) -> bool:
-    if name not in _KNOWN:
-        _KNOWN[name] = models.is_known(name)
-    return _KNOWN[name]
+def _architecture_problem(name: str) -> str | None:
+    """Why `name` is no architecture (unknown; a timm: name without timm), or None; cached."""
+    if name not in _ARCHITECTURE_PROBLEMS:
+        _ARCHITECTURE_PROBLEMS[name] = models.unknown_reason(name)
+    return _ARCHITECTURE_PROBLEMS[name]
 
 
 def records_from_rows(rows: Iterable[tuple[int, Mapping[str, Any]]], file: str,
