@@ -19,8 +19,9 @@ from _inversion_fixtures import (inversion_round, inversion_scan, nin_karm_scans
 # or a simulated cluster): they are marked `slow`, so `pytest -m "not slow"` (make test-fast)
 # is the inner loop; `make test` runs everything. tiny_round (~40 s) stays in the fast subset:
 # most model-level tests need one real round.
-SLOW_FIXTURES = {"ray_local", "two_nodes", "scanned", "scanned_tiny", "inversion_round",
-                 "inversion_scan", "mntd_shadow", "mntd_target", "mntd_meta", "tiny_shadow",
+SLOW_FIXTURES = {"ray_local", "ray_head", "two_nodes", "scanned", "scanned_tiny",
+                 "inversion_round", "inversion_scan", "mntd_shadow", "mntd_target", "mntd_meta",
+                 "tiny_shadow",
                  "mnist_composed_scans", "nin_karm_scans", "badnets_scans", "trojai_rounds",
                  "tiny_scores", "s3_server"}
 

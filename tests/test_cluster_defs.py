@@ -1,4 +1,8 @@
-"""The cluster definitions parse and carry the fields Ray's launcher and KubeRay require."""
+"""The cluster definitions parse and carry the fields Ray's launcher and KubeRay require; the
+cluster image (cluster/Dockerfile) holds every path their commands name, and runs the Ray
+version they declare. (tests/test_cluster_job.py submits the documented job to a real head.)"""
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -6,8 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
-JOBS = CLUSTER.parent / "jobs"
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "cluster"
+JOBS = REPO / "jobs"
+KUBE = ("kuberay-raycluster.yaml", "kuberay-rayjob.yaml", "nightly-cronjob.yaml")
 
 
 def _load(name):
@@ -70,7 +76,93 @@ def test_runtime_env_keys_are_ray_runtime_env_fields():
     from ray.runtime_env import RuntimeEnv
 
     RuntimeEnv(**{k: v for k, v in doc.items() if k != "working_dir"})
-    assert set(doc) <= {"working_dir", "pip", "env_vars", "py_modules", "conda"}
+    # nothing installed when a job starts (no network needed): the image has the dependencies
+    assert set(doc) <= {"working_dir", "excludes", "env_vars"}
+    assert doc["working_dir"] == "."
+    # the nodes' own object-storage settings must reach the driver unchanged
+    assert not {k for k in doc.get("env_vars", {}) if k.startswith(("AWS_", "XRAY_S3"))}
+
+
+def _dockerfile() -> tuple[str, list[str]]:
+    """(WORKDIR, sources COPY'd under it) of cluster/Dockerfile."""
+    workdir, sources = None, []
+    for line in (CLUSTER / "Dockerfile").read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["WORKDIR"]:
+            workdir = words[1]
+        elif words[:1] == ["COPY"] and not any(w.startswith("--") for w in words):
+            *srcs, dest = words[1:]
+            if dest in ("./", "."):
+                sources += srcs
+            else:
+                assert len(srcs) == 1 and dest.rstrip("/") == "./" + srcs[0].rstrip("/"), line
+                sources.append(srcs[0].rstrip("/"))
+    assert workdir, "cluster/Dockerfile has no WORKDIR"
+    return workdir, sources
+
+
+def _commands() -> dict[str, tuple[str, list[str]]]:
+    """Where each job-running definition runs its command -> (that directory, argv)."""
+    job = _load("kuberay-rayjob.yaml")["spec"]
+    cron = _load("nightly-cronjob.yaml")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    [submit] = cron["containers"]
+    return {
+        "RayJob": (yaml.safe_load(job["runtimeEnvYAML"])["working_dir"],
+                   shlex.split(job["entrypoint"])),
+        "CronJob": (submit["workingDir"], [*submit["command"], *submit["args"]]),
+    }
+
+
+def _repo_paths(argv: list[str]) -> list[str]:
+    """The arguments (or --option=values) that name a file of this repository."""
+    values = [a.split("=", 1)[-1] for a in argv]
+    return [v for v in values if "/" in v and "://" not in v and not v.startswith("/")
+            and (REPO / v.split("/")[0]).exists()]
+
+
+def test_the_image_holds_what_the_jobs_run():
+    workdir, copied = _dockerfile()
+    for where, (cwd, argv) in _commands().items():
+        assert cwd == workdir, f"{where} runs in {cwd}, the image's code is in {workdir}"
+        paths = _repo_paths(argv)
+        assert any(p.startswith("jobs/") for p in paths), (where, argv)
+        for path in paths:
+            assert (REPO / path).exists(), f"{where} names {path}, not in the repository"
+            assert any(path == c or path.startswith(c + "/") for c in copied), \
+                f"{where} names {path}; cluster/Dockerfile does not copy it"
+    for name in KUBE:  # every Ray container runs the cluster image
+        images = re.findall(r"image: (\S+)", (CLUSTER / name).read_text())
+        assert images and all(i.split("/")[-1].startswith("xray-cluster:") for i in images), name
+
+
+def test_ray_is_pinned_to_the_clusters_ray_version():
+    import ray
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    [ray_req] = [Requirement(d) for d in deps if Requirement(d).name == "ray"]
+    versions = {_load("kuberay-raycluster.yaml")["spec"]["rayVersion"],
+                _load("kuberay-rayjob.yaml")["spec"]["rayClusterSpec"]["rayVersion"]}
+    [version] = versions
+    major, minor, _ = version.split(".")
+    assert ray_req.specifier.contains(version), (str(ray_req), version)
+    assert not ray_req.specifier.contains(f"{major}.{int(minor) + 1}.0"), str(ray_req)
+    assert not ray_req.specifier.contains(f"{major}.{int(minor) - 1}.0"), str(ray_req)
+    assert ray_req.specifier.contains(ray.__version__), "this environment runs another Ray"
+
+
+def test_token_authentication_is_configured():
+    """Ray 2.60 refuses clients without the cluster's token; KubeRay makes and shares it."""
+    cluster = _load("kuberay-raycluster.yaml")
+    assert cluster["spec"]["authOptions"]["mode"] == "token"
+    job = _load("kuberay-rayjob.yaml")["spec"]["rayClusterSpec"]
+    assert job["authOptions"]["mode"] == "token"
+    cron = _load("nightly-cronjob.yaml")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in cron["containers"][0]["env"]}
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    secret = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert secret == {"name": cluster["metadata"]["name"], "key": "auth_token"}
 
 
 @pytest.mark.parametrize("job", sorted(p.name for p in JOBS.glob("*.py")))
