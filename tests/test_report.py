@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import re
@@ -102,7 +103,9 @@ _PAGE_CHECKS = """(() => {
 })()"""
 
 
-async def _inspect(chromium: str, url: str, screenshot: Path) -> dict:
+@contextlib.asynccontextmanager
+async def _browser_page(chromium: str):
+    """A fresh headless Chromium (own profile) and its page's DevTools client."""
     import aiohttp
 
     profile = tempfile.mkdtemp(prefix="xray-chromium-")
@@ -128,20 +131,7 @@ async def _inspect(chromium: str, url: str, screenshot: Path) -> dict:
                 page = _Page(ws)
                 for domain in ("Page", "Network", "Runtime", "Log"):
                     await page.call(f"{domain}.enable")
-                navigated = await page.call("Page.navigate", url=url)
-                assert "errorText" not in navigated, navigated
-                await page.wait_for("Page.loadEventFired")
-                checks = json.loads((await page.call(
-                    "Runtime.evaluate", expression=_PAGE_CHECKS, returnByValue=True))
-                    ["result"]["value"])
-                width = 1400
-                height = min(int(checks["height"]), 16000)
-                await page.call("Emulation.setDeviceMetricsOverride", width=width, height=height,
-                                deviceScaleFactor=1, mobile=False)
-                shot = await page.call("Page.captureScreenshot", format="png",
-                                       captureBeyondViewport=True)
-                screenshot.write_bytes(base64.b64decode(shot["data"]))
-                events = page.events
+                yield page
     finally:
         proc.terminate()
         try:
@@ -149,6 +139,27 @@ async def _inspect(chromium: str, url: str, screenshot: Path) -> dict:
         except asyncio.TimeoutError:
             proc.kill()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+async def _evaluate(page: _Page, expression: str):
+    return json.loads((await page.call("Runtime.evaluate", expression=expression,
+                                       returnByValue=True))["result"]["value"])
+
+
+async def _inspect(chromium: str, url: str, screenshot: Path) -> dict:
+    async with _browser_page(chromium) as page:
+        navigated = await page.call("Page.navigate", url=url)
+        assert "errorText" not in navigated, navigated
+        await page.wait_for("Page.loadEventFired")
+        checks = await _evaluate(page, _PAGE_CHECKS)
+        width = 1400
+        height = min(int(checks["height"]), 16000)
+        await page.call("Emulation.setDeviceMetricsOverride", width=width, height=height,
+                        deviceScaleFactor=1, mobile=False)
+        shot = await page.call("Page.captureScreenshot", format="png",
+                               captureBeyondViewport=True)
+        screenshot.write_bytes(base64.b64decode(shot["data"]))
+        events = page.events
     requests = {e["params"]["requestId"]: e["params"]["request"]["url"]
                 for e in events if e["method"] == "Network.requestWillBeSent"}
     failed = [(requests.get(e["params"]["requestId"]), e["params"].get("errorText"))
@@ -199,6 +210,85 @@ def test_report_of_a_real_scan_in_chromium(scanned_tiny, chromium):
 
     png = (OUTPUT / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 50_000
+
+
+_LAYOUT = """(() => {
+  document.querySelectorAll('details').forEach(d => { d.open = true; });
+  const vw = document.documentElement.clientWidth;
+  const wide = [...document.querySelectorAll('body *')].filter(e => {
+    // inside a horizontally scrolling wrapper an element may be wider than the page
+    if (e.parentElement && e.parentElement.closest('.scroll')) return false;
+    const r = e.getBoundingClientRect();
+    return r.width > 0 && r.right > vw + 1;
+  }).slice(0, 10).map(e => `${e.tagName}#${e.id}.${e.className} right=${
+    Math.round(e.getBoundingClientRect().right)}`);
+  return JSON.stringify({
+    viewport: vw, scrollWidth: document.documentElement.scrollWidth,
+    bodyScrollWidth: document.body.scrollWidth, wide: wide,
+    images: [...document.images].filter(i => i.complete && i.naturalWidth > 0).length,
+    height: document.documentElement.scrollHeight});
+})()"""
+
+
+async def _layout_at(chromium: str, url: str, widths: tuple[int, ...],
+                     shots: Path) -> dict[int, dict]:
+    """The page laid out at each width (a phone's viewport for widths below 800: the viewport
+    meta tag decides the layout width there), every <details> opened; a full-page screenshot
+    per width at shots/report-<width>.png."""
+    found = {}
+    async with _browser_page(chromium) as page:
+        for width in widths:
+            await page.call("Emulation.setDeviceMetricsOverride", width=width, height=1000,
+                            deviceScaleFactor=1, mobile=width < 800)
+            page.events.clear()
+            navigated = await page.call("Page.navigate", url=url)
+            assert "errorText" not in navigated, navigated
+            await page.wait_for("Page.loadEventFired")
+            found[width] = layout = await _evaluate(page, _LAYOUT)
+            await page.call("Emulation.setDeviceMetricsOverride", width=width,
+                            height=min(int(layout["height"]), 16000), deviceScaleFactor=1,
+                            mobile=width < 800)
+            shot = await page.call("Page.captureScreenshot", format="png",
+                                   captureBeyondViewport=True)
+            (shots / f"report-{width}.png").write_bytes(base64.b64decode(shot["data"]))
+    return found
+
+
+def test_report_fits_a_400_px_phone_and_a_1400_px_screen(scanned_tiny, chromium):
+    """Nothing but the scrolling table wrappers is wider than the viewport: images shrink, wide
+    tables scroll inside their wrapper, the viewport meta tag makes a phone lay the page out at
+    its own width. The summary shows its short table, the full one and its glossary in a
+    <details>. Screenshots at tests/_output/report/report-{400,1400}.png."""
+    out, round_dir, _ = scanned_tiny
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    trojaned = next(p.name for p in sorted(round_dir.iterdir())
+                    if (p / "config.json").is_file()
+                    and json.loads((p / "config.json").read_text())["poisoned"])
+    html_path = Path(render_report(str(out), html_path=str(OUTPUT / "report-widths.html"),
+                                   drilldown_models=[trojaned], max_drilldown=2, planes=2))
+    html = html_path.read_text()
+    assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in html
+    short = html[html.index('id="summary-short"'):]
+    short = short[:short.index("</table>")]
+    assert re.findall(r"<th[^>]*>([^<]+)</th>", short) == [
+        "detector", "group", "models", "ROC-AUC", "TPR at 5% FPR", "CE", "accuracy"]
+    full = html[html.index('<details id="summary-full">'):]
+    full = full[:full.index("</details>")]
+    columns = re.findall(r"<th[^>]*>([^<]+)</th>", full[full.index('id="summary-table"'):])
+    glossary = re.findall(r"<dt>([^<]+)</dt><dd>([^<]+)</dd>", full)
+    assert len(columns) > 20 and [t for t, _ in glossary] == columns  # every column explained
+    assert all(len(meaning) > 10 for _, meaning in glossary)
+
+    layouts = asyncio.run(_layout_at(chromium, html_path.as_uri(), (1400, 400), OUTPUT))
+    for width, layout in layouts.items():
+        assert layout["viewport"] == width, layout
+        assert layout["scrollWidth"] <= width and layout["bodyScrollWidth"] <= width, layout
+        assert layout["wide"] == [], layout
+        assert layout["images"] >= 4, layout
+    for width in (400, 1400):
+        png = (OUTPUT / f"report-{width}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        assert int.from_bytes(png[16:20], "big") == width  # IHDR width: nothing spilled over
 
 
 def test_drilldown_selection_matches_the_verdicts(scanned_tiny):
@@ -289,6 +379,119 @@ def test_explain_draws_the_same_pictures_from_the_same_module(scanned_tiny, tmp_
     data = Path(png).read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert explain_triggers(str(copy), "no-such-model") is None
+
+
+def _fake_planes(n: int, classes: int = 10) -> list[dict]:
+    rng = np.random.default_rng(0)
+    return [{"pred": rng.integers(0, classes, (8, 8)), "c1": np.linspace(-1, 1, 8),
+             "c2": np.linspace(-1, 1, 8), "sample_coords": [(0, 0), (0.5, 0), (0, 0.5)],
+             "sample_labels": [0, 1, 4], "dominating_label": 3, "dominating_share": 0.4,
+             "re": 1.5, "ats": 0.5} for _ in range(n)]
+
+
+def _texts(fig) -> tuple[str, list[str], list[str]]:
+    """(suptitle, every axes title, every figure-legend text) of a matplotlib Figure."""
+    titles = [ax.get_title() for ax in fig.get_axes()]
+    legend = sorted((t.get_text() for lg in fig.legends for t in lg.get_texts()),
+                    key=lambda text: int(text.split()[0]))  # by class, not legend order
+    return fig.get_suptitle(), titles, legend
+
+
+def test_planes_figure_names_model_verdict_targets_and_class_colours():
+    from xray.plots import Finding, Headline, planes_figure
+
+    headline = Headline("id-00000008", "trojaned", 2, (
+        Finding("modelxray", "trojaned", -1.724, -1.737, 3),
+        Finding("mmbd", "clean", 0.5, 0.8, 2)))
+    fig = planes_figure(_fake_planes(3), 10, headline, total=8,
+                        triggers=[[("true trigger applied (target 2)", np.ones((8, 8, 3)), None)]])
+    title, axes_titles, legend = _texts(fig)
+    assert title.splitlines() == [
+        "id-00000008 (ground truth trojaned, true target 2)",
+        "modelxray: TROJANED, score -1.724 >= threshold -1.737, predicted target 3 vs true 2",
+        "mmbd: clean, score 0.5 < threshold 0.8, predicted target 2 vs true 2"]
+    # planes numbered from 1 out of the scan's count, as the report's captions count them
+    assert [t.split(":")[0] for t in axes_titles if t.startswith("plane")] == [
+        "plane 1 of 8", "plane 2 of 8", "plane 3 of 8"]
+    assert "true trigger applied (target 2)" in axes_titles  # the trigger beside the planes
+    # one legend entry per class; the predicted target highlighted, the true target named
+    assert legend == ["0", "1", "2 = true target", "3 = predicted target"] + [
+        str(k) for k in range(4, 10)]
+    (class_legend,) = fig.legends
+    bold = [t.get_text() for t in class_legend.get_texts() if t.get_fontweight() == "bold"]
+    assert bold == ["3 = predicted target"]
+    framed = [(t.get_text(), h.get_linewidth())
+              for t, h in zip(class_legend.get_texts(), class_legend.legend_handles)]
+    assert [text for text, width in framed if width > 0] == ["3 = predicted target"]
+    # a clean model without ground truth: no target claimed
+    plain = planes_figure(_fake_planes(1), 10, Headline("m", "unknown", None, (
+        Finding("modelxray", "no threshold", 0.1, None, None),)))
+    title, _, legend = _texts(plain)
+    assert title == "m (ground truth unknown)\nmodelxray: no threshold, score 0.1, no " \
+        "threshold, no predicted target"
+    assert legend == [str(k) for k in range(10)]
+
+
+def test_explain_pictures_are_titled_with_verdict_and_targets(scanned_tiny, tmp_path,
+                                                                monkeypatch):
+    """`xray explain`'s planes PNG: titled with the model id, each detector's verdict and score
+    against its threshold, predicted vs true target; the class legend; the true trigger beside
+    the planes. The same headline over the triggers PNG."""
+    import xray.explain as explain
+
+    out, round_dir, summary = scanned_tiny
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    model_id = next(p.name for p in sorted(round_dir.iterdir())
+                    if (p / "config.json").is_file()
+                    and json.loads((p / "config.json").read_text())["poisoned"])
+    config = json.loads((round_dir / model_id / "config.json").read_text())
+    figures = []
+    real_png_bytes = explain.png_bytes
+
+    def keep(fig, dpi=100):
+        figures.append(fig)
+        return real_png_bytes(fig, dpi)
+
+    monkeypatch.setattr(explain, "png_bytes", keep)
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    explain.explain_model(str(copy), model_id, png_uri=str(OUTPUT / "explain.png"),
+                          max_planes=2)
+    title, axes_titles, legend = _texts(figures[-1])
+    scores = load_scores(str(copy)).query("model_id == @model_id").iloc[0]
+    head, modelxray = title.splitlines()[:2]
+    assert head == f"{model_id} (ground truth trojaned, true target {config['target']})"
+    assert modelxray.startswith("modelxray: ") and " threshold " in modelxray
+    assert f"score {scores['score']:.4g} " in modelxray
+    assert modelxray.endswith(f"predicted target {int(scores['predicted_target'])} vs true "
+                              f"{config['target']}")
+    assert ("TROJANED" in modelxray) == (" >= threshold " in modelxray)
+    scanned = len(json.loads(scores["stats_json"])["re_per_plane"])  # the scan's planes
+    assert [t.split(":")[0] for t in axes_titles if t.startswith("plane")] == [
+        f"plane 1 of {scanned}", f"plane 2 of {scanned}"]
+    assert f"true trigger applied (target {config['target']})" in axes_titles
+    predicted = int(scores["predicted_target"])
+    assert len(legend) == config["num_classes"]
+    assert legend[predicted].startswith(f"{predicted} = predicted target")
+    assert "true target" in legend[config["target"]]
+
+    # the triggers picture carries the same headline
+    h = w = config["input_shape"][1]
+    mask = np.zeros((1, h, w), np.float32)
+    mask[0, :3, :3] = 1.0
+    write_part(str(copy), "triggers", summary.run_id, [{
+        "run_id": summary.run_id, "model_id": model_id, "model_digest": scores["model_digest"],
+        "detector": "modelxray", "config_hash": scores["config_hash"], "trigger_index": 0,
+        "victim": None, "target": 0, "kind": "patch", "size": 9.0, "reasr": 0.5,
+        "stats_json": "{}", "mask": _npy(mask), "pattern": _npy(np.ones((3, h, w), np.float32)),
+        "kernel": None}])
+    explain.explain_triggers(str(copy), model_id)
+    title, axes_titles, _ = _texts(figures[-1])
+    assert title.splitlines()[0] == head and "modelxray inverted #0 -> 0: mask" in axes_titles
+    # and explain's planes now show the inverted trigger beside the true one
+    explain.explain_model(str(copy), model_id, png_uri=str(tmp_path / "p.png"), max_planes=1)
+    _, axes_titles, _ = _texts(figures[-1])
+    assert "modelxray inverted #0 -> 0: mask" in axes_titles
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,12 @@ The reducer (xray.reduce) only reads tables; what it needs from a model comes fr
 * Ground-truth trigger: when the model's directory holds a zoo / TrojAI config.json with a
   `trigger` the zoo's attacks can rebuild, the same clean example with the true trigger applied
   and the difference it makes; else the first poisoned example image when there is one.
-Every picture is drawn through `xray.plots` (matplotlib's object API, no pyplot).
+Every picture is drawn through `xray.plots` (matplotlib's object API, no pyplot) and titled with
+a `Headline`: the model id, its ground truth and true target, and each detector's verdict, score
+against threshold and predicted target (`model_headline` reads them from the scores table, the
+report passes its own); the planes carry a class-colour legend with the predicted target marked.
+`xray explain` puts the best inverted trigger of each scanner and the true trigger beside the
+planes.
 """
 from __future__ import annotations
 
@@ -35,10 +40,19 @@ import torch
 from xray import detectors as registry
 from xray.config import parse_config
 from xray.detectors.inversion.core import TriggerCandidate
-from xray.detectors.modelxray import plot_planes
 from xray.io import storage
 from xray.io.examples import load_examples
-from xray.plots import as_image, as_mask, panels_figure, png_base64, png_bytes
+from xray.plots import (
+    Finding,
+    Headline,
+    Panel,
+    as_image,
+    as_mask,
+    panels_figure,
+    planes_figure,
+    png_base64,
+    png_bytes,
+)
 from xray.reduce.formatting import first_line, fmt
 from xray.results import locations
 from xray.results.sink import read_runs, read_table
@@ -65,10 +79,47 @@ def rerun_planes(record: Any, detector: Any, config: Any) -> tuple[list[dict] | 
     return result["artifacts"][detector.name]["planes"], row
 
 
-def planes_png(planes: Sequence[dict], num_classes: int, max_planes: int) -> bytes:
-    buffer = io.BytesIO()
-    plot_planes(planes, num_classes, buffer, max_planes=max_planes)
-    return buffer.getvalue()
+def planes_png(planes: Sequence[dict], num_classes: int, max_planes: int,
+               headline: Headline | None = None, total: int | None = None,
+               triggers: Sequence[Sequence[Panel]] = (), dpi: int = 100,
+               cols: int = 4) -> bytes:
+    """The first max_planes planes (`xray.plots.planes_figure`) as PNG bytes."""
+    fig = planes_figure(list(planes)[:max(1, int(max_planes))], num_classes, headline,
+                        total=total or len(planes), triggers=triggers, cols=cols)
+    return png_bytes(fig, dpi=dpi)
+
+
+def model_headline(out_uri: str, model_id: str, record: Any = None,
+                   first: str = "modelxray") -> Headline:
+    """The titles' facts of one model from the scores table of `out_uri` (all runs): every
+    detector's verdict at its unit's threshold (as the summary sets it), score, predicted target;
+    `first`'s finding first. Ground truth and true target from the manifest record, else the
+    scores' gt columns."""
+    from xray.reduce.summary import load_scores, unit_frames, verdicts
+
+    scores = load_scores(out_uri)
+    mine = scores[scores["model_id"] == model_id]
+    findings = []
+    for key, per_model, threshold, _, _ in unit_frames(scores):
+        if model_id not in per_model.index:
+            continue
+        verdict = str(verdicts(per_model.loc[[model_id]], threshold).iloc[0])
+        rows = mine[(mine["detector"] == key["detector"])
+                    & (mine["config_hash"] == key["config_hash"])]
+        target = rows["predicted_target"].iloc[-1] if len(rows) else None
+        findings.append(Finding(
+            key["detector"], verdict, float(per_model.at[model_id, "score"]),
+            None if math.isnan(threshold) else float(threshold),
+            None if _missing(target) else int(target)))
+    findings.sort(key=lambda f: f.detector != first)
+    poisoned = record.poisoned if record is not None else None
+    true_target = record.target if record is not None else None
+    if poisoned is None and len(mine) and not _missing(mine["gt_poisoned"].iloc[-1]):
+        poisoned = bool(mine["gt_poisoned"].iloc[-1])
+    if true_target is None and len(mine) and not _missing(mine["gt_target"].iloc[-1]):
+        true_target = int(mine["gt_target"].iloc[-1])
+    truth = "unknown" if poisoned is None else "trojaned" if poisoned else "clean"
+    return Headline(model_id, truth, true_target if poisoned else None, tuple(findings))
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,14 +189,15 @@ def trigger_panels(record: Any, x: np.ndarray | None, trojaned: bool,
             notes.append(f"ground-truth trigger: {why}")
         else:
             row = [("clean example", as_image(x[0]), None),
-                   ("true trigger applied", as_image(gt["stamped"]), None)]
+                   (f"true trigger applied (target {fmt(record.target)})",
+                    as_image(gt["stamped"]), None)]
             if gt["diff"] is not None:
                 row.append(("|difference|", gt["diff"], "magma"))
             rows.append(row)
             notes.append(f"ground truth: {gt['text']}")
     for label, r in found:
         mask, pattern = _npy(r["mask"]), _npy(r["pattern"])
-        title = f"{label} #{int(r['trigger_index'])} -> {fmt(r['target'])}"
+        title = f"{label} inverted #{int(r['trigger_index'])} -> {fmt(r['target'])}"
         row = []
         if mask is not None:
             row.append((f"{title}: mask", as_mask(mask), "gray"))
@@ -220,10 +272,11 @@ class ModelPictures:
         return self._examples[record.model_id]
 
     def planes(self, key: Mapping[str, str], record: Any, planes: int,
-               stored_re: Any = None) -> tuple[str | None, str]:
+               stored_re: Any = None, headline: Headline | None = None) -> tuple[str | None, str]:
         """Model X-ray's first `planes` planes of the model, re-run with the scan's
         configuration, as base64 PNG, and a note (None + why when not drawn). stored_re: the
-        scan's per-plane RE (stats re_per_plane) to check the re-run against."""
+        scan's per-plane RE (stats re_per_plane) to check the re-run against; headline: the
+        figure's title (and the predicted target the legend marks)."""
         config, detector, why = self.detector_config(key)
         if detector is None:
             return None, why
@@ -233,8 +286,11 @@ class ModelPictures:
         drawn, row = rerun_planes(record, limited, dataclasses.replace(config, device="auto"))
         if drawn is None:
             return None, f"re-running Model X-ray failed: {first_line(row['error'])}"
-        png = base64.b64encode(planes_png(drawn, record.num_classes, len(drawn))).decode("ascii")
-        note = f"planes 1-{len(drawn)} of the scan's {full}, re-run with its configuration"
+        # two planes a row: still legible when a phone shrinks the picture to its width
+        png = base64.b64encode(planes_png(drawn, record.num_classes, len(drawn), headline,
+                                          total=full, dpi=80, cols=2)).decode("ascii")
+        shown = "plane 1" if len(drawn) == 1 else f"planes 1-{len(drawn)}"
+        note = f"{shown} of the scan's {full}, re-run with its configuration"
         if isinstance(stored_re, list) and len(stored_re) >= len(drawn):
             rerun = np.array([p["re"] for p in drawn], dtype=float)
             scan = np.array(stored_re[:len(drawn)], dtype=float)
@@ -247,9 +303,10 @@ class ModelPictures:
         return png, note
 
     def triggers(self, record: Any, trojaned: bool,
-                 found: Sequence[tuple[str, Mapping[str, Any]]]) -> tuple[str | None, list[str]]:
+                 found: Sequence[tuple[str, Mapping[str, Any]]],
+                 headline: Headline | None = None) -> tuple[str | None, list[str]]:
         """One figure (base64 PNG, or None when there is nothing to draw) of the ground-truth
-        trigger and the inverted ones, and notes."""
+        trigger and the inverted ones, titled with the headline, and notes."""
         notes: list[str] = []
         x = None
         if record is not None:
@@ -262,7 +319,7 @@ class ModelPictures:
         notes += more
         if not rows:
             return None, notes
-        return png_base64(panels_figure(rows), dpi=80), notes
+        return png_base64(panels_figure(rows, headline), dpi=80), notes
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,10 +339,27 @@ def _latest_run_records(out_uri: str, model_id: str) -> tuple[pd.Series, Any]:
     return run, records[model_id]
 
 
+def _best_triggers(out_uri: str, model_id: str,
+                   per_detector: int) -> list[tuple[str, pd.Series]]:
+    """(detector, row) of the model's inverted triggers in its newest run with any: the
+    `per_detector` highest-REASR rows of each scanner."""
+    rows = read_table(out_uri, "triggers", model_ids=[model_id])
+    if not len(rows):
+        return []
+    rows = rows[rows["run_id"] == sorted(rows["run_id"])[-1]]
+    found = []
+    for detector, group in rows.groupby("detector", sort=True):
+        best = group.sort_values(["reasr", "trigger_index"], ascending=[False, True])
+        found += [(str(detector), r) for _, r in best.head(per_detector).iterrows()]
+    return found
+
+
 def explain_model(out_uri: str, model_id: str, png_uri: str | None = None,
                   max_planes: int = 4) -> str:
     """Model X-ray's planes of one scanned model (re-run with its latest run's parameters) as a
-    PNG at png_uri (default <out>/explain/<model_id>-modelxray.png); returns its URI."""
+    PNG at png_uri (default <out>/explain/<model_id>-modelxray.png); returns its URI. Titled
+    with `model_headline`; beside the planes the best inverted trigger of each scanner that
+    stored triggers and, for a trojaned model, the true trigger (when the round records it)."""
     run, record = _latest_run_records(out_uri, model_id)
     config = parse_config(json.loads(run["config_json"]), source=f"run {run['run_id']}",
                           stored=True)
@@ -294,8 +368,18 @@ def explain_model(out_uri: str, model_id: str, png_uri: str | None = None,
     planes, row = rerun_planes(record, detector, config)
     if planes is None:
         raise ValueError(f"model {model_id}: Model X-ray failed: {row['error']}")
+    headline = model_headline(out_uri, model_id, record)
+    found = _best_triggers(out_uri, model_id, per_detector=1)
+    panels: list[list] = []
+    if found or record.poisoned:
+        examples = ModelPictures(pd.DataFrame()).examples(record)
+        if not isinstance(examples, Exception):
+            x = pick_example(*examples, record, found)
+            rows, _ = trigger_panels(record, x, bool(record.poisoned), found)
+            panels = rows  # the true trigger's row first, then one row per scanner
     png_uri = png_uri or storage.join(out_uri, "explain", f"{model_id}-modelxray.png")
-    storage.atomic_write_bytes(png_uri, planes_png(planes, record.num_classes, max_planes))
+    storage.atomic_write_bytes(png_uri, planes_png(planes, record.num_classes, max_planes,
+                                                   headline, total=len(planes), triggers=panels))
     return png_uri
 
 
@@ -304,15 +388,10 @@ def explain_triggers(out_uri: str, model_id: str, png_uri: str | None = None,
     """Draw a scanned model's inverted triggers (the `triggers` table of its newest run: the
     `per_detector` highest-REASR rows of each scanner) beside the ground-truth trigger, as the
     report draws them. Returns the PNG's URI, or None when the model has no trigger rows."""
-    rows = read_table(out_uri, "triggers", model_ids=[model_id])
-    if not len(rows):
+    found = _best_triggers(out_uri, model_id, per_detector)
+    if not found:
         return None
     _, record = _latest_run_records(out_uri, model_id)
-    rows = rows[rows["run_id"] == sorted(rows["run_id"])[-1]]
-    found = []
-    for detector, group in rows.groupby("detector", sort=True):
-        best = group.sort_values(["reasr", "trigger_index"], ascending=[False, True])
-        found += [(str(detector), r) for _, r in best.head(per_detector).iterrows()]
     pictures = ModelPictures(pd.DataFrame())
     examples = pictures.examples(record)
     if isinstance(examples, Exception):
@@ -320,5 +399,6 @@ def explain_triggers(out_uri: str, model_id: str, png_uri: str | None = None,
     x = pick_example(*examples, record, found)
     panels, _ = trigger_panels(record, x, bool(record.poisoned), found)
     png_uri = png_uri or storage.join(out_uri, "explain", f"{model_id}-triggers.png")
-    storage.atomic_write_bytes(png_uri, png_bytes(panels_figure(panels)))
+    headline = model_headline(out_uri, model_id, record, first=found[0][0])
+    storage.atomic_write_bytes(png_uri, png_bytes(panels_figure(panels, headline)))
     return png_uri

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import pandas as pd
 
+from xray.plots import Finding, Headline
 from xray.progress import Progress
 from xray.reduce.formatting import first_line, fmt
 from xray.reduce.report.tables import Manifests, Unit, is_missing, truth_text
@@ -136,7 +137,7 @@ def drill_entry(model_id: str, reasons: list[str], units: Sequence[Unit],
                 "trigger_rows": [], "notes": ["no score row for this model"]}
     first = present[0].per_model.loc[model_id]
     y = float(first["y"])
-    detectors, found = [], []
+    detectors, found, findings = [], [], []
     for unit in present:
         r = unit.per_model.loc[model_id]
         verdict = unit.verdicts[model_id]
@@ -153,9 +154,19 @@ def drill_entry(model_id: str, reasons: list[str], units: Sequence[Unit],
             "verdict": verdict, "correct": correct,
             "target": fmt(target) if not is_missing(target) else "-",
             "seconds": fmt(r["seconds"], 2), "error": first_line(r["error"])})
+        findings.append(Finding(
+            unit.label, str(verdict), None if is_missing(r["score"]) else float(r["score"]),
+            None if math.isnan(unit.threshold) else float(unit.threshold),
+            None if is_missing(target) else int(target)))
         for _, t in triggers_for(triggers, model_id, unit, target).iterrows():
             found.append((unit.label, t))
     record, why = manifests.record(model_id)
+    true_target = record.target if y == 1 and record is not None else None
+
+    def headline(first: str | None = None) -> Headline:  # `first`'s finding first
+        return Headline(model_id, truth_text(y), true_target,
+                        tuple(sorted(findings, key=lambda f: f.detector != first)))
+
     notes = [] if record is not None else [f"pictures not drawn: {why}"]
     drawn_planes = []
     if record is not None and planes > 0:
@@ -164,7 +175,8 @@ def drill_entry(model_id: str, reasons: list[str], units: Sequence[Unit],
                 continue
             stored = json_object(unit.per_model.at[model_id, "stats_json"]).get("re_per_plane")
             try:
-                png, note = pictures().planes(unit.key, record, planes, stored)
+                png, note = pictures().planes(unit.key, record, planes, stored,
+                                              headline=headline(unit.label))
             except Exception as exc:  # one model's picture never stops the report
                 png, note = None, f"planes not drawn: {type(exc).__name__}: {exc}"
             drawn_planes.append({"label": unit.label, "png": png, "note": note})
@@ -172,7 +184,8 @@ def drill_entry(model_id: str, reasons: list[str], units: Sequence[Unit],
     triggers_png, trigger_notes = None, []
     if found or (y == 1 and record is not None):
         try:
-            triggers_png, trigger_notes = pictures().triggers(record, y == 1, found)
+            triggers_png, trigger_notes = pictures().triggers(
+                record, y == 1, found, headline=headline(found[0][0] if found else None))
         except Exception as exc:  # one model's picture never stops the report
             trigger_notes = [f"triggers not drawn: {type(exc).__name__}: {exc}"]
     facts = [("ground truth", truth_text(y))]

@@ -18,30 +18,70 @@ from xray.results.sink import read_runs
 
 MAX_ROWS = 5000  # per-model and error tables; the rest is counted, not shown
 
+# the full summary table: (column title, summary column, what it means: the glossary under it)
 _SUMMARY_VIEW = [
-    ("detector", "detector"), ("group", "group"), ("n", "n"), ("troj", "n_poisoned"),
-    ("clean", "n_clean"), ("unlab", "n_unlabelled"), ("missing", "n_missing"),
-    ("coverage", "coverage"), ("threshold", "threshold"), ("thr source", "threshold_source"),
-    ("thr clean models", "threshold_n_clean"),
-    ("TP", "TP"), ("FP", "FP"), ("FN", "FN"), ("TN", "TN"), ("acc", "accuracy"),
-    ("best thr", "best_threshold"), ("best acc", "best_accuracy"), ("ROC-AUC", "roc_auc"),
-    ("AUC r1-4", "roc_auc_thresholds"), ("TPR@FPR", "tpr_at_fpr"), ("CE", "ce"),
-    ("CE ci95", "ce_ci95"), ("Brier", "brier"), ("CE miss=0.5", "ce_missing_as_half"),
-    ("AUC miss=0.5", "roc_auc_missing_as_half"), ("p source", "probability_source"),
-    ("p50 s", "runtime_p50"), ("p90 s", "runtime_p90"), ("max s", "runtime_max"),
-    ("train models", "n_training_models"), ("notes", "notes"),
+    ("detector", "detector", "detector name (with version and config hash when one detector "
+     "has several configurations)"),
+    ("group", "group", "the models counted: all; attack=A (that attack's trojaned models and "
+     "every clean model); architecture=...; a manifest tag=value"),
+    ("n", "n", "models in the group"),
+    ("troj", "n_poisoned", "trojaned models (ground truth)"),
+    ("clean", "n_clean", "clean models (ground truth)"),
+    ("unlab", "n_unlabelled", "models without ground truth (scores and verdicts only)"),
+    ("missing", "n_missing", "models without a usable score (error, timeout, crashed, not "
+     "scored, non-finite score)"),
+    ("coverage", "coverage", "share of the group's models with a usable score"),
+    ("threshold", "threshold", "score >= threshold means trojaned"),
+    ("thr source", "threshold_source", "how the threshold was set: given (--threshold), "
+     "clean_q0.95 (0.95 quantile of the known-clean models' scores: about 5% of them flagged, "
+     "in-sample), best_separating, none"),
+    ("thr clean models", "threshold_n_clean", "how many clean models a clean_q0.95 threshold "
+     "rests on (below 20 its false-positive rate is a rough guess)"),
+    ("TP", "TP", "true positives: trojaned models flagged"),
+    ("FP", "FP", "false positives: clean models flagged"),
+    ("FN", "FN", "false negatives: trojaned models not flagged"),
+    ("TN", "TN", "true negatives: clean models not flagged"),
+    ("acc", "accuracy", "accuracy at the threshold, (TP + TN) / labelled models with a usable "
+     "score"),
+    ("best thr", "best_threshold", "the threshold with the best accuracy on this group "
+     "(in-sample)"),
+    ("best acc", "best_accuracy", "that best accuracy (in-sample, optimistic)"),
+    ("ROC-AUC", "roc_auc", "area under the ROC curve of the scores (1 = perfect ranking, "
+     "0.5 = chance)"),
+    ("AUC r1-4", "roc_auc_thresholds", "ROC-AUC as the TrojAI rounds 1-4 harness computes it, "
+     "over the probabilities"),
+    ("TPR@FPR", "tpr_at_fpr", "true-positive rate (share of trojaned models flagged) at a "
+     "false-positive rate of at most 5%"),
+    ("CE", "ce", "TrojAI cross-entropy of the probabilities against the ground truth (lower is "
+     "better; 0.693 = always saying 0.5)"),
+    ("CE ci95", "ce_ci95", "95% confidence interval of CE"),
+    ("Brier", "brier", "Brier score: mean squared error of the probabilities (lower is better)"),
+    ("CE miss=0.5", "ce_missing_as_half", "CE with every labelled model counted, a model "
+     "without a usable score as probability 0.5 (TrojAI's rule)"),
+    ("AUC miss=0.5", "roc_auc_missing_as_half", "ROC-AUC the same way"),
+    ("p source", "probability_source", "where the probabilities come from: stats (the "
+     "detector's own calibrated 'probability'), logistic (the default map logistic((score - "
+     "threshold) / sd of the clean scores)), mixed"),
+    ("p50 s", "runtime_p50", "median seconds per model"),
+    ("p90 s", "runtime_p90", "90th percentile of seconds per model"),
+    ("max s", "runtime_max", "most seconds a model took"),
+    ("train models", "n_training_models", "models a calibrator scored that it was trained on "
+     "(in-sample figures)"),
+    ("notes", "notes", "why metrics are NaN, unlabelled models left out, leakage"),
 ]
 _SUMMARY_TEXT = {"detector", "group", "thr source", "p source", "notes"}
+# the short table shown by default: (title, summary column)
+_SUMMARY_SHORT = [
+    ("detector", "detector"), ("group", "group"), ("models", "n"), ("ROC-AUC", "roc_auc"),
+    ("TPR at 5% FPR", "tpr_at_fpr"), ("CE", "ce"), ("accuracy", "accuracy"),
+]
 
 SUMMARY_HELP = (
-    "score >= threshold means trojaned. The threshold, unless given (--threshold), is the 0.95 "
-    "quantile of the known-clean models' scores (thr source clean_q0.95: about 5% of them "
-    "flagged, in-sample; 'thr clean models' says how many it rests on), else the best "
-    "separating one. Attack groups hold the trojaned models of that attack "
-    "and all clean models. Missing = models without an ok score: left out of the plain metrics, "
-    "counted as probability 0.5 in the 'miss=0.5' columns (TrojAI convention). CE / Brier use "
-    "the detector's 'probability' statistic when present (p source stats), else the default "
-    "map logistic((score - threshold) / sd of the clean scores) (p source logistic)."
+    "score >= threshold means trojaned. ROC-AUC: how well the scores rank trojaned above clean "
+    "models (1 perfect, 0.5 chance); TPR at 5% FPR: the share of trojaned models caught while "
+    "flagging at most 5% of clean ones; CE: TrojAI cross-entropy of the probabilities (lower "
+    "is better, 0.693 = a coin); accuracy: at the threshold. The full table and what each of "
+    "its columns means are one click below."
 )
 
 
@@ -279,14 +319,20 @@ def leakage_warning(summary: pd.DataFrame) -> str:
             "rows' figures are in-sample, not held out (column 'train models'). ")
 
 
+def _summary_cell(r: pd.Series, col: str) -> str:
+    if col == "group":
+        return "all" if r["group_by"] == "all" else f"{r['group_by']}={r['group']}"
+    return fmt(r[col])
+
+
 def summary_view(summary: pd.DataFrame) -> dict[str, Any]:
-    rows = []
-    for _, r in summary.iterrows():
-        row = {}
-        for title, col in _SUMMARY_VIEW:
-            if col == "group":
-                row[title] = "all" if r["group_by"] == "all" else f"{r['group_by']}={r['group']}"
-            else:
-                row[title] = fmt(r[col])
-        rows.append(row)
-    return {"columns": [t for t, _ in _SUMMARY_VIEW], "rows": rows, "text_columns": _SUMMARY_TEXT}
+    """The summary for the template: `short` (AUC, TPR at 5% FPR, CE, accuracy per detector x
+    group), the full table and its glossary (every column title with what it means)."""
+    full = [{title: _summary_cell(r, col) for title, col, _ in _SUMMARY_VIEW}
+            for _, r in summary.iterrows()]
+    short = [{title: _summary_cell(r, col) for title, col in _SUMMARY_SHORT}
+             for _, r in summary.iterrows()]
+    return {"columns": [t for t, _, _ in _SUMMARY_VIEW], "rows": full,
+            "text_columns": _SUMMARY_TEXT,
+            "short_columns": [t for t, _ in _SUMMARY_SHORT], "short_rows": short,
+            "glossary": [(t, f"{meaning} ({col})") for t, col, meaning in _SUMMARY_VIEW]}
