@@ -3,7 +3,6 @@ determinism, batched == naive, the picture."""
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 
 import numpy as np
@@ -14,7 +13,7 @@ import torch.nn as nn
 from xray import detectors
 from xray.detectors.base import ScanContext, ScanData
 from xray.detectors.modelxray import (ModelXray, areas_of_triple_samples, draw_planes,
-                                      make_plane, plot_planes, predict_planes, renyi_entropy,
+                                      make_plane, predict_planes, renyi_entropy,
                                       sample_areas, summarise)
 from xray.models import create
 
@@ -266,16 +265,13 @@ def test_registry_and_presets():
         default.num_planes = 3  # frozen
 
 
-def test_plot_planes_writes_a_png(tmp_path):
+def test_planes_artifacts_draw_as_a_png():
+    from xray.plots import planes_figure, png_bytes
+
     data, _ = _prototype_data()
     result = _xray(num_planes=3, resolution=16).score(
         _Prototypes(_PROTOS, target=0), data, ScanContext(seed=0))
     planes = result.artifacts["planes"]
     assert planes[0]["pred"].shape == (16, 16) and planes[0]["pred"].dtype == np.int32
     assert {"c1", "c2", "sample_coords", "sample_labels", "dominating_label"} <= set(planes[0])
-    buf = io.BytesIO()
-    plot_planes(planes, 5, buf, max_planes=2)
-    assert buf.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
-    path = tmp_path / "planes.png"
-    plot_planes(planes, 5, str(path))
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png_bytes(planes_figure(planes[:2], 5, total=3))[:8] == b"\x89PNG\r\n\x1a\n"

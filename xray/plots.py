@@ -16,8 +16,7 @@ the detector returns as artifacts), titled with what a reader needs to judge the
 (model id, ground truth and true target, each detector's verdict, score against threshold and
 predicted target) above, planes numbered from 1 ("plane 1 of 8", as the report's captions count),
 a legend of the class colours under them with the predicted target highlighted, and optionally
-trigger panels beside them. (`xray.detectors.modelxray.plot_planes` still draws the bare planes
-for the detector's own use; `class_colours` repeats its colour choice so both agree.)
+trigger panels beside them.
 """
 from __future__ import annotations
 

@@ -63,7 +63,7 @@ import copy
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -416,61 +416,3 @@ class ModelXray:
             grids = predict_planes_stacked(models, datas, planes, p.batch_size, ctx.device)
         return [summarise(g, pl, d.num_classes, p, ctx.seed)
                 for g, pl, d in zip(grids, planes, datas)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Picture.
-
-
-def _class_colours(num_classes: int) -> list[tuple[float, ...]]:
-    # matplotlib (here and in plot_planes) only for pictures: a scan never draws, and loading
-    # it would cost every worker that imports the detectors.
-    from matplotlib import colormaps
-
-    if num_classes <= 10:
-        return [colormaps["tab10"](i) for i in range(num_classes)]
-    if num_classes <= 20:
-        return [colormaps["tab20"](i) for i in range(num_classes)]
-    cmap = colormaps["gist_rainbow"]  # the reference's choice for GTSRB / CIFAR-100
-    return [cmap(float(t)) for t in np.linspace(0.0, 1.0, num_classes)]
-
-
-def plot_planes(artifacts_planes: Sequence[dict[str, Any]], num_classes: int,
-                path_or_fileobj: str | BinaryIO, max_planes: int = 4) -> None:
-    """Draw up to max_planes decision-boundary planes as one PNG: one colour per class, the three
-    samples marked (o, ^, X), the dominating label and its share in each title."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import ListedColormap
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-
-    planes = list(artifacts_planes)[:max(1, int(max_planes))]
-    if not planes:
-        raise ValueError("plot_planes: no planes to draw")
-    width = max(int(num_classes), max(int(np.max(p["pred"])) + 1 for p in planes))
-    colours = _class_colours(width)
-    cmap = ListedColormap(colours)
-    fig = Figure(figsize=(4.2 * len(planes), 4.6))
-    FigureCanvasAgg(fig)
-    markers = ("o", "^", "X")
-    for n, plane in enumerate(planes):
-        ax = fig.add_subplot(1, len(planes), n + 1)
-        c1, c2 = np.asarray(plane["c1"]), np.asarray(plane["c2"])
-        ax.imshow(np.asarray(plane["pred"]).T, origin="lower", cmap=cmap, vmin=-0.5,
-                  vmax=width - 0.5, interpolation="nearest", aspect="auto",
-                  extent=(c1[0], c1[-1], c2[0], c2[-1]))
-        handles = []
-        for k, (xy, label) in enumerate(zip(plane["sample_coords"], plane["sample_labels"])):
-            ax.scatter([xy[0]], [xy[1]], s=90, marker=markers[k % 3], c=[colours[label]],
-                       edgecolors="black", linewidths=1.2, zorder=3)
-            handles.append(Line2D([], [], marker=markers[k % 3], linestyle="",
-                                  markerfacecolor=colours[label], markeredgecolor="black",
-                                  label=f"sample label {label}"))
-        ax.legend(handles=handles, loc="lower left", fontsize=7, framealpha=0.8)
-        ax.set_title(f"plane {n}: label {plane['dominating_label']} dominates "
-                     f"({100 * plane['dominating_share']:.0f}%)\n"
-                     f"RE {plane['re']:.3f}  ATS {plane['ats']:.3f}", fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path_or_fileobj, format="png", dpi=100)
