@@ -40,7 +40,7 @@ def file_facts(uri: str) -> tuple[str, int]:
     and modification time: a changed file gets a new one and is scanned again (rewriting
     identical bytes may too)."""
     fs, path = storage.filesystem(uri)
-    info = fs.info(path)
+    info = storage.with_retries(lambda: fs.info(path))
     keys = ("ETag", "etag", "checksum", "size", "mtime", "LastModified", "created")
     ident = {k: str(info[k]) for k in keys if k in info}
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]

@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 LEASE_FILE = "_lease.json"
 DEFAULT_TTL_S = 60.0
+# Tokens of the leases this process holds now. A lease naming this process with another token
+# was released by it, but left on a store that was down at release time (`xray.scan` called
+# again after a storage error): stale at once, not only after the ttl.
+_HELD_TOKENS: set[str] = set()
 
 
 class LeaseHeld(RuntimeError):
@@ -97,12 +101,16 @@ class OutputLease:
             return f"not renewed for {age:.0f} s"
         if held.get("host") == socket.gethostname() and not _pid_alive(int(held.get("pid", 0))):
             return f"its driver (pid {held.get('pid')} on this host) is gone"
+        if (held.get("host") == socket.gethostname() and int(held.get("pid", 0)) == os.getpid()
+                and held.get("token") not in _HELD_TOKENS):
+            return "this process released it (the store was down then)"
         return None
 
     # -- taking, renewing, releasing
     def acquire(self) -> None:
         for _ in range(3):  # a stale lease removed under us by another taker: try again
             if self._create():
+                _HELD_TOKENS.add(self.token)
                 self._start_renewing()
                 return
             held = self._read()
@@ -154,6 +162,7 @@ class OutputLease:
         """Stop renewing and delete the lease if it is still ours. A store that fails here
         does not mask the error the run may be ending with: the lease then expires by itself."""
         self._stop.set()
+        _HELD_TOKENS.discard(self.token)
         if self._thread is not None:
             self._thread.join(timeout=5.0)
         try:

@@ -82,6 +82,7 @@ def read_table(out_uri: str, table: str, run_id: str | None = None, dedupe: bool
     these models, filtered while reading. This is the one reader of the result tables."""
     schema = TABLES[table]
     fs, path = storage.filesystem(table_uri(out_uri, table, run_id))
+    fs.invalidate_cache()  # listings cached earlier miss parts written since (by any process)
     if not storage.with_retries(lambda: fs.exists(path)):
         return schema.empty_table().to_pandas()
     dataset = ds.dataset(path, filesystem=fs, format="parquet", schema=schema,
