@@ -27,7 +27,6 @@ import pickle
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,9 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import record  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "tests"))
+from _moto import Moto  # noqa: E402  (the restartable loopback S3 server the tests use)
 
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "xray-chaos"
@@ -61,27 +63,6 @@ class Payload:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
-
-
-class Moto:
-    def __init__(self) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.server = None
-        self.start()
-
-    def start(self) -> None:
-        from moto.server import ThreadedMotoServer
-
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self.server.start()
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop()  # state stays in moto's module-level backends
-            self.server = None
 
 
 def build(models: int, work: Path, marker: Path) -> Path:

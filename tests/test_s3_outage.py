@@ -8,7 +8,6 @@ module-level backends, so a server restarted on the same port serves the same bu
 from __future__ import annotations
 
 import shutil
-import socket
 import threading
 import time
 from collections import Counter
@@ -17,34 +16,9 @@ import pytest
 
 from xray.io import storage
 
+from _moto import Moto
+
 BUCKET = "xray-outage"
-
-
-class Moto:
-    """A ThreadedMotoServer on a fixed loopback port that can go down and come back."""
-
-    def __init__(self) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.server = None
-        self.start()
-
-    def start(self) -> None:
-        from moto.server import ThreadedMotoServer
-
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self.server.start()
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop()  # werkzeug closes the listening socket: connections are refused
-            self.server = None
-
-    @property
-    def up(self) -> bool:
-        return self.server is not None
 
 
 @pytest.fixture
