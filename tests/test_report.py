@@ -18,6 +18,7 @@ import re
 import shutil
 import tempfile
 from datetime import datetime, timedelta, timezone
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -316,6 +317,16 @@ def _npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _trigger_row(run_id: str, model_id: str, scored: Any, index: int, target: int, reasr: float,
+                 mask: np.ndarray, pattern: np.ndarray) -> dict:
+    """A stored modelxray trigger row for `model_id` (digest and config hash of its score row)."""
+    return {"run_id": run_id, "model_id": model_id, "model_digest": scored["model_digest"],
+            "detector": "modelxray", "config_hash": scored["config_hash"],
+            "trigger_index": index, "victim": None, "target": target, "kind": "patch",
+            "size": float(mask.sum()), "reasr": reasr, "stats_json": "{}", "mask": _npy(mask),
+            "pattern": _npy(pattern), "kernel": None}
+
+
 def test_report_draws_inverted_triggers(scanned_tiny, tmp_path):
     out, round_dir, summary = scanned_tiny
     copy = tmp_path / "out"
@@ -331,12 +342,9 @@ def test_report_draws_inverted_triggers(scanned_tiny, tmp_path):
     mask[0, trigger["row"]:trigger["row"] + trigger["size"],
          trigger["col"]:trigger["col"] + trigger["size"]] = 1.0
     pattern = np.random.default_rng(0).random((3, h, w)).astype(np.float32)
-    write_part(str(copy), "triggers", summary.run_id, [{
-        "run_id": summary.run_id, "model_id": model_id, "model_digest": row["model_digest"],
-        "detector": "modelxray", "config_hash": row["config_hash"], "trigger_index": i,
-        "victim": None, "target": target, "kind": "patch", "size": float(mask.sum()),
-        "reasr": reasr, "stats_json": "{}", "mask": _npy(mask), "pattern": _npy(pattern),
-        "kernel": None} for i, (target, reasr) in enumerate([(0, 0.2), (config["target"], 0.95)])])
+    write_part(str(copy), "triggers", summary.run_id, [
+        _trigger_row(summary.run_id, model_id, row, i, target, reasr, mask, pattern)
+        for i, (target, reasr) in enumerate([(0, 0.2), (config["target"], 0.95)])])
 
     html = Path(render_report(str(copy), html_path=str(tmp_path / "r.html"),
                               drilldown_models=[model_id], max_drilldown=1, planes=0)).read_text()
@@ -368,12 +376,8 @@ def test_explain_draws_the_same_pictures_from_the_same_module(scanned_tiny, tmp_
     h = w = json.loads((round_dir / model_id / "config.json").read_text())["input_shape"][1]
     mask = np.zeros((1, h, w), np.float32)
     mask[0, :3, :3] = 1.0
-    write_part(str(copy), "triggers", summary.run_id, [{
-        "run_id": summary.run_id, "model_id": model_id, "model_digest": row["model_digest"],
-        "detector": "modelxray", "config_hash": row["config_hash"], "trigger_index": 0,
-        "victim": None, "target": 0, "kind": "patch", "size": 9.0, "reasr": 0.5,
-        "stats_json": "{}", "mask": _npy(mask), "pattern": _npy(np.ones((3, h, w), np.float32)),
-        "kernel": None}])
+    write_part(str(copy), "triggers", summary.run_id, [_trigger_row(
+        summary.run_id, model_id, row, 0, 0, 0.5, mask, np.ones((3, h, w), np.float32))])
     png = explain_triggers(str(copy), model_id)
     assert png == str(copy / "explain" / f"{model_id}-triggers.png")
     data = Path(png).read_bytes()
@@ -479,12 +483,8 @@ def test_explain_pictures_are_titled_with_verdict_and_targets(scanned_tiny, tmp_
     h = w = config["input_shape"][1]
     mask = np.zeros((1, h, w), np.float32)
     mask[0, :3, :3] = 1.0
-    write_part(str(copy), "triggers", summary.run_id, [{
-        "run_id": summary.run_id, "model_id": model_id, "model_digest": scores["model_digest"],
-        "detector": "modelxray", "config_hash": scores["config_hash"], "trigger_index": 0,
-        "victim": None, "target": 0, "kind": "patch", "size": 9.0, "reasr": 0.5,
-        "stats_json": "{}", "mask": _npy(mask), "pattern": _npy(np.ones((3, h, w), np.float32)),
-        "kernel": None}])
+    write_part(str(copy), "triggers", summary.run_id, [_trigger_row(
+        summary.run_id, model_id, scores, 0, 0, 0.5, mask, np.ones((3, h, w), np.float32))])
     explain.explain_triggers(str(copy), model_id)
     title, axes_titles, _ = _texts(figures[-1])
     assert title.splitlines()[0] == head and "modelxray inverted #0 -> 0: mask" in axes_titles
