@@ -317,6 +317,18 @@ def _npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _copy_with_trojaned_model(scanned_tiny, tmp_path: Path) -> tuple[Path, Any, str, dict]:
+    """(copy of the scanned output under tmp_path, run summary, id and config.json of the
+    round's first trojaned model): tests that add trigger rows work on the copy."""
+    out, round_dir, summary = scanned_tiny
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    model_id = next(p.name for p in sorted(round_dir.iterdir())
+                    if (p / "config.json").is_file()
+                    and json.loads((p / "config.json").read_text())["poisoned"])
+    return copy, summary, model_id, json.loads((round_dir / model_id / "config.json").read_text())
+
+
 def _trigger_row(run_id: str, model_id: str, scored: Any, index: int, target: int, reasr: float,
                  mask: np.ndarray, pattern: np.ndarray) -> dict:
     """A stored modelxray trigger row for `model_id` (digest and config hash of its score row)."""
@@ -328,13 +340,7 @@ def _trigger_row(run_id: str, model_id: str, scored: Any, index: int, target: in
 
 
 def test_report_draws_inverted_triggers(scanned_tiny, tmp_path):
-    out, round_dir, summary = scanned_tiny
-    copy = tmp_path / "out"
-    shutil.copytree(out, copy)
-    model_id = next(p.name for p in sorted(round_dir.iterdir())
-                    if (p / "config.json").is_file()
-                    and json.loads((p / "config.json").read_text())["poisoned"])
-    config = json.loads((round_dir / model_id / "config.json").read_text())
+    copy, summary, model_id, config = _copy_with_trojaned_model(scanned_tiny, tmp_path)
     trigger = config["trigger"]
     row = load_scores(str(copy)).query("model_id == @model_id").iloc[0]
     _, h, w = config["input_shape"]
@@ -363,17 +369,12 @@ def test_explain_draws_the_same_pictures_from_the_same_module(scanned_tiny, tmp_
     the stored triggers re-applied, drawn through xray.plots."""
     from xray.explain import explain_model, explain_triggers
 
-    out, round_dir, summary = scanned_tiny
-    copy = tmp_path / "out"
-    shutil.copytree(out, copy)
-    model_id = next(p.name for p in sorted(round_dir.iterdir())
-                    if (p / "config.json").is_file()
-                    and json.loads((p / "config.json").read_text())["poisoned"])
+    copy, summary, model_id, config = _copy_with_trojaned_model(scanned_tiny, tmp_path)
     assert explain_triggers(str(copy), model_id) is None  # Model X-ray stores no triggers
     png = explain_model(str(copy), model_id, png_uri=str(tmp_path / "planes.png"), max_planes=2)
     assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     row = load_scores(str(copy)).query("model_id == @model_id").iloc[0]
-    h = w = json.loads((round_dir / model_id / "config.json").read_text())["input_shape"][1]
+    h = w = config["input_shape"][1]
     mask = np.zeros((1, h, w), np.float32)
     mask[0, :3, :3] = 1.0
     write_part(str(copy), "triggers", summary.run_id, [_trigger_row(
@@ -443,13 +444,7 @@ def test_explain_pictures_are_titled_with_verdict_and_targets(scanned_tiny, tmp_
     the planes. The same headline over the triggers PNG."""
     import xray.explain as explain
 
-    out, round_dir, summary = scanned_tiny
-    copy = tmp_path / "out"
-    shutil.copytree(out, copy)
-    model_id = next(p.name for p in sorted(round_dir.iterdir())
-                    if (p / "config.json").is_file()
-                    and json.loads((p / "config.json").read_text())["poisoned"])
-    config = json.loads((round_dir / model_id / "config.json").read_text())
+    copy, summary, model_id, config = _copy_with_trojaned_model(scanned_tiny, tmp_path)
     figures = []
     real_png_bytes = explain.png_bytes
 
