@@ -7,7 +7,8 @@
 
 Each is a thin front on what the command line runs: `scan` is `xray scan` (xray.runner.run_scan,
 then the summary table), `score` is `xray.scanning.scan_model` / `scan_loaded` on one model,
-`read_scores` is the de-duplicating reader (xray.results.sink.read_table). Detector settings
+`read_scores` is the de-duplicating reader with the probability column
+(xray.reduce.summary.load_scores). Detector settings
 take the shapes of a scan config (xray.config): a list of names, or name -> {preset, params}.
 Pickled models load only with `allow_pickle=True` passed here: never from a config.
 """
@@ -90,8 +91,7 @@ def scan(manifest: str | os.PathLike[str], out: str | os.PathLike[str], detector
     >>> summary.models_scanned, summary.failures
     (16, 0)
     """
-    from xray.reduce.summary import summarize, write_summary
-    from xray.results.sink import read_table
+    from xray.reduce.summary import refresh_summary
     from xray.runner import run_scan
 
     accepted = set(inspect.signature(run_scan).parameters) - {"manifest_uri", "out_uri", "config"}
@@ -102,7 +102,7 @@ def scan(manifest: str | os.PathLike[str], out: str | os.PathLike[str], detector
     built = make_config(config, detectors, preset, allow_pickle=allow_pickle)
     options = {"show_progress": False, **runner_options}
     summary = run_scan(str(manifest), str(out), built, **options)
-    write_summary(str(out), summarize(read_table(str(out), "scores")))
+    refresh_summary(str(out))
     return summary
 
 

@@ -209,8 +209,7 @@ def scan(manifest: str, out: str, detectors: list[str] | None, config_uri: str |
     scan. Ends with the summary table.
     """
     from xray.config import load_config, with_preset
-    from xray.reduce.summary import format_table, summarize, write_summary
-    from xray.results.sink import read_table
+    from xray.reduce.summary import format_table, refresh_summary
     from xray.runner import run_scan
 
     config = load_config(config_uri, detectors, allow_pickle=allow_pickle,
@@ -225,9 +224,7 @@ def scan(manifest: str, out: str, detectors: list[str] | None, config_uri: str |
     click.echo(f"run {summary.run_id}: {summary.models_scanned} of {summary.models_total} models "
                f"scanned ({summary.models_total - summary.models_planned} already scored), "
                f"{summary.failures} with errors, {summary.seconds:.1f} s")
-    table = summarize(read_table(out, "scores"))
-    write_summary(out, table)
-    click.echo(format_table(table))
+    click.echo(format_table(refresh_summary(out)))
 
 
 @main.command()

@@ -12,8 +12,7 @@ from typing import Callable
 
 from xray.config import load_config
 from xray.reduce.report import render_report
-from xray.reduce.summary import format_table, summarize, write_summary
-from xray.results.sink import read_table
+from xray.reduce.summary import format_table, refresh_summary
 from xray.runner import run_scan
 from xray.zoo.build import build_round
 from xray.zoo.describe import describe_round
@@ -35,8 +34,7 @@ def run_demo(out: Path, workers: int | None = None, echo: Callable[[str], None] 
     echo(f"run {summary.run_id}: {summary.models_scanned} scanned, {summary.failures} with errors, "
          f"{summary.seconds:.1f} s")
     echo("[3/3] summary")
-    table = summarize(read_table(scan_uri, "scores"))
-    write_summary(scan_uri, table)
+    table = refresh_summary(scan_uri)
     echo(format_table(table))
     per_attack = table[table["group_by"] == "attack"]
     for _, row in per_attack.iterrows():

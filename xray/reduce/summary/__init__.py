@@ -49,10 +49,11 @@ Summarising (`summarize`) works on *units* and *models*:
   with the reason in ``roc_auc_reason`` / ``notes``.
 
 Package layout: `reading`, `units` (per-model frames, thresholds, probabilities, verdicts),
-`groups`, `table` (`summarize`), `output` (`format_table`, `write_summary`); every name imports
-from here.
+`groups`, `table` (`summarize`), `output` (`format_table`, `write_summary`,
+`refresh_summary`); every name imports from here.
 """
-from xray.reduce.summary.output import format_table, threshold_warning, write_summary
+from xray.reduce.summary.output import (format_table, refresh_summary, threshold_warning,
+                                        write_summary)
 from xray.reduce.summary.reading import deduplicate, load_scores
 from xray.reduce.summary.table import MAX_FPR, SUMMARY_COLUMNS, summarize
 from xray.reduce.summary.units import (
@@ -68,6 +69,7 @@ from xray.reduce.summary.units import (
 
 __all__ = [
     "CLEAN_QUANTILE", "MAX_FPR", "MIN_CLEAN_MODELS", "SUMMARY_COLUMNS", "UNIT", "deduplicate",
-    "format_table", "load_scores", "probability_scale", "summarize", "threshold_clean_models",
+    "format_table", "load_scores", "probability_scale", "refresh_summary", "summarize",
+    "threshold_clean_models",
     "threshold_warning", "unit_frames", "verdicts", "with_probability", "write_summary",
 ]

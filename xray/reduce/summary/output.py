@@ -10,6 +10,8 @@ import pyarrow.parquet as pq
 
 from xray.io import storage
 from xray.reduce.formatting import fmt
+from xray.reduce.summary.reading import load_scores
+from xray.reduce.summary.table import summarize
 from xray.reduce.summary.units import MIN_CLEAN_MODELS
 
 
@@ -80,3 +82,11 @@ def write_summary(out_uri: str, summary: pd.DataFrame) -> str:
     pq.write_table(pa.Table.from_pandas(summary, preserve_index=False), buffer)
     storage.atomic_write_bytes(uri, buffer.getvalue())
     return uri
+
+
+def refresh_summary(out_uri: str) -> pd.DataFrame:
+    """The summary of every score under <out>, written to <out>/summary (what a scan ends with:
+    `xray scan`, `xray demo`, `xray.scan`); returns it."""
+    summary = summarize(load_scores(out_uri))
+    write_summary(out_uri, summary)
+    return summary
