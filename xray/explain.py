@@ -53,17 +53,13 @@ from xray.plots import (
     png_base64,
     png_bytes,
 )
-from xray.reduce.formatting import first_line, fmt
+from xray.reduce.formatting import first_line, fmt, is_missing
 from xray.results import locations
 from xray.results.sink import read_runs, read_table
 from xray.scanning import scan_model
 from xray.zoo.round import trigger_config
 
 PLANES_RTOL = 1e-4  # re-run per-plane RE vs the scan's stored value
-
-
-def _missing(value: Any) -> bool:
-    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,13 +106,13 @@ def model_headline(out_uri: str, model_id: str, record: Any = None,
         findings.append(Finding(
             key["detector"], verdict, float(per_model.at[model_id, "score"]),
             None if math.isnan(threshold) else float(threshold),
-            None if _missing(target) else int(target)))
+            None if is_missing(target) else int(target)))
     findings.sort(key=lambda f: f.detector != first)
     poisoned = record.poisoned if record is not None else None
     true_target = record.target if record is not None else None
-    if poisoned is None and len(mine) and not _missing(mine["gt_poisoned"].iloc[-1]):
+    if poisoned is None and len(mine) and not is_missing(mine["gt_poisoned"].iloc[-1]):
         poisoned = bool(mine["gt_poisoned"].iloc[-1])
-    if true_target is None and len(mine) and not _missing(mine["gt_target"].iloc[-1]):
+    if true_target is None and len(mine) and not is_missing(mine["gt_target"].iloc[-1]):
         true_target = int(mine["gt_target"].iloc[-1])
     truth = "unknown" if poisoned is None else "trojaned" if poisoned else "clean"
     return Headline(model_id, truth, true_target if poisoned else None, tuple(findings))
@@ -169,7 +165,7 @@ def pick_example(xs: np.ndarray, ys: np.ndarray, record: Any,
                  found: Sequence[tuple[str, Mapping[str, Any]]]) -> np.ndarray:
     """One clean example (1, C, H, W) whose label is no inverted trigger's target nor the true
     target (the first example when every label is one)."""
-    targets = {int(r["target"]) for _, r in found if not _missing(r["target"])}
+    targets = {int(r["target"]) for _, r in found if not is_missing(r["target"])}
     if record.target is not None:
         targets.add(int(record.target))
     pick = next((i for i in range(len(ys)) if int(ys[i]) not in targets), 0)

@@ -34,6 +34,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from xray.reduce.formatting import is_missing
+
 # one panel: (title, image (H, W) or (H, W, C), colormap for a 2-D image or None)
 Panel = tuple[str, np.ndarray, "str | None"]
 
@@ -74,7 +76,7 @@ def as_image(pattern: np.ndarray) -> np.ndarray:
 
 
 def _known(value: Any) -> bool:
-    return value is not None and not (isinstance(value, float) and math.isnan(value))
+    return not is_missing(value)
 
 
 def _num(value: Any) -> str:

@@ -20,6 +20,12 @@ from xray.textclip import MAX_ERROR_CHARS, clip_text
 MISSING = "-"
 
 
+def is_missing(value: Any) -> bool:
+    """None, pandas' NA or a float NaN: a table cell without a value."""
+    return (value is None or value is pd.NA
+            or (isinstance(value, (float, np.floating)) and math.isnan(value)))
+
+
 def fmt(x: Any, digits: int = 3) -> str:
     if x is None or x is pd.NA or x is pd.NaT:
         return MISSING

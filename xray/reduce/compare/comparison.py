@@ -14,7 +14,7 @@ from xray.jsonsafe import json_safe
 from xray.reduce.compare.render import render
 from xray.reduce.compare.sides import _Side, load_side
 from xray.reduce.compare.tolerances import CompareUsageError, ToleranceSet
-from xray.reduce.formatting import first_line
+from xray.reduce.formatting import first_line, is_missing
 from xray.reduce.summary import verdicts
 
 METRICS = (  # (summary column, higher is better)
@@ -101,10 +101,6 @@ def _judge_metric(name: str, higher_better: bool, a: float, b: float, tol: float
     return "ok", delta
 
 
-def _nan(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
 def changed(m: Mapping[str, Any]) -> bool:
     """Whether a metric row shows a change (what `xray compare` prints by default): a
     regression; a move beyond its tolerance either way (runtime: beyond both the ratio and the
@@ -115,8 +111,8 @@ def changed(m: Mapping[str, Any]) -> bool:
     if m["metric"] == RUNTIME:
         return m["status"] == "improved"
     if m["status"] == "n/a":
-        return m["a"] is None or _nan(m["a"]) != _nan(m["b"])
-    return not _nan(m["delta"]) and abs(float(m["delta"])) > float(m["tolerance"]) + 1e-12
+        return m["a"] is None or is_missing(m["a"]) != is_missing(m["b"])
+    return not is_missing(m["delta"]) and abs(float(m["delta"])) > float(m["tolerance"]) + 1e-12
 
 
 def _metric_rows(side_a: _Side, side_b: _Side, tolerances: ToleranceSet,

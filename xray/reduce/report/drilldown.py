@@ -15,8 +15,8 @@ import pandas as pd
 
 from xray.plots import Finding, Headline
 from xray.progress import Progress
-from xray.reduce.formatting import first_line, fmt
-from xray.reduce.report.tables import Manifests, Unit, is_missing, truth_text
+from xray.reduce.formatting import first_line, fmt, is_missing
+from xray.reduce.report.tables import Manifests, Unit, truth_text
 from xray.reduce.summary import verdicts
 from xray.results.sink import json_object, read_table
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from xray.io import storage
-from xray.reduce.formatting import first_line, fmt
+from xray.reduce.formatting import first_line, fmt, is_missing
 from xray.reduce.summary import unit_frames, verdicts
 from xray.results import locations
 from xray.results.sink import read_runs
@@ -83,10 +83,6 @@ SUMMARY_HELP = (
     "is better, 0.693 = a coin); accuracy: at the threshold. The full table and what each of "
     "its columns means are one click below."
 )
-
-
-def is_missing(value: Any) -> bool:
-    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
 
 @dataclass
