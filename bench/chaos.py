@@ -252,8 +252,8 @@ def main() -> None:
              "statuses": rows["status"].value_counts().to_dict(),
              "seconds_build": round(build_seconds, 1), "kill_every_s": kill_every,
              "outage_s": args.outage}
-    cmd = "bench/chaos.py" + (" --quick" if args.quick else f" --models {models}")
-    path = record("chaos", f".venv/bin/python {cmd}", figures, notes)
+    path = record("chaos", " ".join([".venv/bin/python bench/chaos.py", *sys.argv[1:]]), figures,
+                  notes)
     print(path.read_text())
     moto.stop()
     shutil.rmtree(work, ignore_errors=True)
