@@ -84,3 +84,58 @@ def test_karm_exray_negative_control_clean_models_score_below_trojaned(nin_karm_
         (r.target, o.target, o.score) for r, o in trojaned]
     for _, out in nin_karm_scans:  # it examined exactly K-Arm's trojaned arms
         assert out.stats["selected"] == int(bool(out.stats["upstream"]["trojaned"]))
+
+
+CLOCK_READINGS = {"elapsed_s", "started_at", "finished_at", "worker", "upstream_shared"}
+
+
+def _without_timing(value):
+    """A row's figures without its clock readings (seconds, timestamps, worker)."""
+    if isinstance(value, dict):
+        return {k: _without_timing(v) for k, v in value.items()
+                if "seconds" not in k and k not in CLOCK_READINGS}
+    if isinstance(value, list):
+        return [_without_timing(v) for v in value]
+    return value
+
+
+def _parsed(row):
+    return _without_timing({**{k: v for k, v in row.items() if k != "stats_json"},
+                            "stats": json.loads(row["stats_json"])})
+
+
+def _rows(out):
+    scores = {r["detector"]: _parsed(r) for r in out["scores"]}
+    triggers = sorted((_parsed(r) for r in out["triggers"]),
+                      key=lambda r: (r["detector"], r["trigger_index"]))
+    return scores, triggers
+
+
+def test_a_scanner_and_its_composed_twin_share_one_upstream_run(tiny_round):
+    """nc + nc+exray (composed first) and abs + abs+exray (vanilla first) in one scan give the
+    rows each gives alone, with one upstream run per pair: the second of each pair says so
+    (composed: stats upstream_shared) and takes no upstream steps of its own."""
+    from xray.config import parse_config
+    from xray.io.manifest import read_manifest
+    from xray.scanning import scan_model
+
+    round_dir, _ = tiny_round
+    record = next(r for r in read_manifest(str(round_dir / "manifest.csv")) if r.poisoned)
+    # small budgets: the test is about sharing, not about finding triggers
+    nc, abs_, exray = {"steps": 12}, {"epochs": 6, "trial_epochs": 2}, {"exray_epochs": 40}
+    config = parse_config({"seed": 0, "detectors": {
+        "nc+exray": {"preset": "small", "params": {**nc, **exray}},
+        "nc": {"preset": "small", "params": nc},
+        "abs": {"preset": "small", "params": abs_},
+        "abs+exray": {"preset": "small", "params": {**abs_, **exray}}}})
+    together = scan_model(record, [d.build() for d in config.detectors], config)
+    apart = {"scores": [], "triggers": []}
+    for spec in config.detectors:
+        one = scan_model(record, [spec.build()], config)
+        apart["scores"] += one["scores"]
+        apart["triggers"] += one["triggers"]
+    assert all(r["status"] == "ok" for r in together["scores"] + apart["scores"])
+    stats = {r["detector"]: json.loads(r["stats_json"]) for r in together["scores"]}
+    assert stats["nc+exray"]["upstream_shared"] is False  # first of its pair: ran NC itself
+    assert stats["abs+exray"]["upstream_shared"] is True  # ABS's run came from "abs"
+    assert _rows(together) == _rows(apart)

@@ -203,6 +203,31 @@ def _run_detectors(records: Sequence[ModelRecord], loaded: list[tuple[int, Any, 
         return ScanContext(device=device, seed=config.seed, deadline=deadline,
                            logger=logging.getLogger(f"xray.detector.{detector.name}"))
 
+    # A composed scanner (abs+exray, ...) and its vanilla upstream (abs) with the same upstream
+    # parameters share one upstream run per model, whichever comes first in the config; the
+    # second one's row counts only its own seconds (none for the vanilla scanner).
+    needed = [d.upstream_key() for d in detectors if hasattr(d, "upstream_key")]
+    upstream_runs: list[list[tuple[Any, Any]]] = [[] for _ in records]  # per model: (key, result)
+
+    def upstream_run(k: int, key: Any) -> Any:
+        return next((r for known, r in upstream_runs[k] if known == key), None)
+
+    def score_one(detector: Any, k: int, model: Any, data: ScanData) -> Any:
+        if hasattr(detector, "upstream_key"):
+            key = detector.upstream_key()
+            result = detector.score(model, data, context(detector),
+                                    upstream=upstream_run(k, key))
+            shared = result.artifacts["upstream_result"]
+        else:
+            key = (type(detector), getattr(detector, "params", None))
+            result = upstream_run(k, key) if key in needed else None
+            if result is None:
+                result = detector.score(model, data, context(detector))
+            shared = result
+        if key in needed and upstream_run(k, key) is None:
+            upstream_runs[k].append((key, shared))
+        return result
+
     for detector in detectors:
         results: dict[int, tuple[Any, float]] = {}
         if hasattr(detector, "score_stack") and len(loaded) > 1:
@@ -220,7 +245,7 @@ def _run_detectors(records: Sequence[ModelRecord], loaded: list[tuple[int, Any, 
             if k not in results:
                 t0 = time.perf_counter()
                 try:
-                    results[k] = (detector.score(model, data, context(detector)),
+                    results[k] = (score_one(detector, k, model, data),
                                   time.perf_counter() - t0)
                 except Exception as err:
                     log.warning("detector %s failed on %s: %s", detector.name,

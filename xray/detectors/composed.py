@@ -15,7 +15,9 @@ docs/algorithms/exray.md "Model-level score".
 
 Every trigger row carries the upstream's columns plus exray_tested, exray_score and, when
 tested, EX-RAY's verdict (exray_natural, exray_clause), s1, s2 and the four accuracies.
-stats["steps"] = the upstream's optimisation steps + EX-RAY's mask steps (proof of work);
+stats["steps"] = the upstream's optimisation steps + EX-RAY's mask steps (proof of work), also
+when the scan shared the upstream's run with the vanilla scanner (stats["upstream_shared"]: the
+row's seconds are then EX-RAY's alone);
 stats["stopped_early"] when the model's deadline cut either short (EX-RAY then keeps the
 triggers it could not examine, verdict "deadline").
 
@@ -98,9 +100,20 @@ class Composed:
         self.exray = ExRay(ExRay.Params(**{f.name: values[PREFIX + f.name]
                                            for f in dataclasses.fields(ExRay.Params)}))
 
-    def score(self, model: torch.nn.Module, data: ScanData, ctx: ScanContext) -> DetectorResult:
+    def upstream_key(self) -> tuple[type, Any]:
+        """(scanner class, parameters) of the upstream run this detector needs: equal to a
+        vanilla detector's (type(d), d.params) when that one computes the same thing."""
+        return type(self.upstream), self.upstream.params
+
+    def score(self, model: torch.nn.Module, data: ScanData, ctx: ScanContext,
+              upstream: DetectorResult | None = None) -> DetectorResult:
+        """upstream: the upstream scanner's result on this model with `upstream_key`'s
+        parameters, when the scan already has it (xray.scanning shares one run between a
+        vanilla scanner and its composed twin); else the upstream runs here. Either way the
+        upstream's result is returned in artifacts["upstream_result"]."""
         p = self.params
-        result = self.upstream.score(model, data, ctx)
+        shared = upstream is not None
+        result = upstream if upstream is not None else self.upstream.score(model, data, ctx)
         cands = list(result.artifacts.get("candidates", []))
         chosen = [not p.upstream_selection or selected(self.upstream_cls.name, c, result)
                   for c in cands]
@@ -138,10 +151,10 @@ class Composed:
                  "exray_seconds_per_trigger": exray_seconds / len(tested) if tested else 0.0,
                  "best_reasr_upstream": max((float(c.reasr) for c, ok in zip(cands, chosen)
                                              if ok), default=0.0),
-                 "upstream": result.stats}
+                 "upstream": result.stats, "upstream_shared": shared}
         return DetectorResult(score=float(best[0]), target=target, stats=stats, triggers=rows,
                               artifacts={**result.artifacts, "verdicts": verdicts,
-                                         "tested": tested})
+                                         "tested": tested, "upstream_result": result})
 
 
 def compose(upstream_name: str) -> type:
