@@ -32,6 +32,36 @@ def test_scan_writes_one_ok_row_per_model(scanned):
     assert set(scores["run_id"]) == {summary.run_id}
     runs = read_table(str(out), "runs")
     assert summary.run_id in set(runs["run_id"])
+    assert 0.0 <= summary.idle_tail_seconds <= summary.schedule_seconds
+    assert 0.0 <= summary.idle_tail_share <= 1.0
+
+
+def _planned(model_id: str, size: int):
+    from xray.io.records import ModelRecord
+    from xray.runner.plan import PlannedModel
+
+    record = ModelRecord(model_id=model_id, uri=f"/m/{model_id}", format="safetensors",
+                         architecture="nin", num_classes=5, input_shape=(3, 24, 24))
+    return PlannedModel(record, "d", ("nc",), size)
+
+
+def test_the_plan_puts_the_longest_models_first():
+    import pandas as pd
+
+    from xray.runner.plan import longest_first, previous_seconds
+
+    earlier = pd.DataFrame({  # a's newest nc row took 9 s, b's 1 s (+ 1 s of mmbd)
+        "model_id": ["a", "a", "b", "b"], "detector": ["nc", "nc", "nc", "mmbd"],
+        "seconds": [50.0, 9.0, 1.0, 1.0],
+        "finished_at": pd.to_datetime(["2026-01-01", "2026-01-02", "2026-01-01", "2026-01-01"])})
+    seconds = previous_seconds(earlier)
+    assert seconds == {"a": 9.0, "b": 2.0}
+    items = [_planned("b", 100), _planned("a", 100), _planned("c", 50), _planned("d", 5)]
+    # c and d never ran: the (upper) median of a's 0.09 and b's 0.02 s per byte, 0.09, makes
+    # c 4.5 s and d 0.45 s
+    order = [p.record.model_id for p in longest_first(items, seconds)]
+    assert order == ["a", "c", "b", "d"]
+    assert [p.record.model_id for p in longest_first(items)] == ["a", "b", "c", "d"]  # by size
 
 
 def test_parquet_rows_match_scan_model(scanned):

@@ -223,7 +223,8 @@ def scan(manifest: str, out: str, detectors: list[str] | None, config_uri: str |
                        show_progress=not quiet, root=root)
     click.echo(f"run {summary.run_id}: {summary.models_scanned} of {summary.models_total} models "
                f"scanned ({summary.models_total - summary.models_planned} already scored), "
-               f"{summary.failures} with errors, {summary.seconds:.1f} s")
+               f"{summary.failures} with errors, {summary.seconds:.1f} s "
+               f"(idle tail {summary.idle_tail_seconds:.1f} s)")
     click.echo(format_table(refresh_summary(out)))
 
 

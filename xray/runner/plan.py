@@ -54,18 +54,31 @@ def plan(records: Sequence[ModelRecord], out_uri: str,
                      if (record.model_id, digest, *key) not in done)
         if todo:
             pending.append(PlannedModel(record, digest, todo, size))
-    return interleave_by_size(pending)
+    return longest_first(pending, previous_seconds(existing))
 
 
-def interleave_by_size(items: list[PlannedModel]) -> list[PlannedModel]:
-    """Heaviest, lightest, second heaviest, ...: heavy and light models mix on every actor, so
-    no actor ends the run with a tail of large models while the others idle."""
-    ordered = sorted(items, key=lambda p: (-p.size, p.record.model_id))
-    out: list[PlannedModel] = []
-    lo, hi = 0, len(ordered) - 1
-    while lo <= hi:
-        out.append(ordered[lo])
-        if lo != hi:
-            out.append(ordered[hi])
-        lo, hi = lo + 1, hi - 1
-    return out
+def previous_seconds(existing: Any) -> dict[str, float]:
+    """Per model id, the seconds its detectors took in earlier runs (its newest row per
+    detector, summed): how long it will take again."""
+    if not len(existing):
+        return {}
+    rows = existing.dropna(subset=["seconds"])
+    newest = rows.sort_values("finished_at").groupby(["model_id", "detector"]).tail(1)
+    return newest.groupby("model_id")["seconds"].sum().to_dict()
+
+
+def longest_first(items: list[PlannedModel],
+                  seconds: dict[str, float] | None = None) -> list[PlannedModel]:
+    """The pending models, the longest expected first (longest-processing-time order: the run
+    then ends on short models, not on one straggler while the other actors idle). Expected
+    seconds: an earlier run's, else the file size times the median seconds per byte of the
+    models that have both, else the size alone."""
+    seconds = seconds or {}
+    rates = sorted(seconds[p.record.model_id] / p.size for p in items
+                   if p.record.model_id in seconds and p.size > 0)
+    rate = rates[len(rates) // 2] if rates else 1.0
+
+    def expected(p: PlannedModel) -> float:
+        return seconds.get(p.record.model_id, p.size * rate)
+
+    return sorted(items, key=lambda p: (-expected(p), p.record.model_id))

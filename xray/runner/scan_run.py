@@ -57,7 +57,15 @@ class RunSummary:
     failures_by_node: dict[str, int] = field(default_factory=dict)
     actor_seconds: float = 0.0  # time actors spent inside scan_model, summed
     schedule_seconds: float = 0.0  # wall time from the first submission to the last result
+    # from the moment an actor first ran out of work (nothing left to hand out) to the last
+    # result: the run's straggler tail, which the longest-first plan keeps short
+    idle_tail_seconds: float = 0.0
     num_actors: int = 0
+
+    @property
+    def idle_tail_share(self) -> float:
+        """idle_tail_seconds over schedule_seconds (0 when nothing was scheduled)."""
+        return self.idle_tail_seconds / self.schedule_seconds if self.schedule_seconds else 0.0
 
     def record(self, rows: list[dict[str, Any]]) -> None:
         """Account one model's rows."""
@@ -253,9 +261,13 @@ def _scan_holding_lease(lease: OutputLease, records: list[Any], built: list[Any]
                         on_result(result)
 
                 scheduling_started = time.monotonic()
-                _Scheduler(pool, run_id, config, built, in_flight_per_actor, max_retries,
-                           config.model_time_limit_s).run(stacks(pending, stack_size), deliver)
-                summary.schedule_seconds = time.monotonic() - scheduling_started
+                scheduler = _Scheduler(pool, run_id, config, built, in_flight_per_actor,
+                                       max_retries, config.model_time_limit_s)
+                scheduler.run(stacks(pending, stack_size), deliver)
+                ended = time.monotonic()
+                summary.schedule_seconds = ended - scheduling_started
+                if scheduler.tail_started is not None:
+                    summary.idle_tail_seconds = ended - scheduler.tail_started
                 summary.num_actors = num_actors
         finally:
             pool.shutdown()
@@ -347,6 +359,7 @@ class _Scheduler:
         self.head_since = [0.0] * n
         self.cooling_until = [0.0] * n  # an actor being restarted takes no work until then
         self.todo: deque[_Task] = deque()
+        self.tail_started: float | None = None  # when an actor first had no work left to get
 
     def _failure_rows(self, task: _Task, status: str, error: str) -> list[dict[str, Any]]:
         return [{"scores": [score_row(item.record, item.digest, self.by_name[name],
@@ -446,6 +459,9 @@ class _Scheduler:
                     deliver(result)
             self._expire(deliver)
             self._submit()
+            if (self.tail_started is None and not self.todo
+                    and not all(self.queues) and any(self.queues)):
+                self.tail_started = time.monotonic()
 
     def _after_worker_death(self, task: _Task, was_running: bool, index: int,
                             err: Exception, deliver: Callable[[dict[str, Any]], None]) -> None:
