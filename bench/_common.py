@@ -5,6 +5,8 @@ import datetime as dt
 import json
 import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -34,3 +36,29 @@ def record(name: str, command: str, figures: dict[str, float], notes: dict | Non
         payload["notes"] = notes
     out.write_text(json.dumps(payload, indent=2) + "\n")
     return out
+
+
+DEMO_ROUND = Path("/tmp/demo1/round")
+DEMO_FALLBACK = Path("/tmp/demo-bench/round")
+EXRAY_ROUND = Path("/tmp/xray-bench-exray-round")
+
+
+def demo_round() -> Path:
+    """The demo round: /tmp/demo1/round if it exists, else built once into /tmp/demo-bench."""
+    if (DEMO_ROUND / "METADATA.csv").exists():
+        return DEMO_ROUND
+    if not (DEMO_FALLBACK / "METADATA.csv").exists():
+        subprocess.run([sys.executable, "-m", "xray.cli", "zoo", "build", "--recipe", "demo",
+                        "--out", str(DEMO_FALLBACK), "--quiet"], check=True)
+    return DEMO_FALLBACK
+
+
+def exray_round(round_dir: Path = EXRAY_ROUND) -> Path:
+    """The EX-RAY bench round (recipe `exray`: 10 NiN models), built once into round_dir."""
+    if not any(round_dir.glob("id-*/config.json")):
+        from xray.zoo.build import build_round
+        from xray.zoo.recipe import load_recipe
+
+        print(f"building the exray round into {round_dir} ...", flush=True)
+        build_round(load_recipe("exray"), str(round_dir), show_progress=True)
+    return round_dir

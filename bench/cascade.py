@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,20 +24,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import record  # noqa: E402
+from _common import demo_round, record  # noqa: E402
 
 DETECTORS = ["nc", "nc+exray", "abs", "abs+exray"]
-DEMO = Path("/tmp/demo1/round")
-FALLBACK = Path("/tmp/demo-bench/round")
-
-
-def _round() -> Path:
-    if (DEMO / "METADATA.csv").exists():
-        return DEMO
-    if not (FALLBACK / "METADATA.csv").exists():
-        subprocess.run([sys.executable, "-m", "xray.cli", "zoo", "build", "--recipe", "demo",
-                        "--out", str(FALLBACK), "--quiet"], check=True)
-    return FALLBACK
 
 
 def _key(row: dict) -> tuple:
@@ -58,7 +46,7 @@ def main() -> None:
     from xray.io.manifest import read_manifest
     from xray.scanning import scan_model
 
-    records = read_manifest(str(args.round or _round()))
+    records = read_manifest(str(args.round or demo_round()))
     step = max(1, len(records) // args.models)
     records = records[::step][:args.models]
     config = parse_config({"seed": 0, "detectors": {n: {"preset": "small"} for n in DETECTORS}})

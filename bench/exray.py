@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import record  # noqa: E402
+from bench._common import exray_round, record  # noqa: E402
 
 
 def load(round_dir: Path, model_dir: Path, examples_per_class: int):
@@ -47,16 +47,6 @@ def load(round_dir: Path, model_dir: Path, examples_per_class: int):
     data = ScanData(x=x, y=y, num_classes=rec.num_classes, mean=tuple(rec.mean),
                     std=tuple(rec.std))
     return cfg, load_model(rec), data
-
-
-def ensure_round(round_dir: Path) -> None:
-    if any(round_dir.glob("id-*/config.json")):
-        return
-    from xray.zoo.build import build_round
-    from xray.zoo.recipe import load_recipe
-
-    print(f"building the exray round into {round_dir} ...", flush=True)
-    build_round(load_recipe("exray"), str(round_dir), show_progress=True)
 
 
 def counts(rows: list[dict], key: str, bound: float) -> tuple[int, int, int, int]:
@@ -83,7 +73,7 @@ def main() -> None:
     from xray.detectors.exray import ACC_NAMES, ExRay, is_natural
 
     round_dir = Path(args.round)
-    ensure_round(round_dir)
+    exray_round(round_dir)
     abs_ex = detectors.build("abs+exray", {"max_size_224": args.max_size,
                                            "exray_epochs": args.exray_epochs,
                                            "run_bound": args.bound})

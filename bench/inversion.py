@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,21 +38,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import record, sync  # noqa: E402
+from _common import demo_round, record, sync  # noqa: E402
 
 STEPS = 10
 REPEATS = 2
-DEMO = Path("/tmp/demo1/round")
-FALLBACK = Path("/tmp/demo-bench/round")
-
-
-def _round() -> Path:
-    if (DEMO / "METADATA.csv").exists():
-        return DEMO
-    if not (FALLBACK / "METADATA.csv").exists():
-        subprocess.run([sys.executable, "-m", "xray.cli", "zoo", "build", "--recipe", "demo",
-                        "--out", str(FALLBACK), "--quiet"], check=True)
-    return FALLBACK
 
 
 def _load(rec, device: torch.device):
@@ -140,7 +128,7 @@ def main() -> None:
     from xray.detectors.base import ScanContext
     from xray.io.manifest import read_manifest
 
-    round_dir = Path(args.round) if args.round else _round()
+    round_dir = Path(args.round) if args.round else demo_round()
     manifest = round_dir / "manifest.csv"
     records = read_manifest(str(manifest if manifest.exists() else round_dir / "METADATA.csv"))
     trojaned = next(r for r in records if r.poisoned)
