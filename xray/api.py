@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # types only: these import torch / Ray
     import torch
 
     from xray.config import ScanConfig
+    from xray.pipeline import CascadeSummary
     from xray.runner.scan_run import RunSummary
 
 Detectors = str | Sequence[str] | Mapping[str, Any] | None
@@ -75,11 +76,13 @@ def make_config(config: Any = None, detectors: Detectors = None, preset: str | N
 
 def scan(manifest: str | os.PathLike[str], out: str | os.PathLike[str], detectors: Detectors = None,
          preset: str | None = None, config: Any = None, *, allow_pickle: bool = False,
-         **runner_options: Any) -> RunSummary:
+         **runner_options: Any) -> "RunSummary | CascadeSummary":
     """Scan every model of a manifest (or round directory) into the output folder `out`, as
     `xray scan` does: on Ray (a local instance unless `address=` names a cluster), skipping
     models already scored with the same configuration, then writing out/summary. Returns the
-    run's RunSummary (run_id, models_scanned, failures, status_counts, seconds, ...).
+    run's RunSummary (run_id, models_scanned, failures, status_counts, seconds, ...); for a
+    config with stages (a cascade), xray.pipeline.CascadeSummary (its stages' RunSummary,
+    detector-seconds, and the stage that decided each model).
 
     detectors, preset, config: as in `make_config` (default: Model X-ray). allow_pickle: load
     whole-module pickles (they run code) — only this argument turns it on.
@@ -101,6 +104,12 @@ def scan(manifest: str | os.PathLike[str], out: str | os.PathLike[str], detector
                         f"{', '.join(sorted(accepted))}")
     built = make_config(config, detectors, preset, allow_pickle=allow_pickle)
     options = {"show_progress": False, **runner_options}
+    if built.stages:
+        from xray.pipeline import run_cascade
+
+        cascade = run_cascade(str(manifest), str(out), built, **options)
+        refresh_summary(str(out))
+        return cascade
     summary = run_scan(str(manifest), str(out), built, **options)
     refresh_summary(str(out))
     return summary

@@ -9,6 +9,7 @@ stay there so that `xray --help` and a command's `--help` start in a fraction of
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -16,6 +17,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -207,6 +209,10 @@ def scan(manifest: str, out: str, detectors: list[str] | None, config_uri: str |
 
     Models already scored with the same config are skipped; re-running finishes an interrupted
     scan. Ends with the summary table.
+
+    A --config with `stages` scans as a cascade: stage 1's detectors on every model, each later
+    stage's only on the models its calibrator leaves uncertain; the detector "cascade" holds
+    each model's final probability and the stage that decided it (docs/CASCADE.md).
     """
     from xray.config import load_config, with_preset
     from xray.reduce.summary import format_table, refresh_summary
@@ -216,16 +222,33 @@ def scan(manifest: str, out: str, detectors: list[str] | None, config_uri: str |
                          model_time_limit_s=time_limit)
     if preset:
         config = with_preset(config, preset)
-    summary = run_scan(manifest, out, config, address=address, num_actors=actors,
-                       num_cpus_per_actor=cpus_per_actor, num_gpus_per_actor=gpus_per_actor,
-                       retry_errors=retry_errors, max_retries=max_retries,
-                       flush_seconds=flush_seconds, stack_size=stack_size,
-                       show_progress=not quiet, root=root)
-    click.echo(f"run {summary.run_id}: {summary.models_scanned} of {summary.models_total} models "
-               f"scanned ({summary.models_total - summary.models_planned} already scored), "
-               f"{summary.failures} with errors, {summary.seconds:.1f} s "
-               f"(idle tail {summary.idle_tail_seconds:.1f} s)")
+    options = dict(address=address, num_actors=actors, num_cpus_per_actor=cpus_per_actor,
+                   num_gpus_per_actor=gpus_per_actor, retry_errors=retry_errors,
+                   max_retries=max_retries, flush_seconds=flush_seconds, stack_size=stack_size,
+                   show_progress=not quiet, root=root)
+    if config.stages:
+        from xray.pipeline import run_cascade
+
+        cascade = run_cascade(manifest, out, config, **options)
+        for stage in cascade.stages:
+            click.echo(f"stage {stage.number} ({', '.join(stage.detectors)}): "
+                       + _run_line(stage.run) + f"; {stage.detector_seconds:.1f} detector-"
+                       f"seconds; {stage.went_on} went on")
+        decided = collections.Counter(cascade.decided_at.values())
+        click.echo(f"cascade: {len(cascade.decided_at)} models decided ("
+                   + ", ".join(f"{decided[s.number]} at stage {s.number}"
+                               for s in cascade.stages)
+                   + f"), {cascade.detector_seconds:.1f} detector-seconds")
+    else:
+        click.echo(f"run {_run_line(run_scan(manifest, out, config, **options))}")
     click.echo(format_table(refresh_summary(out)))
+
+
+def _run_line(summary: Any) -> str:
+    return (f"{summary.run_id}: {summary.models_scanned} of {summary.models_total} models "
+            f"scanned ({summary.models_total - summary.models_planned} already scored), "
+            f"{summary.failures} with errors, {summary.seconds:.1f} s "
+            f"(idle tail {summary.idle_tail_seconds:.1f} s)")
 
 
 @main.command()

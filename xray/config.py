@@ -5,6 +5,12 @@
     detectors:
       modelxray: {preset: small}      # preset and/or params overriding the detector's Params
       nc: {params: {steps: 50}}
+    stages:                           # optional: a cascade (xray.pipeline.run_cascade)
+      - detectors: [mmbd]             # stage 1: every model
+        calibrator: cheap.json        # its probability, from stage-1 scores (xray calibrate)
+        uncertain: [0.2, 0.8]         # models with a probability in this band go on
+      - detectors: [modelxray, nc]    # stage 2: only those
+        calibrator: all.json          # their final probability (none: the default map)
 
 Its hash (per detector: name, version, parameters, seed, example cap) identifies results: rows
 scored under the same hash are never scanned again.
@@ -15,7 +21,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -36,6 +42,20 @@ class DetectorSpec:
 
 
 @dataclass(frozen=True)
+class Stage:
+    """One stage of a cascade: its detectors run on the models the earlier stages left
+    uncertain (stage 1: every model). `calibrator` (a URI; None = the default map) turns the
+    scores of this stage's and every earlier stage's detectors into a probability; a model
+    goes on to the next stage when that probability lies in `uncertain` (lo, hi), or is among
+    the `uncertain_share` of this stage's models whose probability is nearest 0.5. The last
+    stage has neither: its probability is final."""
+    detectors: tuple[str, ...]
+    calibrator: str | None = None
+    uncertain: tuple[float, float] | None = None
+    uncertain_share: float | None = None
+
+
+@dataclass(frozen=True)
 class ScanConfig:
     detectors: tuple[DetectorSpec, ...] = tuple(DetectorSpec(n) for n in DEFAULT_DETECTORS)
     seed: int = 0
@@ -46,13 +66,16 @@ class ScanConfig:
     allow_pickle: bool = False
     device: str = "auto"  # auto | cpu | cuda
     model_time_limit_s: float | None = None
+    # A cascade (xray.pipeline.run_cascade); () = every detector on every model. Stages choose
+    # which models a detector runs on, never its scores: not part of any detector's hash.
+    stages: tuple[Stage, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def detector_hash(self, detector: Any) -> str:
         payload = {"detector": detector.name, "version": detector.version,
                    "params": dataclasses.asdict(detector.params), "seed": self.seed,
                    "examples_per_class": self.examples_per_class}
-        return _hash(payload)
+        return stable_hash(payload)
 
     def to_json(self) -> str:
         return json.dumps({
@@ -60,20 +83,99 @@ class ScanConfig:
             "detectors": {d.name: {"preset": d.preset, "params": dict(d.params)}
                           for d in self.detectors},
             "allow_pickle": self.allow_pickle, "device": self.device,
-            "model_time_limit_s": self.model_time_limit_s}, sort_keys=True)
+            "model_time_limit_s": self.model_time_limit_s,
+            **({"stages": [stage_dict(s) for s in self.stages]} if self.stages else {})},
+            sort_keys=True)
+
+    def only(self, names: Sequence[str]) -> "ScanConfig":
+        """The same config with only the detectors `names` (in this config's order), no stages."""
+        return dataclasses.replace(
+            self, detectors=tuple(d for d in self.detectors if d.name in set(names)), stages=())
 
     @property
     def config_hash(self) -> str:
         built = [d.build() for d in self.detectors]
-        return _hash({"detectors": sorted(self.detector_hash(d) for d in built)})
+        return stable_hash({"detectors": sorted(self.detector_hash(d) for d in built)})
 
 
-def _hash(payload: Any) -> str:
+def stable_hash(payload: Any) -> str:
+    """16 hex digits of the SHA-256 of `payload` as sorted JSON: identities of configs."""
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-_CONFIG_KEYS = {"seed", "examples_per_class", "detectors", "device", "model_time_limit_s"}
+_CONFIG_KEYS = {"seed", "examples_per_class", "detectors", "device", "model_time_limit_s",
+                "stages"}
+_STAGE_KEYS = {"detectors", "calibrator", "uncertain", "uncertain_share"}
+
+
+def stage_dict(stage: Stage) -> dict[str, Any]:
+    """A stage as the config file writes it (keys that are set only)."""
+    out: dict[str, Any] = {"detectors": list(stage.detectors)}
+    if stage.calibrator is not None:
+        out["calibrator"] = stage.calibrator
+    if stage.uncertain is not None:
+        out["uncertain"] = list(stage.uncertain)
+    if stage.uncertain_share is not None:
+        out["uncertain_share"] = stage.uncertain_share
+    return out
+
+
+def parse_stages(raw: Any, detector_names: Sequence[str], source: str) -> tuple[Stage, ...]:
+    """The `stages` list of a config: every detector of the config in exactly one stage, each
+    stage but the last with one rule (uncertain band or uncertain_share), the last with none."""
+    if raw is None or raw == []:
+        return ()
+    if not isinstance(raw, list):
+        raise ValueError(f"{source}: stages: a list of stages expected, got {type(raw).__name__}")
+    stages, seen = [], set()
+    for i, entry in enumerate(raw):
+        where = f"{source}: stages[{i}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: a mapping with 'detectors' expected")
+        bad = sorted(set(entry) - _STAGE_KEYS)
+        if bad:
+            raise ValueError(f"{where}: unknown key {bad[0]!r}; valid: {sorted(_STAGE_KEYS)}")
+        names = entry.get("detectors")
+        if isinstance(names, str):
+            names = [names]
+        if not names:
+            raise ValueError(f"{where}.detectors: at least one detector expected")
+        for name in names:
+            if name not in detector_names:
+                raise ValueError(f"{where}.detectors: {name!r} is not one of the config's "
+                                 f"detectors ({', '.join(detector_names)})")
+            if name in seen:
+                raise ValueError(f"{where}.detectors: {name!r} is already in an earlier stage")
+            seen.add(name)
+        last = i == len(raw) - 1
+        band, share = entry.get("uncertain"), entry.get("uncertain_share")
+        if last and (band is not None or share is not None):
+            raise ValueError(f"{where}: the last stage decides every model it runs on; "
+                             "'uncertain' / 'uncertain_share' belong to earlier stages")
+        if not last and (band is None) == (share is None):
+            raise ValueError(f"{where}: give one of 'uncertain: [lo, hi]' (a probability band) "
+                             "or 'uncertain_share: q' (the share of models nearest 0.5)")
+        if band is not None:
+            try:
+                lo, hi = (float(v) for v in band)
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}.uncertain: [lo, hi] expected, got {band!r}") from None
+            if not 0.0 <= lo <= hi <= 1.0:
+                raise ValueError(f"{where}.uncertain: 0 <= lo <= hi <= 1 required, got {band!r}")
+            band = (lo, hi)
+        if share is not None:
+            share = float(share)
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"{where}.uncertain_share: a share in [0, 1] expected")
+        calibrator = entry.get("calibrator")
+        stages.append(Stage(tuple(names), None if calibrator is None else str(calibrator),
+                            band, share))
+    unstaged = [n for n in detector_names if n not in seen]
+    if unstaged:
+        raise ValueError(f"{source}: stages: {', '.join(unstaged)} in no stage (every detector "
+                         "of the config runs in one)")
+    return tuple(stages)
 
 
 class PickleNotAConfigSetting(ValueError):
@@ -120,8 +222,9 @@ def parse_config(raw: dict[str, Any] | None, source: str = "<config>",
             where = f"{source}: detectors.{name}" if name in settings else "--detectors"
             raise ValueError(f"{where}: {err.args[0]}") from None
         specs.append(spec)
+    stages = parse_stages(raw.get("stages"), [s.name for s in specs], source)
     return ScanConfig(
-        detectors=tuple(specs), seed=int(raw.get("seed", 0)),
+        detectors=tuple(specs), seed=int(raw.get("seed", 0)), stages=stages,
         examples_per_class=raw.get("examples_per_class"),
         allow_pickle=bool(allow_pickle), device=str(raw.get("device", "auto")),
         model_time_limit_s=raw.get("model_time_limit_s"))

@@ -35,7 +35,6 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 from markupsafe import Markup
 from sklearn.metrics import auc as sk_auc
 
@@ -43,8 +42,7 @@ from xray.io import storage
 from xray.reduce import calibrate as C
 from xray.reduce import metrics as M
 from xray.reduce.templating import render
-from xray.results.schema import SCORES
-from xray.results.sink import read_table, write_part
+from xray.results.sink import frame_rows, read_table, write_part
 
 log = logging.getLogger(__name__)
 
@@ -243,22 +241,6 @@ def _html(summary: pd.DataFrame, per_model: pd.DataFrame, title: str,
                   summary_table=table(summary), per_model_table=table(per_model))
 
 
-def _plain_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    """DataFrame rows as the sink takes them: NaN / NA -> None, integer columns as int."""
-    ints = {f.name for f in SCORES if pa.types.is_integer(f.type)}
-    rows = []
-    for row in frame.to_dict("records"):
-        clean = {}
-        for key, value in row.items():
-            if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
-                value = None
-            elif key in ints:
-                value = int(value)
-            clean[key] = value
-        rows.append(clean)
-    return rows
-
-
 def testset_report(round_uri: str, out_uri: str, scores: pd.DataFrame, run_id: str, *,
                    calibrator: Any = None, write_combined: bool = True,
                    allow_training_models: bool = False) -> TestsetResult:
@@ -283,7 +265,7 @@ def testset_report(round_uri: str, out_uri: str, scores: pd.DataFrame, run_id: s
     warning = training_warning(per_model, calibrator)
     if write_combined and len(combined):
         for rid, rows in combined.groupby("run_id"):
-            write_part(out_uri, "scores", str(rid), _plain_rows(rows))
+            write_part(out_uri, "scores", str(rid), frame_rows(rows))
     base = storage.join(out_uri, "testset")
     per_model_uri = storage.join(base, "per_model.csv")
     summary_uri = storage.join(base, "summary.csv")

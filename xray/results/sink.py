@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import time
 import uuid
 from typing import Any, Iterable
@@ -25,6 +26,22 @@ from xray.results.schema import SCORE_KEY, TABLES
 def table_uri(out_uri: str, table: str, run_id: str | None = None) -> str:
     base = storage.join(out_uri, table)
     return storage.join(base, f"run={run_id}") if run_id else base
+
+
+def frame_rows(frame: pd.DataFrame, table: str = "scores") -> list[dict[str, Any]]:
+    """DataFrame rows as write_part takes them: NaN / NA -> None, integer columns as int."""
+    ints = {f.name for f in TABLES[table] if pa.types.is_integer(f.type)}
+    rows = []
+    for row in frame.to_dict("records"):
+        clean = {}
+        for key, value in row.items():
+            if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+                value = None
+            elif key in ints:
+                value = int(value)
+            clean[key] = value
+        rows.append(clean)
+    return rows
 
 
 def write_part(out_uri: str, table: str, run_id: str, rows: list[dict[str, Any]]) -> str | None:

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import ray
 import torch
@@ -184,7 +184,8 @@ def run_scan(manifest_uri: str, out_uri: str, config: ScanConfig, *, address: st
              retry_errors: bool = False, show_progress: bool = True,
              run_id: str | None = None, flush_seconds: float = 10.0, stack_size: int = 1,
              on_result: Callable[[dict[str, Any]], None] | None = None,
-             root: str | None = None) -> RunSummary:
+             root: str | None = None,
+             model_ids: Collection[str] | None = None) -> RunSummary:
     """Scan every model of the manifest not yet scored with `config`; rows stream to
     <out>/scores and <out>/triggers. `on_result` is called with each model's rows as they land
     (progress hooks for jobs). Rows become durable (a Parquet part) at least every
@@ -193,11 +194,15 @@ def run_scan(manifest_uri: str, out_uri: str, config: ScanConfig, *, address: st
     architecture to an actor together (Model X-ray scores them in one vmapped pass: worth it on
     a GPU, where one small model leaves the device idle). While another driver scans into
     `out_uri`, raises xray.results.lease.LeaseHeld before planning anything. `root`: refuse a
-    manifest with a model or examples URI outside it (ManifestError naming row and field)."""
+    manifest with a model or examples URI outside it (ManifestError naming row and field).
+    `model_ids`: scan only these models of the manifest (a cascade's later stages)."""
     started = time.monotonic()
     if address:
         check_reachable(address)  # before anything is written to out_uri
     records = read_manifest(manifest_uri, root=root)
+    if model_ids is not None:
+        wanted = set(model_ids)
+        records = [r for r in records if r.model_id in wanted]
     built = [d.build() for d in config.detectors]
     run_id = run_id or new_run_id()
     # One writer per output folder: a second driver here would plan from the same scored set

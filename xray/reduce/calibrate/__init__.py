@@ -86,7 +86,9 @@ from xray.reduce.calibrate.default_map import (
     detector_probabilities,
 )
 from xray.reduce.calibrate.features import (
+    CASCADE,
     COMBINED,
+    DERIVED_DETECTORS,
     EXCLUDED_STATS,
     features_from_results,
     model_results,
@@ -103,8 +105,9 @@ from xray.reduce.calibrate.stacker import (
 )
 
 __all__ = [
-    "COMBINED", "C_GRID", "Calibrator", "DEFAULT_CLIP", "DEFAULT_ORDER", "DEFAULT_VERSION",
-    "EXCLUDED_STATS", "FORMAT", "FORMAT_VERSION", "LeakageUncheckedWarning",
+    "CASCADE", "COMBINED", "C_GRID", "Calibrator", "DEFAULT_CLIP", "DEFAULT_ORDER",
+    "DEFAULT_VERSION", "DERIVED_DETECTORS", "EXCLUDED_STATS", "FORMAT", "FORMAT_VERSION",
+    "LeakageUncheckedWarning",
     "MODELXRAY_DEFAULT_MAP", "READABLE_VERSIONS", "SELECTION_TOLERANCE", "STACKER_VERSION",
     "TrainingModelError", "calibrate", "candidate_models", "combined_rows", "default_combined",
     "default_probability", "describe", "detector_probabilities", "features_from_results", "fit",

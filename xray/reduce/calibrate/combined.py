@@ -11,7 +11,7 @@ import pandas as pd
 
 from xray.reduce.calibrate.artifact import STACKER_VERSION, Calibrator
 from xray.reduce.calibrate.default_map import DEFAULT_VERSION, default_combined
-from xray.reduce.calibrate.features import COMBINED, model_results
+from xray.reduce.calibrate.features import COMBINED, DERIVED_DETECTORS, model_results
 from xray.results.schema import SCORES
 from xray.results.sink import json_object
 
@@ -27,7 +27,7 @@ def combined_rows(scores: pd.DataFrame, calibrator: Calibrator | None = None) ->
     (`Calibrator.trained_on`; None: the artifact cannot tell). Such rows are marked, not
     refused: scoring a corpus that includes the training round is legitimate, and the readers
     (summary, report, score-testset) say which figures are in-sample."""
-    scores = scores[scores["detector"] != COMBINED]
+    scores = scores[~scores["detector"].isin(DERIVED_DETECTORS)]
     if not len(scores):
         return SCORES.empty_table().to_pandas()
     if calibrator is not None:

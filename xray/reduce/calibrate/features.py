@@ -11,6 +11,10 @@ import pandas as pd
 from xray.results.sink import json_object
 
 COMBINED = "combined"
+CASCADE = "cascade"
+# Score rows made from other detectors' rows (the combined detector, a cascade's final
+# probability): never an input of a calibrator.
+DERIVED_DETECTORS = (COMBINED, CASCADE)
 EXCLUDED_STATS = {"seed", "num_planes", "resolution", "probability", "num_classes", "target",
                   "steps", "seconds"}
 _EXCLUDED_SUFFIXES = ("_label", "_index", "_indices", "_labels", "_seed")
@@ -69,7 +73,7 @@ def _latest(scores: pd.DataFrame) -> pd.DataFrame:
 def model_results(scores: pd.DataFrame) -> dict[str, dict[str, dict[str, Any]]]:
     """{model_id: {detector: {"score", "stats", "row"}}} from score rows (latest usable)."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    for row in _latest(scores[scores["detector"] != COMBINED]).to_dict("records"):
+    for row in _latest(scores[~scores["detector"].isin(DERIVED_DETECTORS)]).to_dict("records"):
         out.setdefault(str(row["model_id"]), {})[str(row["detector"])] = {
             "score": float(row["score"]), "stats": json_object(row.get("stats_json")), "row": row}
     return out

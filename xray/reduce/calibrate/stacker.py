@@ -20,7 +20,8 @@ from threadpoolctl import threadpool_limits
 from xray.io import storage
 from xray.reduce import metrics as M
 from xray.reduce.calibrate.artifact import STACKER_VERSION, Calibrator
-from xray.reduce.calibrate.features import COMBINED, _usable, features_from_results, model_results
+from xray.reduce.calibrate.features import (DERIVED_DETECTORS, _usable, features_from_results,
+                                            model_results)
 from xray.results.sink import read_runs, read_table
 
 C_GRID = (0.01, 0.1, 1.0, 10.0)
@@ -154,7 +155,7 @@ def fit(scores: pd.DataFrame, *, detectors: Sequence[str] | None = None, C: floa
     must beat every simpler one by more than `tolerance` (nats) to be chosen over it.
     train.cross_validated holds the nested cross-validated figures of this whole procedure;
     train.selection the (optimistic) figures the selection compared."""
-    scores = scores[scores["detector"] != COMBINED]
+    scores = scores[~scores["detector"].isin(DERIVED_DETECTORS)]
     present = sorted(set(_usable(scores)["detector"]))
     detectors = list(detectors) if detectors else present
     missing = sorted(set(detectors) - set(present))

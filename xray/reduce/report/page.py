@@ -22,6 +22,7 @@ from xray.reduce.report.tables import (
     SUMMARY_HELP,
     Manifests,
     build_units,
+    cascade_view,
     coverage_rows,
     error_rows,
     leakage_warning,
@@ -83,7 +84,8 @@ def render_report(
     picked, drill_left_out = select_drilldown(units, max_drilldown, drilldown_models)
     entries = drilldown(picked, units, scores, manifests, out_uri, run_id, planes,
                         show_progress, pictures)
-    models, models_left_out = model_table(units, {m for m, _ in picked})
+    cascade_stages, decided_at = cascade_view(scores)
+    models, models_left_out = model_table(units, {m for m, _ in picked}, decided_at)
     labelled = bool(units) and any((~np.isnan(u.per_model["y"].to_numpy(dtype=float))).any()
                                    for u in units)
 
@@ -110,6 +112,7 @@ def render_report(
         detectors=detectors,
         runtime_rows=runtime_rows,
         runtime_png=runtime_png,
+        cascade_stages=cascade_stages,
         errors=errors,
         errors_left_out=errors_left_out,
         errors_by_status=errors_by_status,

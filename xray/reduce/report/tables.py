@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from xray.io import storage
+from xray.reduce.calibrate.features import CASCADE
 from xray.reduce.formatting import first_line, fmt, is_missing
 from xray.reduce.summary import unit_frames, verdicts
 from xray.results import locations
@@ -269,8 +270,38 @@ def error_rows(scores: pd.DataFrame) -> tuple[list[dict[str, Any]], int, list[di
     return rows, max(0, len(bad) - MAX_ROWS), by_status
 
 
-def model_table(units: Sequence[Unit], drilled: set[str]) -> tuple[dict[str, Any], int]:
-    """Model x detector cells: score (``*`` at or above the threshold), else the status."""
+def cascade_view(scores: pd.DataFrame) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """A cascade's stages (models run, models decided, detector-seconds, their share of all)
+    and, per model, the stage that decided it; ([], {}) without cascade rows. Read from the
+    rows of detector "cascade" (xray.pipeline.run_cascade), the latest configuration's."""
+    rows = scores[scores["detector"] == CASCADE]
+    if not len(rows):
+        return [], {}
+    rows = rows[rows["config_hash"] == rows.sort_values("finished_at")["config_hash"].iloc[-1]]
+    stats = [json.loads(s) if isinstance(s, str) else {} for s in rows["stats_json"]]
+    decided = {str(m): int(st["stage"]) for m, st in zip(rows["model_id"], stats)
+               if "stage" in st}
+    n = max((int(st.get("stages", 0)) for st in stats), default=0)
+    seconds = [sum(float(st["stage_seconds"][k]) for st in stats
+                   if len(st.get("stage_seconds", ())) > k) for k in range(n)]
+    total = sum(seconds)
+    view = []
+    for k in range(n):
+        names = next((st["stage_detectors"][k] for st in stats
+                      if len(st.get("stage_detectors", ())) > k), [])
+        view.append({
+            "number": k + 1, "detectors": ", ".join(names),
+            "models": sum(len(st.get("stage_seconds", ())) > k for st in stats),
+            "decided": sum(stage == k + 1 for stage in decided.values()),
+            "seconds": fmt(seconds[k], 1),
+            "share": fmt(seconds[k] / total, 3) if total else "-"})
+    return view, decided
+
+
+def model_table(units: Sequence[Unit], drilled: set[str],
+                decided_at: Mapping[str, int] | None = None) -> tuple[dict[str, Any], int]:
+    """Model x detector cells: score (``*`` at or above the threshold), else the status; with a
+    cascade, the stage that decided each model (`decided_at`)."""
     if not units:
         return {"columns": [], "rows": []}, 0
     meta = pd.concat([u.per_model[["y", "attack", "architecture", "tags"]] for u in units])
@@ -297,6 +328,8 @@ def model_table(units: Sequence[Unit], drilled: set[str]) -> tuple[dict[str, Any
         )
         column = pd.Series(cell, index=pm.index).reindex(table.index).fillna("")
         table[unit.label] = column
+    if decided_at:
+        table["cascade stage"] = [str(decided_at.get(m, "-")) for m in table.index]
     shown = table.head(MAX_ROWS)
     rows = [{"cells": cells, "link": model_id in drilled}
             for model_id, cells in zip(shown.index, shown.to_numpy().tolist())]
