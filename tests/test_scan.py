@@ -36,19 +36,19 @@ def test_scan_writes_one_ok_row_per_model(scanned):
     assert 0.0 <= summary.idle_tail_share <= 1.0
 
 
-def _planned(model_id: str, size: int):
+def _planned(model_id: str, size: int, architecture: str = "nin"):
     from xray.io.records import ModelRecord
     from xray.runner.plan import PlannedModel
 
     record = ModelRecord(model_id=model_id, uri=f"/m/{model_id}", format="safetensors",
-                         architecture="nin", num_classes=5, input_shape=(3, 24, 24))
+                         architecture=architecture, num_classes=5, input_shape=(3, 24, 24))
     return PlannedModel(record, "d", ("nc",), size)
 
 
 def test_the_plan_puts_the_longest_models_first():
     import pandas as pd
 
-    from xray.runner.plan import longest_first, previous_seconds
+    from xray.runner.plan import kind_seconds, longest_first, previous_seconds
 
     earlier = pd.DataFrame({  # a's newest nc row took 9 s, b's 1 s (+ 1 s of mmbd)
         "model_id": ["a", "a", "b", "b"], "detector": ["nc", "nc", "nc", "mmbd"],
@@ -62,6 +62,14 @@ def test_the_plan_puts_the_longest_models_first():
     order = [p.record.model_id for p in longest_first(items, seconds)]
     assert order == ["a", "c", "b", "d"]
     assert [p.record.model_id for p in longest_first(items)] == ["a", "b", "c", "d"]  # by size
+    # a model of a kind seen before takes that kind's median, whatever its file size: a small
+    # resnet file after slow resnets goes before a big nin file
+    earlier["architecture"], earlier["num_classes"] = ["resnet18"] * 2 + ["nin"] * 2, 5
+    kinds = kind_seconds(earlier)
+    assert kinds == {("resnet18", 5): 9.0, ("nin", 5): 2.0}
+    items = [_planned("big-nin", 1000), _planned("small-resnet", 10, "resnet18")]
+    order = [p.record.model_id for p in longest_first(items, {}, kinds)]
+    assert order == ["small-resnet", "big-nin"]
 
 
 def test_parquet_rows_match_scan_model(scanned):

@@ -54,7 +54,7 @@ def plan(records: Sequence[ModelRecord], out_uri: str,
                      if (record.model_id, digest, *key) not in done)
         if todo:
             pending.append(PlannedModel(record, digest, todo, size))
-    return longest_first(pending, previous_seconds(existing))
+    return longest_first(pending, previous_seconds(existing), kind_seconds(existing))
 
 
 def previous_seconds(existing: Any) -> dict[str, float]:
@@ -67,18 +67,35 @@ def previous_seconds(existing: Any) -> dict[str, float]:
     return newest.groupby("model_id")["seconds"].sum().to_dict()
 
 
-def longest_first(items: list[PlannedModel],
-                  seconds: dict[str, float] | None = None) -> list[PlannedModel]:
+def kind_seconds(existing: Any) -> dict[tuple[str, int], float]:
+    """Per (architecture, class count), the median seconds of the models of that kind in
+    earlier runs (as previous_seconds counts them): how long a new model of the kind takes."""
+    if not len(existing):
+        return {}
+    rows = existing.dropna(subset=["seconds", "architecture", "num_classes"])
+    newest = rows.sort_values("finished_at").groupby(["model_id", "detector"]).tail(1)
+    per_model = newest.groupby(["model_id", "architecture", "num_classes"])["seconds"].sum()
+    by_kind = per_model.groupby(level=["architecture", "num_classes"]).median()
+    return {(str(a), int(k)): float(v) for (a, k), v in by_kind.items()}
+
+
+def longest_first(items: list[PlannedModel], seconds: dict[str, float] | None = None,
+                  by_kind: dict[tuple[str, int], float] | None = None) -> list[PlannedModel]:
     """The pending models, the longest expected first (longest-processing-time order: the run
     then ends on short models, not on one straggler while the other actors idle). Expected
-    seconds: an earlier run's, else the file size times the median seconds per byte of the
-    models that have both, else the size alone."""
-    seconds = seconds or {}
+    seconds: the model's own in an earlier run, else the median of earlier models of its
+    architecture and class count (`kind_seconds`), else its file size times the median seconds
+    per byte of the models that have both, else the size alone. (File size alone ranks models
+    of different architectures badly: bench/scheduling.py measured it.)"""
+    seconds, by_kind = seconds or {}, by_kind or {}
     rates = sorted(seconds[p.record.model_id] / p.size for p in items
                    if p.record.model_id in seconds and p.size > 0)
     rate = rates[len(rates) // 2] if rates else 1.0
 
     def expected(p: PlannedModel) -> float:
-        return seconds.get(p.record.model_id, p.size * rate)
+        if p.record.model_id in seconds:
+            return seconds[p.record.model_id]
+        kind = (str(p.record.architecture), int(p.record.num_classes))
+        return by_kind.get(kind, p.size * rate)
 
     return sorted(items, key=lambda p: (-expected(p), p.record.model_id))
