@@ -1,0 +1,146 @@
+"""The cascade part of bench/cascade.py: calibrators fitted on one zoo round, the cascade measured
+on another (issue 22's cost_share and cross entropies).
+
+Rounds: recipes cascade_train and cascade_test (44 models each: 22 clean, BadNets, polygon,
+blended and filter trojans; MNTD's CNN on 32 px signs), built once under --workdir. Both are
+scanned with every detector of ALL_DETECTORS (small presets) through `xray scan`; the
+calibrators come from `xray calibrate` on the training round: one on the stage-1 detectors, one
+on all. The cascade (stage 1: STAGE_ONE on every model; stage 2: the rest on the models whose
+stage-1 probability lies in UNCERTAIN) then runs through `xray scan --config` on a copy of the
+test round's output folder, so every row it needs is reused and its detector-seconds are the
+seconds those rows took: exactly what a fresh cascade scan would spend on them.
+
+Figures: cost_share (the cascade's detector-seconds over the all-detector scan's, on the test
+round), cascade_cross_entropy and all_detectors_cross_entropy (the TrojAI harness's CE of the
+cascade's final probability and of the all-detector calibrator's, test round), their ROC-AUC,
+stage_two_share (share of test models that went to stage 2), and each single detector's
+calibrated CE on the test round (its Platt scaling fitted on the training round).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ALL_DETECTORS = ["mmbd", "karm", "nc", "modelxray", "abs+exray"]
+STAGE_ONE = ["mmbd", "karm"]
+UNCERTAIN = [0.1, 0.9]
+
+
+def _xray(*args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "xray.cli", *args], check=True,
+                          capture_output=True, text=True)
+    return done.stdout
+
+
+def _config(stages: bool, stage1: str = "", final: str = "") -> dict[str, Any]:
+    config: dict[str, Any] = {"seed": 0, "detectors": {d: {"preset": "small"}
+                                                       for d in ALL_DETECTORS}}
+    if stages:
+        config["stages"] = [
+            {"detectors": STAGE_ONE, "calibrator": stage1, "uncertain": UNCERTAIN},
+            {"detectors": [d for d in ALL_DETECTORS if d not in STAGE_ONE],
+             "calibrator": final}]
+    return config
+
+
+def build_and_scan(workdir: Path, split: str, actors: int) -> Path:
+    """The split's round (built once) scanned with every detector into workdir/split/out."""
+    import yaml
+
+    round_dir = workdir / split / "round"
+    if not (round_dir / "METADATA.csv").exists():
+        print(f"building cascade_{split} into {round_dir} ...", flush=True)
+        _xray("zoo", "build", "--recipe", f"cascade_{split}", "--out", str(round_dir), "--quiet")
+    out = workdir / split / "out"
+    config = workdir / "all.yaml"
+    config.write_text(yaml.safe_dump(_config(False)))
+    print(f"scanning {split} with {', '.join(ALL_DETECTORS)} ...", flush=True)
+    print(_xray("scan", "--manifest", str(round_dir), "--out", str(out), "--config", str(config),
+                "--actors", str(actors), "--quiet").splitlines()[0], flush=True)
+    return out
+
+
+def measure(workdir: Path, actors: int = 2) -> tuple[dict[str, float], dict[str, Any]]:
+    import yaml
+
+    from xray.reduce.calibrate import Calibrator, combined_rows
+    from xray.reduce.harness import harness_scores
+    from xray.results.sink import read_table
+
+    train_out = build_and_scan(workdir, "train", actors)
+    test_out = build_and_scan(workdir, "test", actors)
+    stage1_uri = str(workdir / "stage1.json")
+    final_uri = str(workdir / "all.json")
+    _xray("calibrate", str(train_out), "--detectors", ",".join(STAGE_ONE),
+          "--train-run", "all", "--artifact", stage1_uri)
+    _xray("calibrate", str(train_out), "--train-run", "all", "--artifact", final_uri)
+
+    cascade_out = workdir / "test" / "cascade-out"
+    shutil.rmtree(cascade_out, ignore_errors=True)
+    shutil.copytree(test_out, cascade_out)
+    config = workdir / "cascade.yaml"
+    config.write_text(yaml.safe_dump(_config(True, stage1_uri, final_uri)))
+    printed = _xray("scan", "--manifest", str(workdir / "test" / "round"), "--out",
+                    str(cascade_out), "--config", str(config), "--quiet")
+    print("\n".join(line for line in printed.splitlines()
+                    if line.startswith(("stage", "cascade"))), flush=True)
+
+    test = read_table(str(test_out), "scores")
+    test = test[test["detector"].isin(ALL_DETECTORS)]
+    truth = test.drop_duplicates("model_id").set_index("model_id")["gt_poisoned"].astype(float)
+    all_seconds = float(test["seconds"].sum())
+    cascade = read_table(str(cascade_out), "scores")
+    cascade = cascade[cascade["detector"] == "cascade"].set_index("model_id")
+    stats = {m: json.loads(s) for m, s in cascade["stats_json"].items()}
+    cascade_seconds = float(cascade["seconds"].sum())
+
+    def figures_of(probability: Any) -> Any:
+        p = probability.reindex(truth.index).astype(float).to_numpy()
+        return harness_scores(truth.to_numpy(), p)
+
+    final = Calibrator.load(final_uri)
+    all_p = combined_rows(test, final).set_index("model_id")["score"]
+    cascade_h = figures_of(cascade["score"])
+    all_h = figures_of(all_p)
+    figures = {"cost_share": cascade_seconds / all_seconds,
+               "cascade_cross_entropy": cascade_h.cross_entropy,
+               "all_detectors_cross_entropy": all_h.cross_entropy,
+               "cascade_minus_all_cross_entropy": cascade_h.cross_entropy - all_h.cross_entropy,
+               "cascade_roc_auc": cascade_h.roc_auc, "all_detectors_roc_auc": all_h.roc_auc,
+               "stage_two_share": sum(st["stage"] == 2 for st in stats.values()) / len(stats),
+               "cascade_detector_seconds": cascade_seconds,
+               "all_detectors_seconds": all_seconds,
+               "test_models": float(len(truth)), "test_trojaned": float(truth.sum())}
+    train = read_table(str(train_out), "scores")
+    figures["train_models"] = float(train["model_id"].nunique())
+    for name in ALL_DETECTORS:  # each detector alone, Platt-scaled on the training round
+        from xray.reduce.calibrate import fit
+
+        single = fit(train, detectors=[name], model=name)
+        p = combined_rows(test[test["detector"] == name], single).set_index("model_id")["score"]
+        h = figures_of(p)
+        figures[f"{name}_cross_entropy"] = h.cross_entropy
+        figures[f"{name}_roc_auc"] = h.roc_auc
+        figures[f"{name}_seconds_per_model"] = float(
+            test[test["detector"] == name]["seconds"].mean())
+    notes = {"stage_one": STAGE_ONE, "uncertain": UNCERTAIN, "all_detectors": ALL_DETECTORS,
+             "rounds": "recipes cascade_train (calibrators) and cascade_test (measured)",
+             "cascade_printed": printed.splitlines()[:3]}
+    return figures, notes
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/cascade-bench"))
+    ap.add_argument("--actors", type=int, default=2)
+    args = ap.parse_args()
+    figs, notes = measure(args.workdir, args.actors)
+    Path("/tmp/cascade_stages.json").write_text(json.dumps({"figures": figs, "notes": notes},
+                                                           indent=2))
+    print(json.dumps(figs, indent=2))
