@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import demo_round, exray_round, record  # noqa: E402
 
 
-def interleave(items: list, seconds: dict | None = None) -> list:
+def interleave(items: list, seconds: dict | None = None, by_kind: dict | None = None) -> list:
     """The plan's order before longest-first: heaviest, lightest, second heaviest, ..."""
     ordered = sorted(items, key=lambda p: (-p.size, p.record.model_id))
     out, lo, hi = [], 0, len(ordered) - 1
