@@ -23,6 +23,23 @@ Algorithm (per model):
 Shapes: data.x (n, C, H, W) pixel space; a plane's grid is R x R (R^2 model inputs); all
 N * R^2 points go through the model in batches of `batch_size`, each batch built on ctx.device
 by one matmul per plane it spans, (n, 2) coefficients @ (2, D) basis: no per-point Python.
+stats["forwards"] = model input points evaluated (N * R^2 with the full grid).
+
+Adaptive grid (Params.grid = "adaptive", opt-in; xray's own (inferred), not in the authors'
+code; the full grid is the default and the reference). A label map is piecewise constant, so
+labels are needed only near its boundaries. Per plane, coarse to fine: evaluate the lattice of
+step s (the largest power of two <= (R-1)/4; indices 0, s, 2s, ..., always R-1) and the three
+samples' nearest cells (Plane.cells, so ATS starts from a true label). Then at each step, a cell
+(the closed square between four neighbouring lattice points) whose four corners and any sample
+cell in it carry one label is filled with it, without forwards; the other cells get the lattice
+of step s/2 inside them (edges included) evaluated and are examined again at that step, down to
+step 1. A finer fill overrides a coarser one on a shared edge; an evaluated label is never
+overridden. Each step's points, over all planes, go through the model in batches as the full
+grid's do (`point_batches`), under inference mode. Blind spot: a region smaller than the coarse
+step that lies wholly inside a cell whose corners agree (and holds no sample) is missed, and so
+is a boundary that leaves a cell through the edge it entered by between two corners; RE and ATS
+then differ from the full grid's. stats: forwards (points evaluated) and grid "adaptive".
+`score_stack` scores models one by one with `score` when grid is "adaptive" (no vmapped path).
 
 Deviations from the reference code, each on purpose:
   - The model takes pixel space (normalisation folded in), so the plane is built in the
