@@ -27,11 +27,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def record(name: str, command: str, figures: dict[str, float], notes: dict | None = None) -> Path:
+def record(name: str, command: str, figures: dict[str, float], notes: dict | None = None, *,
+           merge: bool = False) -> Path:
+    """Write bench/results/NAME.json. merge=True keeps the figures and notes already in the file
+    and updates only the given ones (command, date and machine are this run's)."""
     out = RESULTS / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(out.read_text()) if merge and out.exists() else {}
     payload = {"command": command, "date": dt.date.today().isoformat(), "machine": machine(),
-               "figures": {k: float(v) for k, v in figures.items()}}
+               "figures": {**old.get("figures", {}), **{k: float(v) for k, v in figures.items()}}}
+    notes = {**old.get("notes", {}), **(notes or {})}
     if notes:
         payload["notes"] = notes
     out.write_text(json.dumps(payload, indent=2) + "\n")

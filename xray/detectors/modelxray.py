@@ -23,6 +23,23 @@ Algorithm (per model):
 Shapes: data.x (n, C, H, W) pixel space; a plane's grid is R x R (R^2 model inputs); all
 N * R^2 points go through the model in batches of `batch_size`, each batch built on ctx.device
 by one matmul per plane it spans, (n, 2) coefficients @ (2, D) basis: no per-point Python.
+stats["forwards"] = model input points evaluated (N * R^2 with the full grid).
+
+Adaptive grid (Params.grid = "adaptive", opt-in; xray's own (inferred), not in the authors'
+code; the full grid is the default and the reference). A label map is piecewise constant, so
+labels are needed only near its boundaries. Per plane, coarse to fine: evaluate the lattice of
+step s (the largest power of two <= (R-1)/4; indices 0, s, 2s, ..., always R-1) and the three
+samples' nearest cells (Plane.cells, so ATS starts from a true label). Then at each step, a cell
+(the closed square between four neighbouring lattice points) whose four corners and any sample
+cell in it carry one label is filled with it, without forwards; the other cells get the lattice
+of step s/2 inside them (edges included) evaluated and are examined again at that step, down to
+step 1. A finer fill overrides a coarser one on a shared edge; an evaluated label is never
+overridden. Each step's points, over all planes, go through the model in batches as the full
+grid's do (`point_batches`), under inference mode. Blind spot: a region smaller than the coarse
+step that lies wholly inside a cell whose corners agree (and holds no sample) is missed, and so
+is a boundary that leaves a cell through the edge it entered by between two corners; RE and ATS
+then differ from the full grid's. stats: forwards (points evaluated) and grid "adaptive".
+`score_stack` scores models one by one with `score` when grid is "adaptive" (no vmapped path).
 
 Deviations from the reference code, each on purpose:
   - The model takes pixel space (normalisation folded in), so the plane is built in the
@@ -238,7 +255,7 @@ def _channel_stats(data: ScanData, channels: int) -> tuple[torch.Tensor, torch.T
 @torch.inference_mode()
 def predict_planes(model: torch.nn.Module, data: ScanData, planes: Sequence[Plane],
                    batch_size: int | None, device: torch.device | str) -> np.ndarray:
-    """P for every plane: int64 (N, R, R) (see `plane_batches` for how points are built)."""
+    """P for every plane: int64 (N, R, R) (see `point_batches` for how points are built)."""
     if not planes:
         return np.zeros((0, 0, 0), dtype=np.int64)
     r = len(planes[0].c1)
@@ -273,19 +290,34 @@ def predict_planes_stacked(models: Sequence[torch.nn.Module], datas: Sequence[Sc
     return [p.view(len(planes[0]), r, r).numpy() for p in preds]
 
 
+def full_grid_points(num_planes: int, resolution: int) -> torch.Tensor:
+    """int64 (N * R^2, 3): every (p, i, j) of N R x R grids, plane-major, i before j (meshgrid
+    'ij'), the order of the flat index of an (N, R, R) array."""
+    p, i, j = torch.meshgrid(torch.arange(num_planes), torch.arange(resolution),
+                             torch.arange(resolution), indexing="ij")
+    return torch.stack([p.reshape(-1), i.reshape(-1), j.reshape(-1)], dim=1)
+
+
 def plane_batches(data: ScanData, planes: Sequence[Plane], batch_size: int | None,
                   device: torch.device | str):
-    """The grid points of every plane, in batches: point (p, i, j) = denormalize(x1 + c1[i] a +
-    c2[j] u)). All N * R^2 points go through the model in batches of batch_size (None: see the
-    module docstring); each batch is one matmul per plane it spans on `device`:
+    """Every grid point of every plane (`point_batches` over `full_grid_points`): all N * R^2
+    points in batches. Yields (start, stop, batch) over the flat point index of all planes."""
+    yield from point_batches(data, planes, full_grid_points(len(planes), len(planes[0].c1)),
+                             batch_size, device)
+
+
+def point_batches(data: ScanData, planes: Sequence[Plane], points: torch.Tensor,
+                  batch_size: int | None, device: torch.device | str):
+    """The given grid points, in batches: `points` int64 (M, 3) rows (p, i, j), point =
+    denormalize(x1 + c1[i] a + c2[j] u) of plane p. The M points go through in batches of
+    batch_size (None: see the module docstring); each batch is one matmul per run of
+    consecutive rows of one plane (sort `points` by plane to keep the runs long) on `device`:
     [c1[i], c2[j]] @ [a * std; u * std] + (x1 * std + mean), i.e. the affine denormalisation
     folded into the plane basis (equal to denormalising the normalised point up to float
     rounding). On CPU the basis is stored channel-last, so the batch comes out channels_last.
-    Yields (start, stop, batch) over the flat point index of all planes."""
+    Yields (start, stop, batch) over the row index of `points`."""
     device = torch.device(device)
     batch_size = int(batch_size or _default_batch_size(device))
-    r = len(planes[0].c1)
-    per_plane = r * r
     shape = tuple(int(s) for s in data.x.shape[1:])
     channels_last = device.type == "cpu" and len(shape) == 3
     if len(shape) == 3:
@@ -303,19 +335,29 @@ def plane_batches(data: ScanData, planes: Sequence[Plane], batch_size: int | Non
     basis = torch.stack([pixel_layout(torch.stack([p.a for p in planes]).view(-1, *shape) * std),
                          pixel_layout(torch.stack([p.u for p in planes]).view(-1, *shape) * std)],
                         dim=1).to(device)                                  # (N, 2, D)
+    points = torch.as_tensor(points, dtype=torch.int64).reshape(-1, 3)
     c1 = torch.stack([p.c1 for p in planes])
     c2 = torch.stack([p.c2 for p in planes])
-    coefs = torch.stack([c1[:, :, None].expand(-1, r, r), c2[:, None, :].expand(-1, r, r)],
-                        dim=-1).reshape(len(planes), per_plane, 2).to(device)  # meshgrid 'ij'
-    total = len(planes) * per_plane
+    coefs = torch.stack([c1[points[:, 0], points[:, 1]], c2[points[:, 0], points[:, 2]]],
+                        dim=-1).to(device)                                 # (M, 2)
+    plane_of = points[:, 0]
+    total = len(points)
+    # runs of consecutive rows on one plane: [run_starts[k], run_starts[k + 1])
+    change = (torch.nonzero(plane_of[1:] != plane_of[:-1]).reshape(-1) + 1).tolist()
+    run_starts = [0, *change, total]
     dim = origin.shape[1]
+    run = 0
     for start in range(0, total, batch_size):
         stop = min(start + batch_size, total)
         batch = torch.empty(stop - start, dim, device=device)
-        for p in range(start // per_plane, (stop - 1) // per_plane + 1):
-            lo, hi = max(start, p * per_plane), min(stop, (p + 1) * per_plane)
-            torch.addmm(origin[p], coefs[p, lo - p * per_plane:hi - p * per_plane], basis[p],
-                        out=batch[lo - start:hi - start])
+        while run_starts[run + 1] <= start:
+            run += 1
+        k = run
+        while k + 1 < len(run_starts) and run_starts[k] < stop:
+            lo, hi = max(start, run_starts[k]), min(stop, run_starts[k + 1])
+            p = int(plane_of[lo])
+            torch.addmm(origin[p], coefs[lo:hi], basis[p], out=batch[lo - start:hi - start])
+            k += 1
         if channels_last:
             h, w, c = shape[1], shape[2], shape[0]
             batch = batch.view(-1, h, w, c).permute(0, 3, 1, 2)
@@ -325,12 +367,147 @@ def plane_batches(data: ScanData, planes: Sequence[Plane], batch_size: int | Non
 
 
 # ---------------------------------------------------------------------------------------------
+# Adaptive grid (opt-in, grid="adaptive"): xray's own, see the module docstring.
+
+
+def coarse_step(resolution: int) -> int:
+    """The adaptive grid's first lattice step: the largest power of two s <= (R - 1) / 4
+    (1 when R < 9: the lattice is then the full grid)."""
+    step = 1
+    while step * 2 <= (int(resolution) - 1) / 4:
+        step *= 2
+    return step
+
+
+def lattice(resolution: int, step: int) -> np.ndarray:
+    """Indices 0, step, 2 step, ... below R, and R - 1 (the lattice of one level)."""
+    idx = np.arange(0, int(resolution), int(step))
+    return idx if idx[-1] == resolution - 1 else np.append(idx, resolution - 1)
+
+
+def _label_points(model: torch.nn.Module, data: ScanData, planes: Sequence[Plane],
+                  points: np.ndarray, batch_size: int | None,
+                  device: torch.device | str) -> np.ndarray:
+    """argmax labels (int64 (M,)) of the given (p, i, j) rows (sorted by plane by the caller)."""
+    out = torch.empty(len(points), dtype=torch.int64)
+    for start, stop, batch in point_batches(data, planes, torch.from_numpy(points), batch_size,
+                                            device):
+        out[start:stop] = model(batch).argmax(dim=1).cpu()
+    return out.numpy()
+
+
+@torch.inference_mode()
+def predict_planes_adaptive(model: torch.nn.Module, data: ScanData, planes: Sequence[Plane],
+                            batch_size: int | None,
+                            device: torch.device | str) -> tuple[np.ndarray, int]:
+    """(P int64 (N, R, R), forwards): the adaptive grid, coarse to fine.
+
+    Level 0 evaluates the lattice of step s = coarse_step(R) (indices 0, s, 2s, ..., R-1 on both
+    axes) and each sample's nearest cell (Plane.cells). At each level with step s, a cell (the
+    closed square between four neighbouring lattice points) inside the region still being
+    refined is uniform when its four corners and any sample cell inside it carry one label: its
+    points not evaluated are filled with that label (a finer level's fill overrides a coarser
+    one, an evaluated label is never overridden). A cell that is not uniform has the points of
+    the lattice of step s / 2 inside it (edges included) evaluated, and its sub-cells form the
+    next level's region. Stops after step 2 (the step-1 cells have no inner points). All points
+    of one level, over all planes, go through the model together (`point_batches`)."""
+    n = len(planes)
+    if n == 0:
+        return np.zeros((0, 0, 0), dtype=np.int64), 0
+    r = len(planes[0].c1)
+    labels = np.full((n, r, r), -1, dtype=np.int64)
+    known = np.zeros((n, r, r), dtype=bool)
+    step = coarse_step(r)
+    idx = lattice(r, step)
+    todo = np.zeros((n, r, r), dtype=bool)
+    todo[:, idx[:, None], idx[None, :]] = True
+    for p, plane in enumerate(planes):
+        todo[p, plane.cells[:, 0], plane.cells[:, 1]] = True
+    forwards = 0
+    active = np.ones((n, len(idx) - 1, len(idx) - 1), dtype=bool)  # cells to examine
+    while True:
+        pts = np.argwhere(todo & ~known)          # sorted by plane, then i, then j
+        if len(pts):
+            labels[pts[:, 0], pts[:, 1], pts[:, 2]] = _label_points(model, data, planes, pts,
+                                                                     batch_size, device)
+            known[pts[:, 0], pts[:, 1], pts[:, 2]] = True
+            forwards += len(pts)
+        if step == 1:
+            break
+        # cell (a, b) spans rows idx[a]..idx[a+1], cols idx[b]..idx[b+1]
+        corners = labels[:, idx[:, None], idx[None, :]]          # (N, K+1, K+1)
+        top_left = corners[:, :-1, :-1]
+        uniform = ((top_left == corners[:, 1:, :-1]) & (top_left == corners[:, :-1, 1:])
+                   & (top_left == corners[:, 1:, 1:]))
+        for p, plane in enumerate(planes):  # a sample cell of another label breaks uniformity
+            for i, j in plane.cells:
+                rows = _cells_holding(idx, int(i))
+                cols = _cells_holding(idx, int(j))
+                for a in rows:
+                    for b in cols:
+                        if labels[p, i, j] != top_left[p, a, b]:
+                            uniform[p, a, b] = False
+        fill = np.where(active & uniform, top_left, -1)           # (N, K, K)
+        _fill_cells(labels, known, fill, idx)
+        refine = active & ~uniform
+        finer = lattice(r, step // 2)
+        # the finer lattice's points inside refined cells (closed squares)
+        on_fine = np.zeros(r, dtype=bool)
+        on_fine[finer] = True
+        row_cell_lo, row_cell_hi = _cell_maps(idx, r)
+        todo = np.zeros((n, r, r), dtype=bool)
+        for lo_i in (row_cell_lo, row_cell_hi):
+            for lo_j in (row_cell_lo, row_cell_hi):
+                todo |= refine[:, lo_i[:, None], lo_j[None, :]]
+        todo &= on_fine[None, :, None] & on_fine[None, None, :]
+        # the next level's region: sub-cells of refined cells
+        sub_lo = np.searchsorted(idx, finer[:-1], side="right") - 1   # coarse cell per sub-cell
+        active = refine[:, sub_lo[:, None], sub_lo[None, :]]
+        step //= 2
+        idx = finer
+    if (labels < 0).any():  # cannot happen (every point is evaluated or in a uniform cell)
+        raise RuntimeError("Model X-ray adaptive grid left points unlabelled")
+    return labels, forwards
+
+
+def _cells_holding(idx: np.ndarray, i: int) -> list[int]:
+    """Cells (along one axis) of the lattice `idx` whose closed span holds index i."""
+    a = int(np.searchsorted(idx, i, side="right")) - 1
+    cells = [c for c in (a - 1, a) if 0 <= c < len(idx) - 1 and idx[c] <= i <= idx[c + 1]]
+    return cells
+
+
+def _cell_maps(idx: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each index 0..R-1: the lattice cell holding it, ties on a lattice line going to the
+    lower cell (first) and to the upper cell (second); (R,) int arrays."""
+    grid = np.arange(r)
+    hi = np.clip(np.searchsorted(idx, grid, side="right") - 1, 0, len(idx) - 2)
+    lo = np.clip(np.searchsorted(idx, grid, side="left") - 1, 0, len(idx) - 2)
+    return lo, hi
+
+
+def _fill_cells(labels: np.ndarray, known: np.ndarray, fill: np.ndarray,
+                idx: np.ndarray) -> None:
+    """labels[p, i, j] = fill[p, cell(i), cell(j)] where not evaluated and the fill is >= 0, for
+    every cell whose closed square holds (i, j) (a point on a lattice line lies in two or four)."""
+    lo, hi = _cell_maps(idx, labels.shape[1])
+    for ci in (lo, hi):
+        for cj in (lo, hi):
+            values = fill[:, ci[:, None], cj[None, :]]
+            mask = (values >= 0) & ~known
+            labels[mask] = values[mask]
+
+
+# ---------------------------------------------------------------------------------------------
 # Read-out.
 
 
 def summarise(pred_grids: np.ndarray, planes: Sequence[Plane], num_classes: int,
-              params: "ModelXray.Params", seed: int) -> DetectorResult:
-    """Per-plane RE / ATS, model-level means, target label and artifacts from the grids."""
+              params: "ModelXray.Params", seed: int,
+              forwards: int | None = None) -> DetectorResult:
+    """Per-plane RE / ATS, model-level means, target label and artifacts from the grids.
+    forwards: model input points evaluated (None: every grid point, N * R^2); with
+    params.grid == "adaptive" stats also say grid "adaptive"."""
     pred_grids = np.asarray(pred_grids)
     re_per_plane = [renyi_entropy(g, num_classes, params.alpha) for g in pred_grids]
     ats_per_plane = [areas_of_triple_samples(g, p.cells, p.labels, params.ats_threshold)
@@ -350,9 +527,12 @@ def summarise(pred_grids: np.ndarray, planes: Sequence[Plane], num_classes: int,
         "num_planes": len(planes), "resolution": int(pred_grids.shape[-1]),
         "triplet_indices": [list(p.indices) for p in planes],
         "triplet_labels": [list(p.labels) for p in planes],
+        "forwards": int(pred_grids.size if forwards is None else forwards),
         "published_thresholds": {"re": dict(PUBLISHED_RE_THRESHOLDS),
                                  "ats": dict(PUBLISHED_ATS_THRESHOLDS)},
     }
+    if params.grid == "adaptive":
+        stats["grid"] = "adaptive"
     artifacts = {"planes": [
         {"pred": g.astype(np.int32), "c1": p.c1.numpy().copy(), "c2": p.c2.numpy().copy(),
          "sample_coords": p.coords.copy(), "sample_cells": p.cells.copy(),
@@ -380,6 +560,7 @@ class ModelXray:
         ats_threshold: float = 0.5    # T
         score_stat: str = "re"        # "re" -> score -re; "ats" -> score -ats
         batch_size: int | None = None  # None: 4096 on an accelerator, 128 on CPU
+        grid: str = "full"            # "full" (reference) | "adaptive" (xray's, opt-in)
 
     presets = {
         "small": {"num_planes": 4, "resolution": 32},
@@ -396,20 +577,32 @@ class ModelXray:
                              f"got {self.params.score_stat!r}")
         if self.params.num_planes < 1 or self.params.resolution < 2:
             raise ValueError("modelxray: num_planes >= 1 and resolution >= 2 required")
+        if self.params.grid not in ("full", "adaptive"):
+            raise ValueError(f"modelxray: grid must be 'full' or 'adaptive', "
+                             f"got {self.params.grid!r}")
 
     def score(self, model: torch.nn.Module, data: ScanData, ctx: ScanContext) -> DetectorResult:
         p = self.params
         planes = draw_planes(data, p.num_planes, p.resolution, p.eta,
                              ctx.generator("modelxray/triplets"))
         with eval_mode(model):
-            grids = predict_planes(model, data, planes, p.batch_size, ctx.device)
-        return summarise(grids, planes, data.num_classes, p, ctx.seed)
+            if p.grid == "adaptive":
+                grids, forwards = predict_planes_adaptive(model, data, planes, p.batch_size,
+                                                          ctx.device)
+            else:
+                grids, forwards = predict_planes(model, data, planes, p.batch_size,
+                                                 ctx.device), None
+        return summarise(grids, planes, data.num_classes, p, ctx.seed, forwards)
 
     def score_stack(self, models: Sequence[torch.nn.Module], datas: Sequence[ScanData],
                     ctx: ScanContext) -> list[DetectorResult]:
         """Score K models of one architecture in one vmapped pass; each result equals `score`
-        on that model alone (same seed, same planes)."""
+        on that model alone (same seed, same planes). With grid "adaptive" the models are
+        scored one by one with `score` (each model refines where its own boundaries are, so
+        there is no common batch to vmap)."""
         p = self.params
+        if p.grid == "adaptive":
+            return [self.score(m, d, ctx) for m, d in zip(models, datas)]
         planes = [draw_planes(d, p.num_planes, p.resolution, p.eta,
                               ctx.generator("modelxray/triplets")) for d in datas]
         with eval_mode(*models):
