@@ -406,3 +406,26 @@ def test_planes_artifacts_draw_as_a_png():
     assert planes[0]["pred"].shape == (16, 16) and planes[0]["pred"].dtype == np.int32
     assert {"c1", "c2", "sample_coords", "sample_labels", "dominating_label"} <= set(planes[0])
     assert png_bytes(planes_figure(planes[:2], 5, total=3))[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_grid_parameter_leaves_earlier_results_hashes_alone():
+    """`grid` came after results were stored: at its default the config hash is the one
+    computed without the field (those rows stay reused); set, it is a new configuration."""
+    import dataclasses
+    import hashlib
+    import json
+
+    from xray.config import parse_config
+
+    config = parse_config({"detectors": {"modelxray": {"preset": "small"}}})
+    detector = config.detectors[0].build()
+    before = dataclasses.asdict(detector.params)
+    del before["grid"]
+    payload = {"detector": "modelxray", "version": detector.version, "params": before,
+               "seed": 0, "examples_per_class": None}
+    text = json.dumps(payload, sort_keys=True, default=str)
+    assert config.detector_hash(detector) == hashlib.sha256(text.encode()).hexdigest()[:16]
+    adaptive = parse_config({"detectors": {"modelxray": {"preset": "small",
+                                                         "params": {"grid": "adaptive"}}}})
+    assert adaptive.detector_hash(adaptive.detectors[0].build()) != \
+        config.detector_hash(detector)

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import yaml
 
 from xray import detectors as detector_registry
+from xray.detectors.base import hashed_params
 from xray.io import storage
 
 DEFAULT_DETECTORS = ("modelxray",)
@@ -73,7 +74,7 @@ class ScanConfig:
 
     def detector_hash(self, detector: Any) -> str:
         payload = {"detector": detector.name, "version": detector.version,
-                   "params": dataclasses.asdict(detector.params), "seed": self.seed,
+                   "params": hashed_params(detector.params), "seed": self.seed,
                    "examples_per_class": self.examples_per_class}
         return stable_hash(payload)
 

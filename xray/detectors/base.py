@@ -148,8 +148,24 @@ def eval_mode(*models: torch.nn.Module) -> Iterator[None]:
             m.training = mode
 
 
+# Field metadata for a parameter added after results were stored with the detector's version:
+# while it holds its default (the computation as before) it is left out of the hash, so rows
+# scored before the field existed keep being reused instead of every model being scanned again.
+HASHED_ONLY_IF_SET = "hashed_only_if_set"
+
+
+def hashed_params(params: Any) -> dict[str, Any]:
+    """The parameters that identify a detector's results: every field, except a
+    HASHED_ONLY_IF_SET field that holds its default."""
+    values = dataclasses.asdict(params)
+    for f in dataclasses.fields(params):
+        if f.metadata.get(HASHED_ONLY_IF_SET) and values[f.name] == f.default:
+            del values[f.name]
+    return values
+
+
 def params_hash(name: str, version: str, params: Any) -> str:
     """Stable short hash of a detector's identity and parameters."""
     payload = json.dumps({"name": name, "version": version,
-                          "params": dataclasses.asdict(params)}, sort_keys=True, default=str)
+                          "params": hashed_params(params)}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -88,7 +88,8 @@ from skimage.measure import label as connected_components
 from torch.func import functional_call, stack_module_state, vmap
 
 from xray.detectors._registry import register
-from xray.detectors.base import DetectorResult, ScanContext, ScanData, eval_mode
+from xray.detectors.base import (HASHED_ONLY_IF_SET, DetectorResult, ScanContext, ScanData,
+                                 eval_mode)
 
 # Paper thresholds (Su et al. 2024; eta 5, R 100, alpha 10, T 0.5). Lower RE / ATS = suspicious.
 PUBLISHED_RE_THRESHOLDS = {"cifar10": 0.873, "gtsrb": 2.040, "cifar100": 1.194}
@@ -560,7 +561,9 @@ class ModelXray:
         ats_threshold: float = 0.5    # T
         score_stat: str = "re"        # "re" -> score -re; "ats" -> score -ats
         batch_size: int | None = None  # None: 4096 on an accelerator, 128 on CPU
-        grid: str = "full"            # "full" (reference) | "adaptive" (xray's, opt-in)
+        # "full" (reference) | "adaptive" (xray's, opt-in); added after results were stored:
+        # hashed only when not "full", so earlier Model X-ray rows stay reused
+        grid: str = dataclasses.field(default="full", metadata={HASHED_ONLY_IF_SET: True})
 
     presets = {
         "small": {"num_planes": 4, "resolution": 32},
