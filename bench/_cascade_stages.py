@@ -1,5 +1,5 @@
-"""The cascade part of bench/cascade.py: calibrators fitted on one zoo round, the cascade measured
-on another (issue 22's cost_share and cross entropies).
+"""The stages part of bench/cascade.py (--part stages): calibrators fitted on one zoo round,
+the cascade measured on another (issue 22's cost_share and cross entropies).
 
 Rounds: recipes cascade_train and cascade_test (44 models each: 22 clean, BadNets, polygon,
 blended and filter trojans; MNTD's CNN on 32 px signs), built once under --workdir. Both are
@@ -132,15 +132,3 @@ def measure(workdir: Path, actors: int = 2) -> tuple[dict[str, float], dict[str,
              "cascade_printed": printed.splitlines()[:3]}
     return figures, notes
 
-
-if __name__ == "__main__":
-    import argparse
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/cascade-bench"))
-    ap.add_argument("--actors", type=int, default=2)
-    args = ap.parse_args()
-    figs, notes = measure(args.workdir, args.actors)
-    Path("/tmp/cascade_stages.json").write_text(json.dumps({"figures": figs, "notes": notes},
-                                                           indent=2))
-    print(json.dumps(figs, indent=2))

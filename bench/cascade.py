@@ -1,8 +1,9 @@
-"""Benchmark: cascade scanning (issue 22): the shared upstream run, the adaptive Model X-ray grid.
+"""Benchmark: cascade scanning (issue 22): stages, the shared upstream run, the adaptive grid.
 
     .venv/bin/python bench/cascade.py [--part shared] [--round DIR] [--models N] [--threads 1]
     .venv/bin/python bench/cascade.py --part adaptive [--exray-round DIR] [--models N]
-    # both write their figures into bench/results/cascade.json, keeping the other part's
+    .venv/bin/python bench/cascade.py --part stages [--workdir DIR] [--actors 2]
+    # each writes their figures into bench/results/cascade.json, keeping the other part's
 
 --part shared (default): shared_upstream_speedup: seconds of {nc, nc+exray, abs, abs+exray}
 (small presets) scanned one detector at a time over seconds of the four in one scan
@@ -18,10 +19,14 @@ planes and models), modelxray_adaptive_max_re_difference / _max_ats_difference (
 |adaptive - full| of a model's mean RE / ATS), modelxray_adaptive_seconds_ratio (adaptive
 seconds over full seconds, all models; model loading excluded).
 
+--part stages (bench/_cascade_stages.py, whose docstring says how): calibrators fitted on the
+zoo round cascade_train, the cascade (stage 1 mmbd + karm, stage 2 nc, modelxray, abs+exray on
+the models with a stage-1 probability in [0.1, 0.9]) measured on cascade_test: cost_share,
+cascade_cross_entropy, all_detectors_cross_entropy, and each detector's calibrated CE / AUC.
+
 Rounds: the demo round (/tmp/demo1/round if it exists, else built with `xray zoo build --recipe
 demo`), as bench/inversion.py; the EX-RAY round (`--exray-round`, else bench/_common's, built if
-missing). The cascade's other figures (cost_share, cross entropies, idle_tail_share) come with the
-stages and the scheduler.
+missing). idle_tail_share is bench/scheduling.py's.
 """
 from __future__ import annotations
 
@@ -150,7 +155,10 @@ def adaptive(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["shared", "adaptive"], default="shared")
+    ap.add_argument("--part", choices=["shared", "adaptive", "stages"], default="shared")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/cascade-bench"),
+                    help="stages: where the two rounds and their scans live (reused)")
+    ap.add_argument("--actors", type=int, default=2, help="stages: scan actors")
     ap.add_argument("--round", type=Path, default=None, help="the demo round")
     ap.add_argument("--exray-round", type=Path, default=None)
     ap.add_argument("--models", type=int, default=None,
@@ -162,8 +170,16 @@ def main() -> None:
     if args.part == "shared":
         args.models = args.models or 4
         shared(args)
-    else:
+    elif args.part == "adaptive":
         adaptive(args)
+    else:
+        from _cascade_stages import measure
+
+        figures, notes = measure(args.workdir, args.actors)
+        path = record("cascade", _command(), figures,
+                      {"stages": {"command": _command(), **notes}}, merge=True)
+        print(json.dumps(figures, indent=2))
+        print(path)
 
 
 if __name__ == "__main__":
