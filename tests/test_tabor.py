@@ -119,6 +119,9 @@ def test_candidates_and_constant_cost(mnist_tabor_scores):
     assert all(c.stats["cost_final"] == 1e-3 for c in cands)
     assert result.stats["steps_per_label"] == [10] * record.num_classes
     assert result.stats["l1"] == [pytest.approx(float(c.mask.sum())) for c in cands]
+    # select_final: the best was judged by the kept mask's own L1, not a step mean
+    assert [c.stats["l1_best"] for c in cands] == [pytest.approx(float(c.mask.sum()), rel=1e-5)
+                                                   for c in cands]
     assert all(0 <= c.reasr <= 1 and "mask_r2" in c.stats for c in cands)
 
 

@@ -45,7 +45,8 @@ Deviations, each on purpose:
     one pass over the examples, the reference's epoch over its (much larger) training set. The
     reference preset keeps TrojanZoo's 10 epochs and its CIFAR-10 batch size 96, and sets 521
     minibatches per step = ceil(50000 / 96), CIFAR-10's training set, so the number of Adam
-    updates (5,210 per label) is the reference's (inferred: the scan's examples are few).
+    updates (5,210 per label) is the reference's (inferred: the scan's examples are few); a
+    minibatch holds at most the examples there are.
   - Pixel space [0, 1] (the model folds normalisation in), as the reference's [0, 1] inputs.
     theta ~ N(0, 1) drawn from ctx.generator("tabor/init") instead of torch's global RNG.
   - The best mask is judged by its L1 after each step (`select_final`), as the reference's
