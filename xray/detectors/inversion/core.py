@@ -370,6 +370,9 @@ class CostSchedule:
     `init_cost` (counters and flags reset). Then `patience` consecutive successes -> x `up`,
     `patience` consecutive failures -> / `down`. NC (example script): 1e-3, 5, 5, 2, 2**1.5;
     K-Arm: 1e-3, 2, 5, 1.5, 1.5.
+
+    fixed: the weight is `init_cost` from the first step on and never changes (TrojanZoo's
+    ModelInspection, which TABOR builds on: a constant `cost`); the other fields are then unused.
     """
 
     init_cost: float = 1e-3
@@ -378,6 +381,7 @@ class CostSchedule:
     up: float = 2.0
     down: float = 2.0 ** 1.5
     threshold: float = 0.99
+    fixed: bool = False
 
 
 @dataclass
@@ -398,6 +402,8 @@ class ScheduleState:
 
     def update(self, schedule: CostSchedule, acc: np.ndarray, rows: np.ndarray) -> None:
         """One step's update for `rows` (indices) given their step-mean attack accuracy."""
+        if schedule.fixed:
+            return
         for r, a in zip(rows, acc):
             ok = a >= schedule.threshold
             if self.cost[r] == 0 and ok:
@@ -461,6 +467,13 @@ class PatchOptimizer:
     Rows keep: the cost schedule, the best mask / pattern (acc >= threshold and smaller L1; none
     yet -> the last one, NC ref), and NC's early-stop counter. `step(rows)` runs one step for the
     given rows only; `run(max_steps)` steps every live row until its budget or early stop.
+
+    Extensions for scanners whose loss or selection differs from NC's (TABOR):
+    `regularizer(mask, pattern, images, index, targets, weight)` returns extra loss terms, one per
+    row (R,), added to each row's minibatch loss: mask (R, H, W), pattern (R, C, h, w), images
+    (R, B, C, H, W) the clean minibatch, index (R, B) their positions in x, targets (R,), weight
+    (R, B) 1 for real images, 0 for padding. `select_final`: a step is judged by the L1 of the
+    mask as it stands after the step (TrojanZoo) instead of the step's mean L1 (NC ref).
     """
 
     def __init__(self, model: torch.nn.Module, x: torch.Tensor, theta_m: torch.Tensor,
@@ -469,8 +482,11 @@ class PatchOptimizer:
                  lr: float = 0.1, betas: tuple[float, float] = (0.5, 0.9),
                  batch_size: int = 32, mini_batches: int | None = None,
                  tanh_eps: float = TANH_EPS, early_stop_patience: int | None = 25,
-                 early_stop_threshold: float = 1.0, ordered: bool = False) -> None:
+                 early_stop_threshold: float = 1.0, ordered: bool = False,
+                 regularizer: Callable[..., torch.Tensor] | None = None,
+                 select_final: bool = False) -> None:
         self.model, self.x = model, x
+        self.regularizer, self.select_final = regularizer, bool(select_final)
         self.ordered = bool(ordered)
         device = x.device
         self.theta_m = theta_m.detach().clone().to(device)
@@ -488,6 +504,8 @@ class PatchOptimizer:
         self.eps = tanh_eps
         self.adam = BatchedAdam([self.theta_m, self.theta_p], lr=lr, betas=betas)
         self.state = ScheduleState.zeros(self.k)
+        if schedule.fixed:
+            self.state.cost[:] = schedule.init_cost
         self.best_l1 = np.full(self.k, np.inf)
         self.best_mask = tanh01(self.theta_m, self.eps).detach().clone()
         self.best_pattern = tanh01(self.theta_p, self.eps).detach().clone()
@@ -567,6 +585,9 @@ class PatchOptimizer:
             ce_mean = (ce * wl).sum(1) / wl.sum(1).clamp_min(1)
             l1 = m.flatten(1).abs().sum(1)
             loss = ce_mean + costs * l1
+            if self.regularizer is not None:
+                loss = loss + self.regularizer(m[:, 0, 0], p[:, 0], xb, idx,
+                                               self.targets[rows_t], wl)
             live_t = torch.as_tensor(live, device=self.x.device)
             g_m, g_p = torch.autograd.grad((loss * live_t).sum(), [theta_m, theta_p])
             with torch.no_grad():
@@ -587,9 +608,12 @@ class PatchOptimizer:
 
     def _after_step(self, rows: np.ndarray, acc: np.ndarray, l1: np.ndarray,
                     loss: np.ndarray) -> StepResult:
-        improved = (acc >= self.schedule.threshold) & (l1 < self.best_l1[rows])
         with torch.no_grad():
             masks, patterns = self.masks(), self.patterns()
+            if self.select_final:  # the mask as it stands now (TrojanZoo), not the step mean
+                l1 = masks[torch.as_tensor(rows, device=masks.device)].flatten(1).sum(1)
+                l1 = l1.cpu().numpy().astype(float)
+            improved = (acc >= self.schedule.threshold) & (l1 < self.best_l1[rows])
             for j, r in enumerate(rows):
                 if improved[j]:
                     self.best_l1[r] = l1[j]
