@@ -66,7 +66,9 @@ def _run(record, params):
 
 def test_abs_patch_triggers_on_badnets_models(tiny_round):
     round_dir, _ = tiny_round
-    bad = [r for r in read_manifest(str(round_dir / "manifest.csv")) if r.poisoned]
+    # two of the BadNets models (each ~14 s of ABS on 2 cores): enough to see a patch trigger
+    # found on its target, at a suite cost the CI budget allows
+    bad = [r for r in read_manifest(str(round_dir / "manifest.csv")) if r.poisoned][:2]
     hits = 0
     for record in bad:
         result = _run(record, {"modes": ("patch",)})
@@ -84,7 +86,7 @@ def test_abs_filter_trigger_on_filter_model(inversion_round):
     round_dir, _ = inversion_round
     record = next(r for r in read_manifest(str(round_dir / "manifest.csv"))
                   if r.attack == "filter")
-    result = _run(record, {})
+    result = _run(record, {"modes": ("filter",)})  # the patch mode is test_abs_patch_...'s
     filters = [c for c in result.artifacts["candidates"] if c.kind == "filter"]
     assert filters and all(c.kernel.shape == (12, 3) for c in filters)
     assert any(c.target == record.target and c.reasr >= 0.9 for c in filters)
