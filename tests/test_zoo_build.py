@@ -2,6 +2,8 @@
 import json
 import os
 
+import pytest
+
 from xray.io.manifest import read_manifest, read_round_dir
 from xray.zoo.build import build_round
 from xray.zoo.describe import describe_round
@@ -72,6 +74,26 @@ def test_rerun_skips_and_half_written_dir_is_redone(tiny_round, tmp_path):
     assert (copy / victim / "config.json").is_file()
     text = describe_round(str(copy))
     assert "badnets" in text and "clean" in text
+
+
+def test_a_changed_recipe_is_refused_before_any_training(tiny_round, tmp_path):
+    """Resuming a round with an edited recipe would keep the old models beside new ones."""
+    import copy
+    import shutil
+
+    from xray.zoo.build import RecipeChanged
+
+    round_dir, _ = tiny_round
+    target = tmp_path / "round"
+    shutil.copytree(round_dir, target)
+    edited = copy.deepcopy(TINY_RECIPE)
+    edited["groups"][1]["poison_rate"] = 0.2
+    before = sorted(os.listdir(target))
+    with pytest.raises(RecipeChanged, match=r"were built from another version of recipe 'tiny'"):
+        build_round(parse_recipe(edited), str(target), workers=1, show_progress=False)
+    assert sorted(os.listdir(target)) == before
+    again = build_round(parse_recipe(TINY_RECIPE), str(target), workers=1, show_progress=False)
+    assert again.trained == 0
 
 
 def test_a_device_this_machine_lacks_fails_before_any_training(tmp_path):

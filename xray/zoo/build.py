@@ -1,6 +1,7 @@
 """Build a round from a recipe: train the pending models in parallel processes, write each as it
 finishes, then index the round. Re-running the same recipe skips models already written (and
-models already recorded as failed).
+models already recorded as failed); a round holding models of another version of the recipe is
+refused (RecipeChanged), so an edited recipe never resumes into a mixed round.
 
 A group with `stack: K` (K > 1) trains its models K at a time in one vectorised pass
 (xray.zoo.stacked; MNTD shadow sets): pending models of such groups are pooled by
@@ -167,14 +168,33 @@ def _run_task(recipe: Recipe, stacked: bool, specs: list[ModelSpec], round_uri: 
     return [train_and_write(recipe, spec, round_uri, device) for spec in specs]
 
 
+class RecipeChanged(ValueError):
+    """The round folder holds models built from another version of the recipe."""
+
+
+def check_same_recipe(recipe: Recipe, round_uri: str) -> None:
+    """Refuse to add models of `recipe` to a round whose models came from another version of
+    it: resuming would keep the old models (and their failures) beside new ones, silently."""
+    stale = sorted(mid for mid, digest in round_writer.recorded_recipe_digests(round_uri).items()
+                   if digest is not None and digest != recipe.digest)
+    if stale:
+        shown = ", ".join(stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
+        raise RecipeChanged(
+            f"{round_uri}: {len(stale)} model(s) ({shown}) were built from another version of "
+            f"recipe {recipe.name!r} (this one's digest is {recipe.digest}): build into a new "
+            "--out, or delete those models (or the folder) to build them under this recipe")
+
+
 def build_round(recipe: Recipe, round_uri: str, workers: int | None = None,
                 show_progress: bool = True, device: str = "cpu",
                 stacking: str = "auto") -> BuildResult:
     """Train every model of `recipe` not yet in `round_uri`, `workers` processes at a time, on
     `device` ('cpu', 'cuda', 'cuda:N' or 'auto'; every worker shares that device); `stacking`
-    see `use_stacks`."""
+    see `use_stacks`. A round holding models of another version of the recipe is refused
+    (RecipeChanged) before anything is trained."""
     stacked = use_stacks(stacking, resolve_training_device(device))  # bad input fails here
     storage.makedirs(round_uri)
+    check_same_recipe(recipe, round_uri)
     specs = recipe.model_specs()
     skip = round_writer.completed_model_ids(round_uri) | round_writer.failed_model_ids(round_uri)
     pending = [s for s in specs if s.model_id not in skip]

@@ -146,6 +146,19 @@ def trigger_config(model_uri: str) -> dict[str, Any] | None:
     return trigger if isinstance(trigger, dict) and trigger.get("name") else None
 
 
+def recorded_recipe_digests(round_uri: str) -> dict[str, str | None]:
+    """Per model already in the round (complete or failed), the digest of the recipe that
+    built it: a complete model's config.json says; a failed one takes round.json's (written
+    after each build), None when neither says."""
+    index = storage.join(round_uri, "round.json")
+    round_digest = (json.loads(storage.read_text(index)).get("recipe_digest")
+                    if storage.exists(index) else None)
+    out: dict[str, str | None] = {mid: round_digest for mid in failed_model_ids(round_uri)}
+    for config in model_configs(round_uri):
+        out[config["model_id"]] = config.get("recipe_digest")
+    return out
+
+
 def failed_model_ids(round_uri: str) -> set[str]:
     return {n[:-len(".json")] for n in storage.listdir(storage.join(round_uri, "failed"))
             if n.endswith(".json")}
