@@ -19,7 +19,8 @@ NEEDS_ARTIFACT: dict[str, str] = {}
 # Detectors that optimise (trigger inversion, margin ascent, EX-RAY masks): they report their
 # step count and cannot answer without steps. Model X-ray and MNTD are a fixed number of
 # forward passes (no loop to cut short); weights reads the last layer (no forward at all).
-OPTIMISING = {"nc", "abs", "karm", "nc+exray", "abs+exray", "karm+exray", "mmbd", "tabor"}
+OPTIMISING = {"nc", "abs", "karm", "nc+exray", "abs+exray", "karm+exray", "mmbd", "tabor",
+              "trodo"}
 # Detectors that need a trained artifact: the session fixture giving one for _tiny()'s net.
 ARTIFACT_FIXTURES = {"mntd": "mntd_contract_artifact"}  # tests/_mntd_fixtures.py
 
