@@ -64,7 +64,14 @@ NIN_CONTROL_RECIPE = {
 
 
 @pytest.fixture(scope="session")
-def nin_karm_scans(tmp_path_factory):
+def nin_control_round(tmp_path_factory):
+    """(round directory, BuildResult) of NIN_CONTROL_RECIPE (2 clean, 2 BadNets NiN), built once
+    per session and shared by the negative controls on NiN (K-Arm, karm+exray, BAN)."""
+    return build_test_round(tmp_path_factory, NIN_CONTROL_RECIPE, "nin-control")
+
+
+@pytest.fixture(scope="session")
+def nin_karm_scans(nin_control_round):
     """[(record, DetectorResult)] of karm+exray (small preset, seed 0) on every model of
     NIN_CONTROL_RECIPE (2 clean, 2 BadNets); `upstream_result` gives K-Arm's own result."""
     from xray import detectors
@@ -73,7 +80,7 @@ def nin_karm_scans(tmp_path_factory):
     from xray.io.manifest import read_manifest
     from xray.io.model_loading import load_model
 
-    round_dir, _ = build_test_round(tmp_path_factory, NIN_CONTROL_RECIPE, "nin-control")
+    round_dir, _ = nin_control_round
     detector = detectors.build("karm+exray", preset="small")
     out = []
     for record in read_manifest(str(round_dir / "manifest.csv")):

@@ -12,7 +12,7 @@ from _report_fixtures import scanned_tiny  # noqa: F401  (report / compare tests
 from _mntd_fixtures import (mntd_contract_artifact, mntd_meta, mntd_shadow,  # noqa: F401
                             mntd_target, tiny_shadow)  # (MNTD shadow and target rounds)
 from _inversion_fixtures import (inversion_round, inversion_scan, nin_karm_scans,  # noqa: F401  (NC / ABS / K-Arm)
-                                 mnist_composed_scans)
+                                 mnist_composed_scans, nin_control_round)  # (and BAN)
 
 
 # Tests that use one of these fixtures train a round of their own or start Ray (a local instance
@@ -21,8 +21,8 @@ from _inversion_fixtures import (inversion_round, inversion_scan, nin_karm_scans
 # most model-level tests need one real round.
 SLOW_FIXTURES = {"ray_local", "ray_head", "two_nodes", "scanned", "scanned_tiny",
                  "inversion_round", "inversion_scan", "mntd_shadow", "mntd_target", "mntd_meta",
-                 "tiny_shadow",
-                 "mnist_composed_scans", "nin_karm_scans", "badnets_scans", "trojai_rounds",
+                 "tiny_shadow", "mnist_composed_scans", "nin_control_round", "nin_karm_scans",
+                 "badnets_scans", "trojai_rounds",
                  "tiny_scores", "s3_server"}
 
 

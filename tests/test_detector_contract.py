@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from xray import detectors, models
+from xray.detectors.ban import NoBatchNorm
 from xray.detectors.base import DeadlinePassed, ScanContext, ScanData
 from xray.io.model_loading import Normalized
 
@@ -20,9 +21,14 @@ NEEDS_ARTIFACT: dict[str, str] = {}
 # step count and cannot answer without steps. Model X-ray and MNTD are a fixed number of
 # forward passes (no loop to cut short); weights reads the last layer (no forward at all).
 OPTIMISING = {"nc", "abs", "karm", "nc+exray", "abs+exray", "karm+exray", "mmbd", "tabor",
-              "trodo"}
+              "trodo", "ban"}
 # Detectors that need a trained artifact: the session fixture giving one for _tiny()'s net.
 ARTIFACT_FIXTURES = {"mntd": "mntd_contract_artifact"}  # tests/_mntd_fixtures.py
+# Detectors that apply only to some architectures: (a registered architecture they apply to,
+# their named "not applicable" error, a ValueError). They must refuse _tiny()'s default net
+# with that error, and the rest of the contract runs on a tiny net of the given architecture,
+# so every check still applies to them. BAN perturbs BatchNorm layers; the MNTD CNN has none.
+NOT_APPLICABLE_ON_DEFAULT = {"ban": ("nin", NoBatchNorm)}
 
 _watching = {"on": False, "opened": []}
 
@@ -43,9 +49,9 @@ def _import_machinery(path):
                                              "__editable__", "__pycache__")))
 
 
-def _tiny():
+def _tiny(arch="mntd_mnist_cnn"):
     torch.manual_seed(0)
-    net = Normalized(models.create("mntd_mnist_cnn", 3, (3, 16, 16)), (0.5,), (0.25,)).eval()
+    net = Normalized(models.create(arch, 3, (3, 16, 16)), (0.5,), (0.25,)).eval()
     g = torch.Generator().manual_seed(1)
     x = torch.rand(18, 3, 16, 16, generator=g)
     y = torch.arange(3).repeat_interleave(6)
@@ -72,6 +78,12 @@ def test_detector_contract(name, request):
               if name in ARTIFACT_FIXTURES else None)
     detector = detectors.build(name, params, preset="small")
     net, data = _tiny()
+    if name in NOT_APPLICABLE_ON_DEFAULT:
+        arch, error = NOT_APPLICABLE_ON_DEFAULT[name]
+        assert issubclass(error, ValueError)
+        with pytest.raises(error, match="not applicable"):
+            detector.score(net, data, ScanContext(seed=3))
+        net, data = _tiny(arch)
     _watching.update(on=True, opened=[])
     try:
         first = detector.score(net, data, ScanContext(seed=3))

@@ -1,0 +1,153 @@
+"""BAN: the noisy BatchNorm pinned by hand, the not-applicable error, the model left as found,
+the deadline, seed determinism, and the negative control on real NiN models."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from xray import detectors, models
+from xray.detectors.ban import NoBatchNorm, _noisy, batchnorms
+from xray.detectors.base import DeadlinePassed, ScanContext, ScanData
+from xray.io.examples import load_examples
+from xray.io.manifest import read_manifest
+from xray.io.model_loading import Normalized, load_model
+from xray.models.layers import split_model
+
+
+def _nin(k=3, size=16):
+    torch.manual_seed(0)
+    net = Normalized(models.create("nin", k, (3, size, size)), (0.5,), (0.25,)).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(6 * k, 3, size, size, generator=g)
+    y = torch.arange(k).repeat_interleave(6)
+    return net, ScanData(x=x, y=y, num_classes=k)
+
+
+class _ExpiresAfter(ScanContext):
+    """A context whose deadline passes after `calls` questions (a deterministic deadline)."""
+
+    def __init__(self, calls, **kw):
+        super().__init__(deadline=1.0, **kw)
+        self.left = calls
+
+    def expired(self):
+        self.left -= 1
+        return self.left < 0
+
+
+def test_noise_is_gamma_and_beta_times_one_plus_d():
+    """The reference's NoisyBatchNorm2d: F.batch_norm(..., w * (1 + d), b * (1 + d_b))."""
+    net, data = _nin()
+    for m in net.modules():  # non-trivial affine parameters and running statistics
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                for t in (m.weight, m.bias, m.running_mean):
+                    t.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    bns = batchnorms(net)
+    g = torch.Generator().manual_seed(0)
+    noise = {f"{n}/{p}": torch.rand(m.num_features, generator=g) - 0.5
+             for n, m in bns.items() for p in ("w", "b")}
+    got = functional_call(net, _noisy(net, bns, noise), (data.x,))
+    hand = {}
+    for n, m in bns.items():
+        hand[n] = m.register_forward_hook(
+            lambda mod, inp, out, n=n: F.batch_norm(
+                inp[0], mod.running_mean, mod.running_var, mod.weight * (1 + noise[n + "/w"]),
+                mod.bias * (1 + noise[n + "/b"]), False, 0.0, mod.eps))
+    try:
+        expected = net(data.x)
+    finally:
+        for h in hand.values():
+            h.remove()
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(got, net(data.x), atol=1e-3)  # the noise did act
+    # the split parts take the same overrides under their own module paths
+    front, head, _ = split_model(net, "last")
+    z = functional_call(front, _noisy(front, bns, noise), (data.x,))
+    assert torch.allclose(functional_call(head, _noisy(head, bns, noise), (z,)), got, atol=1e-5)
+
+
+def test_model_without_batchnorm_is_not_applicable():
+    net = models.create("mntd_mnist_cnn", 3, (3, 16, 16)).eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    data = ScanData(x=torch.rand(6, 3, 16, 16), y=torch.arange(3).repeat(2), num_classes=3)
+    with pytest.raises(NoBatchNorm, match="not applicable to MNTDMnistCNN") as err:
+        detectors.build("ban", preset="small").score(net, data, ScanContext())
+    assert isinstance(err.value, ValueError)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_model_left_as_found():
+    """Parameters, BN running statistics and counters, modes and .grad all as before, although
+    the scan ran BN in train() mode (statistics moved) and put noise on every BN layer."""
+    net, data = _nin()
+    net.net.features[0].train()  # a mixed mode, to be given back as it was
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    modes = {n: m.training for n, m in net.named_modules()}
+    out = detectors.build("ban", preset="small").score(net, data, ScanContext(seed=0))
+    assert out.stats["mask_steps"] == 50 and out.stats["noise_steps"] == 5
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), \
+        [k for k in before if not torch.equal(before[k], after[k])]
+    assert {n: m.training for n, m in net.named_modules()} == modes
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_restored_on_error_too():
+    net, data = _nin()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    bad = ScanData(x=data.x, y=data.y + 10, num_classes=3)  # labels out of range: CE raises
+    with pytest.raises((IndexError, RuntimeError)):
+        detectors.build("ban", preset="small").score(net, bad, ScanContext(seed=0))
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert not any(m.training for m in net.modules())
+
+
+def test_deadline_stops_early_and_counts_steps():
+    net, data = _nin()
+    det = detectors.build("ban", preset="small")
+    out = det.score(net, data, _ExpiresAfter(1 + 3))  # require_time, then 3 mask steps
+    s = out.stats
+    assert s["stopped_early"] and s["steps"] == s["mask_steps"] == 3 and s["noise_steps"] == 0
+    out = det.score(net, data, _ExpiresAfter(1 + 50 + 2))  # all 50 mask steps, 2 noise steps
+    s = out.stats
+    assert s["stopped_early"] and (s["mask_steps"], s["noise_steps"], s["steps"]) == (50, 2, 52)
+    with pytest.raises(DeadlinePassed):
+        det.score(net, data, _ExpiresAfter(1))  # time for require_time only, no step
+
+
+def test_same_seed_same_result_on_a_real_model(nin_control_round):
+    round_dir, _ = nin_control_round
+    record = next(r for r in read_manifest(str(round_dir / "manifest.csv")) if r.poisoned)
+    x, y = load_examples(record)
+    data = ScanData(x=x, y=y, num_classes=record.num_classes)
+    det = detectors.build("ban", preset="small")
+    model = load_model(record)
+    a = det.score(model, data, ScanContext(seed=5))
+    b = det.score(model, data, ScanContext(seed=5))
+    assert a.score == b.score and a.stats == b.stats
+
+
+def test_negative_control_clean_models_score_below_trojaned(nin_control_round):
+    """2 clean and 2 BadNets NiN (5-class 24 px signs), small preset, seed 0: every trojaned
+    model's masked top share above every clean one's, and its target named."""
+    round_dir, _ = nin_control_round
+    det = detectors.build("ban", preset="small")
+    rows = []
+    for record in read_manifest(str(round_dir / "manifest.csv")):
+        x, y = load_examples(record)
+        out = det.score(load_model(record), ScanData(x=x, y=y, num_classes=record.num_classes),
+                        ScanContext(seed=0))
+        assert out.stats["steps"] == 55 and not out.stats["stopped_early"]
+        rows.append((record.poisoned, record.target, out.target, out.score,
+                     out.stats["top_share_plain"]))
+    print("ban nin control:", json.dumps(rows))
+    clean = [r[3] for r in rows if not r[0]]
+    trojaned = [r for r in rows if r[0]]
+    assert len(clean) == 2 and len(trojaned) == 2
+    assert max(clean) < min(r[3] for r in trojaned), rows
+    assert all(r[1] == r[2] for r in trojaned), rows
