@@ -21,8 +21,9 @@ seconds over full seconds, all models; model loading excluded).
 
 --part stages (bench/_cascade_stages.py, whose docstring says how): calibrators fitted on the
 zoo round cascade_train, the cascade (stage 1 weights + karm, stage 2 mmbd, nc, modelxray and
-abs+exray on the models with a stage-1 probability in [0.1, 0.9]) measured on cascade_test: cost_share,
-cascade_cross_entropy, all_detectors_cross_entropy, and each detector's calibrated CE / AUC.
+abs+exray on the models with a stage-1 probability in [0.1, 0.9]) measured on cascade_test:
+cost_share, cascade_cross_entropy, all_detectors_cross_entropy, and each detector's calibrated
+CE / AUC.
 
 Rounds: the demo round (/tmp/demo1/round if it exists, else built with `xray zoo build --recipe
 demo`), as bench/inversion.py; the EX-RAY round (`--exray-round`, else bench/_common's, built if
