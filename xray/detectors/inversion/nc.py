@@ -151,35 +151,49 @@ class NeuralCleanse:
                 early_stop_threshold=p.early_stop_threshold)
             stopped_early = opt.run(p.steps, expired=ctx.expired)
             steps = require_steps(self.name, opt.total_steps, ctx)
-            candidates = []
-            for t in range(k):
-                cand = candidate_from_row(opt, t, None, binarize=p.binarize,
-                                          stats={"seed": ctx.seed})
-                cand.reasr, cand.reasr_per_label = measure_reasr(model, cand, x[held_idx],
-                                                                 y[held_idx])
-                candidates.append(cand)
-        l1 = np.array([float(cand.mask.sum()) for cand in candidates])
-        decision = mad_anomaly(l1, p.anomaly_threshold)
-        target = int(np.argmin(l1))
-        seconds = time.perf_counter() - started
-        for cand in candidates:
-            cand.stats["l1"] = float(cand.mask.sum())
-            cand.stats["seconds"] = seconds / k
-        stats = {"l1": l1.tolist(), "median_l1": decision["median"], "mad": decision["mad"],
-                 "anomaly_index": decision["anomaly_index"],
-                 "index_per_label": decision["index_per_label"],
-                 "flagged": decision["flagged"], "trojaned": bool(decision["flagged"]),
-                 "min_over_median": float(l1.min() / decision["median"])
-                 if decision["median"] > 0 else float("nan"),
-                 "steps": steps, "steps_per_label": opt.steps.tolist(),
-                 "stopped_early": stopped_early, "forwards": opt.forwards,
-                 "reasr_target": candidates[target].reasr, "seed": ctx.seed,
-                 "seed_salts": ["nc/holdout", "nc/init", "nc/batches"],
-                 "holdout": int(len(held_idx))}
-        score = decision["anomaly_index"] if p.score_stat == "anomaly_index" \
-            else float(decision["median"] / max(l1.min(), 1e-12))
+            candidates = label_candidates(opt, model, x[held_idx], y[held_idx], p.binarize,
+                                          ctx.seed)
+        score, target, stats = outlier_decision(candidates, p.anomaly_threshold, p.score_stat,
+                                                time.perf_counter() - started)
+        stats.update({"steps": steps, "steps_per_label": opt.steps.tolist(),
+                      "stopped_early": stopped_early, "forwards": opt.forwards,
+                      "reasr_target": candidates[target].reasr, "seed": ctx.seed,
+                      "seed_salts": ["nc/holdout", "nc/init", "nc/batches"],
+                      "holdout": int(len(held_idx))})
         return DetectorResult(score=score, target=target, stats=stats,
                               triggers=[cand.to_row() for cand in candidates],
                               artifacts={"candidates": candidates})
 
 
+def label_candidates(opt: PatchOptimizer, model: torch.nn.Module, held_x: torch.Tensor,
+                     held_y: torch.Tensor, binarize: bool, seed: int) -> list[Any]:
+    """One candidate per target label of an all-labels optimisation (victim None), its REASR
+    measured on the held-out examples (NC and TABOR)."""
+    candidates = []
+    for t in range(len(opt.steps)):
+        cand = candidate_from_row(opt, t, None, binarize=binarize, stats={"seed": seed})
+        cand.reasr, cand.reasr_per_label = measure_reasr(model, cand, held_x, held_y)
+        candidates.append(cand)
+    return candidates
+
+
+def outlier_decision(candidates: list[Any], anomaly_threshold: float, score_stat: str,
+                     seconds: float) -> tuple[float, int, dict[str, Any]]:
+    """NC's decision on the per-label masks' L1 norms (also TABOR's): (score, target label,
+    stats). score_stat "anomaly_index": the MAD anomaly index of the smallest L1; else median
+    L1 over the smallest. Each candidate gets its l1 and a share of the seconds."""
+    l1 = np.array([float(cand.mask.sum()) for cand in candidates])
+    decision = mad_anomaly(l1, anomaly_threshold)
+    target = int(np.argmin(l1))
+    for cand, norm in zip(candidates, l1):
+        cand.stats["l1"] = float(norm)
+        cand.stats["seconds"] = seconds / len(candidates)
+    stats = {"l1": l1.tolist(), "median_l1": decision["median"], "mad": decision["mad"],
+             "anomaly_index": decision["anomaly_index"],
+             "index_per_label": decision["index_per_label"],
+             "flagged": decision["flagged"], "trojaned": bool(decision["flagged"]),
+             "min_over_median": float(l1.min() / decision["median"])
+             if decision["median"] > 0 else float("nan")}
+    score = decision["anomaly_index"] if score_stat == "anomaly_index" \
+        else float(decision["median"] / max(l1.min(), 1e-12))
+    return score, target, stats

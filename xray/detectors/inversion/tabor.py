@@ -66,15 +66,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from xray.detectors import register
 from xray.detectors.base import DetectorResult, ScanContext, ScanData, require_steps
-from xray.detectors.inversion.core import (CostSchedule, PatchOptimizer, candidate_from_row,
-                                           eval_mode, measure_reasr)
-from xray.detectors.inversion.nc import holdout_split, mad_anomaly
+from xray.detectors.inversion.core import (CostSchedule, PatchOptimizer, eval_mode)
+from xray.detectors.inversion.nc import holdout_split, label_candidates, outlier_decision
 
 
 def squared_variation(t: torch.Tensor) -> torch.Tensor:
@@ -187,37 +185,21 @@ class Tabor:
                 opt.adam.lr = cosine_lr(p.lr, step, p.steps)
                 opt.step()
             steps = require_steps(self.name, opt.total_steps, ctx)
-            candidates = []
-            for t in range(k):
-                cand = candidate_from_row(opt, t, None, binarize=p.binarize,
-                                          stats={"seed": ctx.seed})
-                cand.reasr, cand.reasr_per_label = measure_reasr(model, cand, x[held_idx],
-                                                                 y[held_idx])
-                candidates.append(cand)
+            candidates = label_candidates(opt, model, x[held_idx], y[held_idx], p.binarize,
+                                          ctx.seed)
             with torch.no_grad():
                 penalties = {name: v.tolist() for name, v in tabor_penalties(
                     opt.best_mask, opt.best_pattern).items()}
-        l1 = np.array([float(cand.mask.sum()) for cand in candidates])
-        decision = mad_anomaly(l1, p.anomaly_threshold)
-        target = int(np.argmin(l1))
-        seconds = time.perf_counter() - started
+        score, target, stats = outlier_decision(candidates, p.anomaly_threshold, p.score_stat,
+                                                time.perf_counter() - started)
         for i, cand in enumerate(candidates):
-            cand.stats["l1"] = float(l1[i])
-            cand.stats["seconds"] = seconds / k
             cand.stats.update({name: values[i] for name, values in penalties.items()})
-        stats = {"l1": l1.tolist(), "median_l1": decision["median"], "mad": decision["mad"],
-                 "anomaly_index": decision["anomaly_index"],
-                 "index_per_label": decision["index_per_label"],
-                 "flagged": decision["flagged"], "trojaned": bool(decision["flagged"]),
-                 "min_over_median": float(l1.min() / decision["median"])
-                 if decision["median"] > 0 else float("nan"),
-                 "steps": steps, "steps_per_label": opt.steps.tolist(),
-                 "stopped_early": stopped_early, "forwards": opt.forwards,
-                 "lr_last": opt.adam.lr, "reasr_target": candidates[target].reasr,
-                 "seed": ctx.seed, "seed_salts": ["tabor/holdout", "tabor/init", "tabor/batches"],
-                 "holdout": int(len(held_idx))}
-        score = decision["anomaly_index"] if p.score_stat == "anomaly_index" \
-            else float(decision["median"] / max(l1.min(), 1e-12))
+        stats.update({"steps": steps, "steps_per_label": opt.steps.tolist(),
+                      "stopped_early": stopped_early, "forwards": opt.forwards,
+                      "lr_last": opt.adam.lr, "reasr_target": candidates[target].reasr,
+                      "seed": ctx.seed,
+                      "seed_salts": ["tabor/holdout", "tabor/init", "tabor/batches"],
+                      "holdout": int(len(held_idx))})
         return DetectorResult(score=score, target=target, stats=stats,
                               triggers=[cand.to_row() for cand in candidates],
                               artifacts={"candidates": candidates})
