@@ -57,14 +57,19 @@ def plan(records: Sequence[ModelRecord], out_uri: str,
     return longest_first(pending, previous_seconds(existing), kind_seconds(existing))
 
 
+def newest_rows(existing: Any) -> Any:
+    """The timed rows of earlier runs, the newest per (model, detector): what a model's
+    detectors took the last time each ran."""
+    rows = existing.dropna(subset=["seconds"])
+    return rows.sort_values("finished_at").groupby(["model_id", "detector"]).tail(1)
+
+
 def previous_seconds(existing: Any) -> dict[str, float]:
-    """Per model id, the seconds its detectors took in earlier runs (its newest row per
-    detector, summed): how long it will take again."""
+    """Per model id, the seconds its detectors took in earlier runs (newest_rows, summed): how
+    long it will take again."""
     if not len(existing):
         return {}
-    rows = existing.dropna(subset=["seconds"])
-    newest = rows.sort_values("finished_at").groupby(["model_id", "detector"]).tail(1)
-    return newest.groupby("model_id")["seconds"].sum().to_dict()
+    return newest_rows(existing).groupby("model_id")["seconds"].sum().to_dict()
 
 
 def kind_seconds(existing: Any) -> dict[tuple[str, int], float]:
@@ -72,8 +77,7 @@ def kind_seconds(existing: Any) -> dict[tuple[str, int], float]:
     earlier runs (as previous_seconds counts them): how long a new model of the kind takes."""
     if not len(existing):
         return {}
-    rows = existing.dropna(subset=["seconds", "architecture", "num_classes"])
-    newest = rows.sort_values("finished_at").groupby(["model_id", "detector"]).tail(1)
+    newest = newest_rows(existing).dropna(subset=["architecture", "num_classes"])
     per_model = newest.groupby(["model_id", "architecture", "num_classes"])["seconds"].sum()
     by_kind = per_model.groupby(level=["architecture", "num_classes"]).median()
     return {(str(a), int(k)): float(v) for (a, k), v in by_kind.items()}
