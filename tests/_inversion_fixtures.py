@@ -126,3 +126,29 @@ def upstream_result(composed):
     """The vanilla scanner's own result inside a composed one (score, target, stats and
     candidates exactly as the upstream detector returned them)."""
     return composed.artifacts["upstream_result"]
+
+
+def assert_mask_outlier_control(scans, min_auc: float, name: str) -> None:
+    """The negative control of the mask-size scanners (NC, TABOR) on the MNTD target round
+    (6 clean, 6 trojaned): every result took steps, the right target on at least 5 of 6
+    trojaned models, every clean model's smallest / median mask L1 above every trojaned one's,
+    and the score (MAD anomaly index of the smallest L1) ranking trojaned models higher with a
+    ROC-AUC of at least `min_auc`. scans: [(record, DetectorResult)]."""
+    import numpy as np
+
+    from xray.reduce.metrics import roc_auc
+
+    clean = [out for r, out in scans if not r.poisoned]
+    trojaned = [(r, out) for r, out in scans if r.poisoned]
+    assert len(clean) == 6 and len(trojaned) == 6
+    assert all(isinstance(o.stats["steps"], int) and o.stats["steps"] > 0 for _, o in scans)
+    hits = sum(out.target == r.target for r, out in trojaned)
+    assert hits >= 5, [(r.target, out.target) for r, out in trojaned]
+    ratio_clean = [o.stats["min_over_median"] for o in clean]
+    ratio_trojaned = [o.stats["min_over_median"] for _, o in trojaned]
+    assert min(ratio_clean) > max(ratio_trojaned), (ratio_clean, ratio_trojaned)
+    y = np.array([0] * len(clean) + [1] * len(trojaned))
+    auc = roc_auc(y, np.array([o.score for o in clean] + [o.score for _, o in trojaned]))
+    auc = auc[0] if isinstance(auc, tuple) else auc
+    assert auc >= min_auc, f"{name} anomaly index ROC-AUC {auc:.3f}"
+    assert all(np.isfinite(o.score) for _, o in scans)

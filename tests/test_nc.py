@@ -6,11 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from _inversion_fixtures import upstream_result
+from _inversion_fixtures import assert_mask_outlier_control, upstream_result
 
 from xray import detectors
 from xray.detectors.inversion.nc import holdout_split, mad_anomaly
-from xray.reduce.metrics import roc_auc
 from xray.results.sink import read_table
 
 
@@ -69,24 +68,7 @@ def test_negative_control_clean_models_score_below_trojaned(mnist_nc_scores):
     6/6 trojaned models, anomaly index ROC-AUC 0.75 (clean 0.98-3.08, trojaned 1.68-8.2). With
     5 labels (the tiny round) the MAD over 5 norms is too noisy for a stable figure, so the
     control uses 10 labels as NC's paper does."""
-    clean = [out for r, out in mnist_nc_scores if not r.poisoned]
-    trojaned = [(r, out) for r, out in mnist_nc_scores if r.poisoned]
-    assert len(clean) == 6 and len(trojaned) == 6
-    assert all(isinstance(o.stats["steps"], int) and o.stats["steps"] > 0
-               for _, o in mnist_nc_scores)
-    hits = sum(out.target == r.target for r, out in trojaned)
-    assert hits >= 5, [(r.target, out.target) for r, out in trojaned]
-    # the smallest inverted trigger relative to the median: every clean model above every
-    # trojaned one
-    ratio_clean = [o.stats["min_over_median"] for o in clean]
-    ratio_trojaned = [o.stats["min_over_median"] for _, o in trojaned]
-    assert min(ratio_clean) > max(ratio_trojaned), (ratio_clean, ratio_trojaned)
-    # the score (MAD anomaly index of the smallest norm) ranks trojaned models higher
-    y = np.array([0] * len(clean) + [1] * len(trojaned))
-    auc = roc_auc(y, np.array([o.score for o in clean] + [o.score for _, o in trojaned]))
-    auc = auc[0] if isinstance(auc, tuple) else auc
-    assert auc >= 0.65, f"NC anomaly index ROC-AUC {auc:.3f}"
-    assert all(np.isfinite(o.score) for _, o in mnist_nc_scores)
+    assert_mask_outlier_control(mnist_nc_scores, 0.65, "NC")
 
 
 def test_nc_same_seed_same_result(tiny_round):

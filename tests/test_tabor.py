@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from _inversion_fixtures import assert_mask_outlier_control
+
 from xray import detectors, models
 from xray.detectors.base import DeadlinePassed, ScanContext, ScanData
 from xray.detectors.inversion.tabor import cosine_lr, tabor_penalties
-from xray.reduce.metrics import roc_auc
 
 
 def _record_data(record):
@@ -94,20 +95,9 @@ def test_negative_control_clean_models_score_below_trojaned(mnist_tabor_scores):
     models; min/median L1 clean 0.555-0.836 vs trojaned 0.193-0.534 (every clean model above
     every trojaned one); anomaly index clean 0.91-3.21 vs trojaned 1.78-4.77, ROC-AUC 0.81;
     about 4 s per model on one thread."""
-    clean = [o for r, o, _ in mnist_tabor_scores if not r.poisoned]
-    trojaned = [(r, o) for r, o, _ in mnist_tabor_scores if r.poisoned]
-    assert len(clean) == 6 and len(trojaned) == 6
-    assert all(isinstance(o.stats["steps"], int) and o.stats["steps"] > 0
-               and o.stats["stopped_early"] is False for _, o, _ in mnist_tabor_scores)
-    hits = sum(o.target == r.target for r, o in trojaned)
-    assert hits >= 5, [(r.target, o.target) for r, o in trojaned]
-    ratio_clean = [o.stats["min_over_median"] for o in clean]
-    ratio_trojaned = [o.stats["min_over_median"] for _, o in trojaned]
-    assert min(ratio_clean) > max(ratio_trojaned), (ratio_clean, ratio_trojaned)
-    y = np.array([0] * len(clean) + [1] * len(trojaned))
-    auc = roc_auc(y, np.array([o.score for o in clean] + [o.score for _, o in trojaned]))
-    auc = auc[0] if isinstance(auc, tuple) else auc
-    assert auc >= 0.75, f"TABOR anomaly index ROC-AUC {auc:.3f}"
+    scans = [(r, o) for r, o, _ in mnist_tabor_scores]
+    assert_mask_outlier_control(scans, 0.75, "TABOR")
+    assert all(o.stats["stopped_early"] is False for _, o in scans)
 
 
 def test_candidates_and_constant_cost(mnist_tabor_scores):
