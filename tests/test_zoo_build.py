@@ -89,11 +89,15 @@ def test_a_changed_recipe_is_refused_before_any_training(tiny_round, tmp_path):
     edited = copy.deepcopy(TINY_RECIPE)
     edited["groups"][1]["poison_rate"] = 0.2
     before = sorted(os.listdir(target))
-    with pytest.raises(RecipeChanged, match=r"were built from another version of recipe 'tiny'"):
+    with pytest.raises(RecipeChanged, match=r"was built from another version of recipe 'tiny'"):
         build_round(parse_recipe(edited), str(target), workers=1, show_progress=False)
     assert sorted(os.listdir(target)) == before
     again = build_round(parse_recipe(TINY_RECIPE), str(target), workers=1, show_progress=False)
     assert again.trained == 0
+    # a first build stopped before indexing the round: its models' config.json say
+    (target / "round.json").unlink()
+    with pytest.raises(RecipeChanged, match=r"config.json; this one is"):
+        build_round(parse_recipe(edited), str(target), workers=1, show_progress=False)
 
 
 def test_a_device_this_machine_lacks_fails_before_any_training(tmp_path):

@@ -173,16 +173,16 @@ class RecipeChanged(ValueError):
 
 
 def check_same_recipe(recipe: Recipe, round_uri: str) -> None:
-    """Refuse to add models of `recipe` to a round whose models came from another version of
-    it: resuming would keep the old models (and their failures) beside new ones, silently."""
-    stale = sorted(mid for mid, digest in round_writer.recorded_recipe_digests(round_uri).items()
-                   if digest is not None and digest != recipe.digest)
-    if stale:
-        shown = ", ".join(stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
+    """Refuse to add models of `recipe` to a round built from another version of it: resuming
+    would keep the old models (and their recorded failures) beside new ones, silently."""
+    other = {d: where for d, where in round_writer.built_from(round_uri).items()
+             if d != recipe.digest}
+    if other:
+        digest, where = next(iter(other.items()))
         raise RecipeChanged(
-            f"{round_uri}: {len(stale)} model(s) ({shown}) were built from another version of "
-            f"recipe {recipe.name!r} (this one's digest is {recipe.digest}): build into a new "
-            "--out, or delete those models (or the folder) to build them under this recipe")
+            f"{round_uri} was built from another version of recipe {recipe.name!r} (digest "
+            f"{digest}, says {where}; this one is {recipe.digest}): build into a new --out, "
+            "or delete the folder to build it under this recipe")
 
 
 def build_round(recipe: Recipe, round_uri: str, workers: int | None = None,

@@ -146,17 +146,16 @@ def trigger_config(model_uri: str) -> dict[str, Any] | None:
     return trigger if isinstance(trigger, dict) and trigger.get("name") else None
 
 
-def recorded_recipe_digests(round_uri: str) -> dict[str, str | None]:
-    """Per model already in the round (complete or failed), the digest of the recipe that
-    built it: a complete model's config.json says; a failed one takes round.json's (written
-    after each build), None when neither says."""
+def built_from(round_uri: str) -> dict[str, str]:
+    """The recipe digests the round's models were built from, as {digest: where it is said}:
+    round.json's (written after every build: one read) when there is one, else those of the
+    complete models' config.json (a first build that stopped before indexing the round)."""
     index = storage.join(round_uri, "round.json")
-    round_digest = (json.loads(storage.read_text(index)).get("recipe_digest")
-                    if storage.exists(index) else None)
-    out: dict[str, str | None] = {mid: round_digest for mid in failed_model_ids(round_uri)}
-    for config in model_configs(round_uri):
-        out[config["model_id"]] = config.get("recipe_digest")
-    return out
+    if storage.exists(index):
+        digest = json.loads(storage.read_text(index)).get("recipe_digest")
+        return {digest: index} if digest else {}
+    return {c["recipe_digest"]: storage.join(round_uri, c["model_id"], CONFIG_FILE)
+            for c in model_configs(round_uri) if c.get("recipe_digest")}
 
 
 def failed_model_ids(round_uri: str) -> set[str]:

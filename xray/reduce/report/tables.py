@@ -15,7 +15,7 @@ from xray.reduce.calibrate.features import CASCADE
 from xray.reduce.formatting import first_line, fmt, is_missing
 from xray.reduce.summary import unit_frames, verdicts
 from xray.results import locations
-from xray.results.sink import read_runs
+from xray.results.sink import json_object, read_runs
 
 MAX_ROWS = 5000  # per-model and error tables; the rest is counted, not shown
 
@@ -278,7 +278,7 @@ def cascade_view(scores: pd.DataFrame) -> tuple[list[dict[str, Any]], dict[str, 
     if not len(rows):
         return [], {}
     rows = rows[rows["config_hash"] == rows.sort_values("finished_at")["config_hash"].iloc[-1]]
-    stats = [json.loads(s) if isinstance(s, str) else {} for s in rows["stats_json"]]
+    stats = [json_object(s) for s in rows["stats_json"]]
     decided = {str(m): int(st["stage"]) for m, st in zip(rows["model_id"], stats)
                if "stage" in st}
     n = max((int(st.get("stages", 0)) for st in stats), default=0)
