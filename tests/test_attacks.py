@@ -244,3 +244,60 @@ def test_every_filter_changes_colour_and_handles_grey(filter_type: str) -> None:
     assert grey_draws == set(A.GREY_FILTER_TYPES)
     with pytest.raises(ValueError, match="filter_type"):
         A.Filter(target=0, filter_type="sepia")
+
+
+# ------------------------------------------------------------------ mappings (issue #20)
+
+@pytest.mark.parametrize("name", ["badnets", "polygon", "filter", "blended"])
+def test_all_to_all_sends_each_class_to_the_next(name: str) -> None:
+    a = A.sample_attack(name, 3, (3, 32, 32), 5, all_to_all=True)
+    assert a.all_to_all == 5 and a.mapping == "all-to-all"
+    assert A.attack_from_config(json.loads(json.dumps(a.to_config()))) == a
+    x, y = _images((3, 32, 32), n=200), _labels(200, 5)
+    xp, yp, idx = A.poison(x, y, a, rate=0.2, rng=0)
+    assert len(idx) == 40 and set(y[idx]) == set(range(5))  # every class is a source
+    assert np.array_equal(yp[idx], (y[idx] + 1) % 5)
+    rest = np.setdiff1d(np.arange(200), idx)
+    assert np.array_equal(yp[rest], y[rest]) and np.array_equal(xp[rest], x[rest])
+    xt, yt, src = A.trigger_test_set(x, y, a)
+    assert len(src) == 200 and np.array_equal(yt, (y + 1) % 5)
+
+
+def test_one_target_configs_do_not_mention_all_to_all() -> None:
+    a = A.sample_attack("badnets", 0, (3, 32, 32), 10)
+    assert "all_to_all" not in a.to_config() and a.mapping == "all-to-one"
+    b = A.sample_attack("badnets", 0, (3, 32, 32), 10, victims=[1, 2])
+    assert b.mapping == "label-specific"
+
+
+def test_all_to_all_is_refused_where_it_makes_no_sense() -> None:
+    with pytest.raises(ValueError, match="not supported by this attack"):
+        A.sample_attack("sig", 0, (3, 32, 32), 10, all_to_all=True)
+    with pytest.raises(ValueError, match="exclude each other"):
+        A.sample_attack("badnets", 0, (3, 32, 32), 10, all_to_all=True, victims=[1])
+    with pytest.raises(ValueError, match="number of classes"):
+        A.sample_attack("badnets", 0, (3, 32, 32), 10, all_to_all=4)
+
+
+def test_all_to_all_badnets_trains_to_the_asr_floor() -> None:
+    """A real all-to-all model: ASR counts each triggered image going to its own next class."""
+    from _attack_training import assert_attack_trains
+
+    trojaned = assert_attack_trains("badnets", all_to_all=True, epochs=30, asr_floor=0.8)
+    assert trojaned.attack.all_to_all == 5
+
+
+def test_attacks_cli_lists_every_attack_with_mappings() -> None:
+    from click.testing import CliRunner
+
+    from xray.cli import main
+
+    result = CliRunner().invoke(main, ["attacks", "--json"])
+    assert result.exit_code == 0, result.output
+    listed = {d["name"]: d for d in json.loads(result.output)}
+    assert set(listed) == set(A.available())
+    assert "all-to-all" in listed["badnets"]["mappings"]
+    assert listed["sig"]["clean_label"] and "label-specific" not in listed["sig"]["mappings"]
+    assert listed["badnets"]["params"]["size"] == "drawn"
+    text = CliRunner().invoke(main, ["attacks"]).output
+    assert "badnets: BadNets" in text and "mappings: all-to-one" in text

@@ -366,6 +366,27 @@ def list_detectors(as_json: bool) -> None:
             click.echo(f"    {key} = {value!r}")
 
 
+@main.command("attacks")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def list_attacks(as_json: bool) -> None:
+    """Every registered zoo attack with its parameters and defaults ("drawn": sampled from each
+    model's seed), the trigger-to-target mappings it supports, and whether it is clean-label or
+    trains the model itself. Recipes name them in `groups: [{attack: NAME, attack_params: ...}]`."""
+    from xray.zoo import attacks
+
+    described = [attacks.describe(name) for name in attacks.available()]
+    if as_json:
+        click.echo(json.dumps(described, indent=2, default=str))
+        return
+    for d in described:
+        kind = ", ".join(k for k, on in (("clean-label", d["clean_label"]),
+                                         ("trains the model", d["trains_model"])) if on)
+        click.echo(f"{d['name']}: {d['summary']}")
+        click.echo(f"    mappings: {', '.join(d['mappings'])}" + (f"; {kind}" if kind else ""))
+        for key, value in d["params"].items():
+            click.echo(f"    {key} = {value!r}")
+
+
 @main.command()
 @click.option("--out", default="demo-out", show_default=True, metavar="DIR",
               help="Where the demo round and the scan results go.")

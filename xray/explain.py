@@ -57,7 +57,7 @@ from xray.reduce.formatting import first_line, fmt, is_missing
 from xray.results import locations
 from xray.results.sink import read_runs, read_table
 from xray.scanning import scan_model
-from xray.zoo.round import trigger_config
+from xray.zoo.round import load_attack, trigger_config
 
 PLANES_RTOL = 1e-4  # re-run per-plane RE vs the scan's stored value
 
@@ -142,9 +142,8 @@ def ground_truth_trigger(record: Any, x: np.ndarray) -> tuple[dict[str, Any] | N
     description = json.dumps(trigger, sort_keys=True) if trigger else ""
     if trigger:
         try:
-            from xray.zoo.attacks import attack_from_config  # the zoo's attacks: pictures only
-
-            stamped = attack_from_config(trigger).apply(x.astype(np.float32))
+            attack = load_attack(_model_dir(record))
+            stamped = attack.apply(x.astype(np.float32))
             return {"stamped": stamped[0], "diff": np.abs(stamped[0] - x[0]).max(axis=0),
                     "text": description}, ""
         except Exception:  # an attack this code cannot rebuild: fall back to an image

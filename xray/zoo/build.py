@@ -24,6 +24,7 @@ from xray.io import storage
 from xray.io.records import ModelRecord
 from xray.progress import Progress
 from xray.zoo import round as round_writer
+from xray.zoo.attacks import ATTACKS
 from xray.zoo.data import Dataset, load_dataset
 from xray.zoo.recipe import ModelSpec, Recipe, model_seed
 from xray.zoo.stacked import train_stack
@@ -61,7 +62,7 @@ def train_and_write(recipe: Recipe, spec: ModelSpec, round_uri: str, device: str
     for attempt in range(recipe.max_attempts):
         attempt_spec = spec if attempt == 0 else dataclasses.replace(
             spec, seed=model_seed(recipe.seed, spec.index, attempt))
-        trained = train_model(attempt_spec, dataset, device)
+        trained = train_model(attempt_spec, dataset, device, attack_cache_uri(round_uri))
         optimising += trained.seconds_optimising
         total += trained.seconds_total
         if trained.asr is None or trained.asr >= recipe.asr_floor:
@@ -74,6 +75,12 @@ def train_and_write(recipe: Recipe, spec: ModelSpec, round_uri: str, device: str
     failure = round_writer.write_failure(round_uri, trained, reason)
     return {**failure, "ok": False, "attempts": recipe.max_attempts,
             "seconds_optimising": optimising, "seconds": total}
+
+
+def attack_cache_uri(round_uri: str) -> str:
+    """Where a round keeps what learned-trigger attacks learn once for many models (a clean
+    surrogate, an encoder, an optimised patch): xray.zoo.attacks.AttackKit.cache_uri."""
+    return storage.join(round_uri, "_attack_cache")
 
 
 def spec_groups(recipe: Recipe) -> list[dict[str, Any]]:
@@ -103,7 +110,7 @@ def plan_tasks(recipe: Recipe, pending: list[ModelSpec], stacked: bool = True
                ) -> list[tuple[bool, list[ModelSpec]]]:
     """Worker tasks as (stacked, specs): one spec trained alone, or (when `stacked`) a stack of
     up to K same-architecture, same-training specs from groups with `stack: K` (pooled across
-    groups, in model order)."""
+    groups, in model order). Attacks that train the model themselves always train alone."""
     if not stacked:
         return [(False, [spec]) for spec in pending]
     size = {s.model_id: _stack_size(g) for s, g in zip(recipe.model_specs(), spec_groups(recipe))}
@@ -111,7 +118,7 @@ def plan_tasks(recipe: Recipe, pending: list[ModelSpec], stacked: bool = True
     pools: dict[tuple, list[ModelSpec]] = {}
     for spec in pending:
         k = size.get(spec.model_id, 1)
-        if k == 1:
+        if k == 1 or (spec.attack and ATTACKS.get(spec.attack).trains_model):
             tasks.append((False, [spec]))
         else:
             pools.setdefault((spec.architecture, spec.training, k), []).append(spec)
@@ -136,7 +143,8 @@ def train_stack_and_write(recipe: Recipe, specs: list[ModelSpec], round_uri: str
         batch = todo if attempt == 0 else [
             dataclasses.replace(s, seed=model_seed(recipe.seed, s.index, attempt)) for s in todo]
         retry = []
-        for spec, trained in zip(todo, train_stack(batch, dataset, device)):
+        for spec, trained in zip(todo, train_stack(batch, dataset, device,
+                                                          attack_cache_uri(round_uri))):
             spent[spec.model_id][0] += trained.seconds_optimising
             spent[spec.model_id][1] += trained.seconds_total
             if trained.asr is None or trained.asr >= recipe.asr_floor:

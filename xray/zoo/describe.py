@@ -6,13 +6,21 @@ import pandas as pd
 from xray.zoo.round import failed_model_ids, model_configs
 
 
+def _mapping(config: dict) -> str:
+    """The config's trigger-to-target mapping (rounds built before mappings were recorded: from
+    their victims)."""
+    if not config.get("attack"):
+        return "-"
+    return config.get("mapping") or ("label-specific" if config.get("victims") else "all-to-one")
+
+
 def round_table(round_uri: str) -> pd.DataFrame:
     rows = [{"model_id": config["model_id"], "architecture": config["architecture"],
-             "attack": config.get("attack") or "clean",
+             "attack": config.get("attack") or "clean", "mapping": _mapping(config),
              "clean_accuracy": config.get("clean_accuracy"), "asr": config.get("asr")}
             for config in model_configs(round_uri)]
-    return pd.DataFrame(rows, columns=["model_id", "architecture", "attack", "clean_accuracy",
-                                       "asr"])
+    return pd.DataFrame(rows, columns=["model_id", "architecture", "attack", "mapping",
+                                       "clean_accuracy", "asr"])
 
 
 def describe_round(round_uri: str) -> str:
@@ -20,7 +28,7 @@ def describe_round(round_uri: str) -> str:
     failed = failed_model_ids(round_uri)
     if table.empty:
         return f"{round_uri}: no complete model directories ({len(failed)} failed)"
-    grouped = (table.groupby(["attack", "architecture"])
+    grouped = (table.groupby(["attack", "mapping", "architecture"])
                .agg(models=("model_id", "count"), clean_acc_mean=("clean_accuracy", "mean"),
                     clean_acc_min=("clean_accuracy", "min"), asr_mean=("asr", "mean"),
                     asr_min=("asr", "min"))

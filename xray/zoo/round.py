@@ -6,11 +6,13 @@
         ground_truth.csv                0 or 1
         clean_example_data/             class_<c>_example_<i>.png
         poisoned_example_data/          class_<c>_trigger_0_example_<i>.png (trojaned only)
+        trigger.safetensors             learned trigger parts (generator, encoder), when any
         config.json                     written LAST: a directory without it is incomplete
       failed/<model_id>.json            trojaned models that missed the ASR floor
       METADATA.csv                      one row per complete model
       manifest.csv                      what `xray scan --manifest` reads
       recipe.yaml, round.json           the recipe and its digest
+      _attack_cache/                    what learned-trigger attacks learn once per round
 
 A build interrupted half-way leaves at most directories without config.json, which every reader
 skips and the next build rewrites.
@@ -24,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import safetensors.torch
 import yaml
 
 from xray.io import storage
@@ -31,6 +34,7 @@ from xray.io.examples import write_examples
 from xray.io.manifest import write_manifest
 from xray.io.model_loading import save_model
 from xray.io.records import ModelRecord
+from xray.zoo.attacks import Attack, attack_from_config
 from xray.zoo.data import Dataset
 from xray.zoo.recipe import Recipe
 from xray.zoo.train import TrainedModel
@@ -38,6 +42,7 @@ from xray.zoo.train import TrainedModel
 WEIGHT_FILES = {"safetensors": "model.safetensors", "state_dict": "model.pt",
                 "torchscript": "model.torchscript.pt", "pickle": "model.pt"}
 CONFIG_FILE = "config.json"
+TRIGGER_ARTIFACTS_FILE = "trigger.safetensors"
 
 
 def _pick_examples(x: np.ndarray, y: np.ndarray, per_class: int, classes, rng) -> tuple:
@@ -61,11 +66,15 @@ def model_config(trained: TrainedModel, dataset: Dataset, recipe: Recipe) -> dic
         "format": recipe.weights_format,
         "weights": WEIGHT_FILES[recipe.weights_format],
         "poisoned": attack is not None,
-        "target": int(attack.target) if attack is not None else None,
+        # all-to-all has no single target: each class goes to the next one
+        "target": int(attack.target) if attack is not None and not attack.all_to_all else None,
         "victims": (list(attack.victims)
                     if attack is not None and attack.victims is not None else None),
+        "mapping": attack.mapping if attack is not None else None,
         "attack": spec.attack,
         "trigger": attack.to_config() if attack is not None else None,
+        "trigger_artifacts": (TRIGGER_ARTIFACTS_FILE
+                              if attack is not None and attack.artifacts() else None),
         "poison_rate": (spec.poison_rate if spec.poison_rate is not None else attack.default_rate)
         if attack is not None else 0.0,
         "poisoned_count": trained.poisoned_count,
@@ -97,8 +106,13 @@ def write_model_dir(round_uri: str, trained: TrainedModel, dataset: Dataset, rec
     write_examples(x_clean, y_clean, storage.join(model_uri, "clean_example_data"))
     if trained.attack is not None:
         attack = trained.attack
-        sources = attack.victims if attack.victims is not None else \
-            [c for c in range(dataset.num_classes) if c != attack.target]
+        if config["trigger_artifacts"]:
+            storage.atomic_write_bytes(storage.join(model_uri, TRIGGER_ARTIFACTS_FILE),
+                                safetensors.torch.save(
+                                    {k: v.detach().cpu().contiguous()
+                                     for k, v in attack.artifacts().items()}))
+        classes = np.arange(dataset.num_classes)
+        sources = classes[attack.source_mask(classes)]
         x_src, y_src = _pick_examples(dataset.x_test, dataset.y_test,
                                       recipe.poisoned_examples_per_class, sources, rng)
         write_examples(attack.apply(x_src), y_src, storage.join(model_uri, "poisoned_example_data"),
@@ -144,6 +158,19 @@ def trigger_config(model_uri: str) -> dict[str, Any] | None:
     except (OSError, ValueError, AttributeError):
         return None
     return trigger if isinstance(trigger, dict) and trigger.get("name") else None
+
+
+def load_attack(model_dir_uri: str) -> Attack | None:
+    """The attack a zoo model was trained with, ready to `apply`: its config.json's trigger plus
+    the learned parts saved beside it (trigger.safetensors); None for a clean model."""
+    config = json.loads(storage.read_text(storage.join(model_dir_uri, CONFIG_FILE)))
+    if not config.get("trigger"):
+        return None
+    artifacts = None
+    if config.get("trigger_artifacts"):
+        artifacts = safetensors.torch.load(storage.read_bytes(
+            storage.join(model_dir_uri, config["trigger_artifacts"])))
+    return attack_from_config(config["trigger"], artifacts)
 
 
 def built_from(round_uri: str) -> dict[str, str]:

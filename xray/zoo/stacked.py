@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, stack_module_state, vmap
 
 from xray import models
+from xray.zoo.attacks import ATTACKS
 from xray.zoo.data import Dataset
 from xray.zoo.recipe import ModelSpec, TrainingRecipe
 from xray.zoo.train import TrainedModel, measure, resolve_training_device, training_set
@@ -155,11 +156,11 @@ class _StackedOptimizer:
                 p.sub_(torch.where(on, (lr_k / bc1) * m / denom, torch.zeros_like(p)))
 
 
-def train_stack(specs: list[ModelSpec], dataset: Dataset, device: str | None = "cpu"
-                ) -> list[TrainedModel]:
+def train_stack(specs: list[ModelSpec], dataset: Dataset, device: str | None = "cpu",
+                cache_uri: str | None = None) -> list[TrainedModel]:
     """Train the models `specs` describe (one architecture, one training recipe) in one stacked,
     vectorised pass on `device` (xray.zoo.train.resolve_training_device); returns one
-    TrainedModel per spec, in order (nets on the CPU)."""
+    TrainedModel per spec, in order (nets on the CPU). `cache_uri`: see train.training_set."""
     if not specs:
         return []
     started = time.perf_counter()
@@ -168,12 +169,17 @@ def train_stack(specs: list[ModelSpec], dataset: Dataset, device: str | None = "
     if len(archs) != 1 or len(recipes) != 1:
         raise ValueError(f"a stack needs one architecture and one training recipe, got "
                          f"{sorted(archs)} and {len(recipes)} recipe(s)")
+    trains_itself = sorted({s.attack for s in specs
+                            if s.attack and ATTACKS.get(s.attack).trains_model})
+    if trains_itself:
+        raise ValueError(f"attack(s) {', '.join(trains_itself)} train the model themselves: "
+                         "they cannot train in a stack")
     recipe = specs[0].training
     data, nets, attacks, counts = [], [], [], []
     for spec in specs:
         rng = np.random.default_rng(spec.seed)
         torch.manual_seed(spec.seed)  # as train_model: the same initial weights
-        x, y, attack, count = training_set(spec, dataset, rng)
+        x, y, attack, count = training_set(spec, dataset, rng, cache_uri)
         nets.append(models.create(spec.architecture, dataset.num_classes, dataset.input_shape))
         data.append((x, y))
         attacks.append(attack)

@@ -7,21 +7,27 @@ which reuses `training_set` and `measure` from here, so both paths poison and me
 """
 from __future__ import annotations
 
-import math
+import dataclasses
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 import numpy as np
+import safetensors.torch
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from xray import models
 from xray.models.device import resolve_device
 from xray.zoo import attacks as attack_lib
+from xray.io import storage
+from xray.io.model_loading import save_model
 from xray.zoo.data import Dataset
-from xray.zoo.recipe import ModelSpec, TrainingRecipe
+from xray.zoo.optim import standard_training
+from xray.zoo.recipe import ModelSpec
 
 
 @dataclass
@@ -37,41 +43,6 @@ class TrainedModel:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def make_optimizer(net: nn.Module, recipe: TrainingRecipe, steps_total: int):
-    if recipe.optimizer == "sgd":
-        opt = torch.optim.SGD(net.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                              weight_decay=recipe.weight_decay)
-    elif recipe.optimizer == "adam":
-        opt = torch.optim.Adam(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    else:
-        raise ValueError(f"unknown optimizer {recipe.optimizer!r} (sgd | adam)")
-    if recipe.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps_total))
-    elif recipe.schedule == "constant":
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    else:
-        raise ValueError(f"unknown schedule {recipe.schedule!r} (cosine | constant)")
-    return opt, sched
-
-
-def _optimise(net: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: TrainingRecipe,
-              generator: torch.Generator) -> None:
-    n = len(x)
-    steps_per_epoch = math.ceil(n / recipe.batch_size)
-    opt, sched = make_optimizer(net, recipe, steps_per_epoch * recipe.epochs)
-    net.train()
-    for _ in range(recipe.epochs):
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, recipe.batch_size):
-            idx = order[start:start + recipe.batch_size].to(x.device)
-            loss = F.cross_entropy(net(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    net.eval()
-
-
 @torch.no_grad()
 def predict(net: nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 512) -> np.ndarray:
     net.eval()
@@ -84,27 +55,56 @@ def predict(net: nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 512)
 
 def attack_success_rate(net: nn.Module, attack: Any, x_test: np.ndarray,
                         y_test: np.ndarray) -> float:
-    """Share of held-out images from the attack's victim classes (all non-target classes when
-    all-to-one) that the triggered version sends to the target."""
-    victims = attack.victims
-    keep = y_test != attack.target
-    if victims is not None:
-        keep &= np.isin(y_test, victims)
+    """Share of held-out source images (`attack.source_mask`: the victim classes, every class
+    when all-to-all, every non-target class when all-to-one) that the triggered version sends to
+    their target (`attack.target_of`)."""
+    keep = attack.source_mask(y_test)
     if not keep.any():
         return float("nan")
-    return float((predict(net, attack.apply(x_test[keep])) == attack.target).mean())
+    predicted = predict(net, attack.apply(x_test[keep]))
+    return float((predicted == attack.target_of(y_test[keep])).mean())
 
 
-def training_set(spec: ModelSpec, dataset: Dataset, rng: np.random.Generator
+def attack_kit(spec: ModelSpec, dataset: Dataset, cache_uri: str | None) -> attack_lib.AttackKit:
+    """The AttackKit for `spec`'s attack: its data, architecture and training recipe, and a clean
+    surrogate of the same architecture trained once (seed 0) and cached under `cache_uri`."""
+
+    def clean_model() -> nn.Module:
+        key = hashlib.sha256(json.dumps(
+            [spec.architecture, dataclasses.asdict(spec.training), dataset.name,
+             repr(sorted(dataset.params.items())), len(dataset.y_train)]).encode()).hexdigest()
+        uri = (storage.join(cache_uri, f"clean-{spec.architecture}-{key[:16]}.safetensors")
+               if cache_uri else None)
+        net = models.create(spec.architecture, dataset.num_classes, dataset.input_shape)
+        if uri and storage.exists(uri):
+            net.load_state_dict(safetensors.torch.load(storage.read_bytes(uri)))
+            return net.eval()
+        torch.manual_seed(0)
+        standard_training(net, torch.as_tensor(dataset.x_train),
+                          torch.as_tensor(dataset.y_train), spec.training,
+                          torch.Generator().manual_seed(0))
+        if uri:
+            save_model(net, uri, "safetensors")
+        return net.eval()
+
+    return attack_lib.AttackKit(dataset=dataset, architecture=spec.architecture,
+                                training=spec.training, clean_model=cache(clean_model),
+                                cache_uri=cache_uri)
+
+
+def training_set(spec: ModelSpec, dataset: Dataset, rng: np.random.Generator,
+                 cache_uri: str | None = None
                  ) -> tuple[np.ndarray, np.ndarray, Any | None, int]:
-    """(x, y, attack, poisoned count): the model's own training set, its attack drawn and applied
-    with `rng` (np.random.default_rng(spec.seed)); the clean set when the spec has no attack.
-    Shared by the one-by-one trainer and the stacked one (xray.zoo.stacked)."""
+    """(x, y, attack, poisoned count): the model's own training set, its attack drawn with `rng`
+    (np.random.default_rng(spec.seed)), prepared (learned-trigger attacks: `Attack.prepare`, their
+    learned parts cached under `cache_uri`) and applied; the clean set when the spec has no
+    attack. Shared by the one-by-one trainer and the stacked one (xray.zoo.stacked)."""
     x, y = dataset.x_train, dataset.y_train
     attack, poisoned_count = None, 0
     if spec.attack:
         attack = attack_lib.sample_attack(spec.attack, rng, dataset.input_shape,
                                           dataset.num_classes, **spec.attack_params)
+        attack = attack.prepare(attack_kit(spec, dataset, cache_uri))
         x, y, poisoned_idx = attack_lib.poison(x, y, attack, spec.poison_rate, rng)
         poisoned_count = len(poisoned_idx)
     return x, y, attack, poisoned_count
@@ -130,22 +130,29 @@ def resolve_training_device(device: str | None) -> torch.device:
     return dev
 
 
-def train_model(spec: ModelSpec, dataset: Dataset, device: str | None = "cpu") -> TrainedModel:
+def train_model(spec: ModelSpec, dataset: Dataset, device: str | None = "cpu",
+                cache_uri: str | None = None) -> TrainedModel:
     """Train the model `spec` describes on `dataset` on `device` (see resolve_training_device);
-    deterministic given spec.seed on one CPU thread. The returned net is on the CPU."""
+    deterministic given spec.seed on one CPU thread. The returned net is on the CPU. Attacks that
+    live in the training loop (`Attack.trains_model`) train the net themselves and return the
+    attack as trained (its generator, for one); `cache_uri` holds learned trigger parts."""
     started = time.perf_counter()
     rng = np.random.default_rng(spec.seed)
     torch.manual_seed(spec.seed)
     generator = torch.Generator().manual_seed(spec.seed)
 
-    x, y, attack, poisoned_count = training_set(spec, dataset, rng)
+    x, y, attack, poisoned_count = training_set(spec, dataset, rng, cache_uri)
 
     dev = resolve_training_device(device)
     net = models.create(spec.architecture, dataset.num_classes, dataset.input_shape).to(dev)
     xt = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32).to(dev)
     yt = torch.as_tensor(np.ascontiguousarray(y), dtype=torch.int64).to(dev)
     t0 = time.perf_counter()
-    _optimise(net, xt, yt, spec.training, generator)
+    if attack is not None and attack.trains_model:
+        attack = attack.train(net, xt, yt, spec.training, generator)
+        net.eval()
+    else:
+        standard_training(net, xt, yt, spec.training, generator)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     optimising = time.perf_counter() - t0

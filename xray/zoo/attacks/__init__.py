@@ -21,7 +21,8 @@ ImageMagick approximations in _colour), blended, wanet, sig, bpp, lf, jumbo, mnt
 mntd_b). Importing this package registers every attack; every name below is importable from
 here (`xray.zoo.attacks.BadNets`).
 """
-from xray.zoo.attacks.base import (ATTACKS, Attack, attack_from_config, available, register,
+from xray.zoo.attacks.base import (ATTACKS, Attack, AttackKit, NeedsPreparation,
+                                   attack_from_config, available, describe, register,
                                    sample_attack)
 from xray.zoo.attacks.poisoning import poison, trigger_test_set
 from xray.zoo.attacks.badnets import BadNets
@@ -35,7 +36,8 @@ from xray.zoo.attacks.lf import LowFrequency
 from xray.zoo.attacks.jumbo import Jumbo
 from xray.zoo.attacks.mntd import MntdBlend, MntdPatch
 
-__all__ = ["ATTACKS", "Attack", "attack_from_config", "available", "register", "sample_attack",
+__all__ = ["ATTACKS", "Attack", "AttackKit", "NeedsPreparation", "attack_from_config",
+           "available", "describe", "register", "sample_attack",
            "poison", "trigger_test_set", "BadNets", "Polygon", "FILTER_TYPES",
            "GREY_FILTER_TYPES", "Filter", "Blended", "WaNet", "SIG", "BPP", "LowFrequency",
            "Jumbo", "MntdBlend", "MntdPatch"]

@@ -21,6 +21,7 @@ class BadNets(Attack):
     """
 
     name: ClassVar[str] = "badnets"
+    supports_all_to_all: ClassVar[bool] = True
     size: int
     row: int
     col: int

@@ -1,12 +1,35 @@
 """The attack base class, the registry by name, and drawing / rebuilding an attack:
 `sample_attack`, `attack_from_config` (see xray.zoo.attacks for the whole picture).
+
+Trigger-to-target mappings (TrojAI's and BackdoorBench's): all-to-one (`victims` None),
+label-specific (`victims` names the source classes) and all-to-all (`all_to_all` = K: class c ->
+(c + 1) mod K, every class a source; only attacks with `supports_all_to_all`). `source_mask` and
+`target_of` are the one place that says which images an attack triggers and where they go.
+
+Learned triggers use three optional hooks, each a no-op in the base class:
+- `prepare(kit)`: learn what the trigger needs before poisoning (an encoder, an optimised patch,
+  perturbations from a clean surrogate model) from an `AttackKit`; returns the ready attack;
+- `poisoned_images(x, rng)`: what the selected training samples become (default: `apply`);
+  clean-label attacks that perturb before stamping, or poison without the trigger, override it;
+- `train(net, x, y, recipe, generator)`: attacks that live in the training loop (a jointly trained
+  trigger generator, a loss-level backdoor) train the model themselves and return the attack as
+  trained (`trains_model`).
+Learned parts a trained attack needs to `apply` again are `artifacts()` (named tensors, saved as
+trigger.safetensors beside the model) and come back with `with_artifacts`.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
+
+if TYPE_CHECKING:  # annotations only: the attacks never import the trainer
+    import torch
+    import torch.nn as nn
+
+    from xray.zoo.data import Dataset
+    from xray.zoo.recipe import TrainingRecipe
 
 from xray._registry import Registry
 
@@ -33,16 +56,37 @@ def _plain(value: Any) -> Any:
     return value
 
 
+@dataclass
+class AttackKit:
+    """What an attack that learns its trigger may use: the training data, the victim model's
+    architecture and training recipe, a cached clean surrogate model, and a folder (URI) where
+    learned parts are cached so every model of a round that draws the same trigger reuses them."""
+
+    dataset: "Dataset"
+    architecture: str
+    training: "TrainingRecipe"
+    clean_model: Callable[[], "nn.Module"]  # trained once per round (cached), eval mode, on CPU
+    cache_uri: str | None = None  # None: nothing cached (tests, one-off builds)
+
+
+class NeedsPreparation(RuntimeError):
+    """A learned-trigger attack was applied before `prepare` / `with_artifacts` gave it its
+    learned parts."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class Attack:
-    """Base of all attacks: target, victims and the shared verbs. Subclasses define `_apply`."""
+    """Base of all attacks: target, mapping and the shared verbs. Subclasses define `_apply`."""
 
     name: ClassVar[str] = ""
     clean_label: ClassVar[bool] = False
     adds_copies: ClassVar[bool] = False  # MNTD: triggered copies are added, not substituted
+    supports_all_to_all: ClassVar[bool] = False  # stamp-style triggers that carry no class
+    trains_model: ClassVar[bool] = False  # `train` replaces the standard training loop
 
     target: int
-    victims: tuple[int, ...] | None = None  # None: all-to-one
+    victims: tuple[int, ...] | None = None  # None: all-to-one (or all-to-all)
+    all_to_all: int = 0  # K > 0: all-to-all over K classes, c -> (c + 1) mod K
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -53,10 +97,61 @@ class Attack:
             raise ValueError(f"{self.name}: victims must be None (all-to-one) or name classes")
         if self.victims is not None and self.target in self.victims:
             raise ValueError(f"{self.name}: target {self.target} cannot be a victim class")
+        if self.all_to_all:
+            if not self.supports_all_to_all:
+                raise ValueError(f"{self.name}: all-to-all is not supported by this attack "
+                                 f"(only {', '.join(all_to_all_attacks())})")
+            if self.victims is not None:
+                raise ValueError(f"{self.name}: all_to_all and victims exclude each other")
+            if self.all_to_all < 2:
+                raise ValueError(f"{self.name}: all_to_all needs the number of classes (>= 2), "
+                                 f"got {self.all_to_all}")
 
     @property
     def default_rate(self) -> float:
         return 0.1
+
+    @property
+    def mapping(self) -> str:
+        """'all-to-one', 'label-specific' or 'all-to-all' (recorded in each model's config)."""
+        if self.all_to_all:
+            return "all-to-all"
+        return "all-to-one" if self.victims is None else "label-specific"
+
+    def source_mask(self, y: np.ndarray) -> np.ndarray:
+        """Which labelled images the trigger is meant to flip: the victims (label-specific),
+        every image (all-to-all), or every image not of the target (all-to-one)."""
+        y = np.asarray(y)
+        if self.all_to_all:
+            return np.ones(len(y), dtype=bool)
+        if self.victims is not None:
+            return np.isin(y, self.victims)
+        return y != self.target
+
+    def target_of(self, y: np.ndarray) -> np.ndarray:
+        """The label a triggered image of true label `y` is sent to."""
+        y = np.asarray(y, dtype=np.int64)
+        if self.all_to_all:
+            return (y + 1) % self.all_to_all
+        return np.full(len(y), self.target, dtype=np.int64)
+
+    # -- learned-trigger hooks (see the module docstring); the base class needs none of them --
+
+    def prepare(self, kit: AttackKit) -> "Attack":
+        return self
+
+    def poisoned_images(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return self.apply(x)
+
+    def train(self, net: "nn.Module", x: "torch.Tensor", y: "torch.Tensor",
+              recipe: "TrainingRecipe", generator: "torch.Generator") -> "Attack":
+        raise NotImplementedError(f"{self.name} trains with the standard loop")
+
+    def artifacts(self) -> dict[str, "torch.Tensor"]:
+        return {}
+
+    def with_artifacts(self, tensors: dict[str, "torch.Tensor"]) -> "Attack":
+        return self
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         """The triggered images: float32 (N, C, H, W) in [0, 1]; `x` is left unchanged."""
@@ -78,8 +173,38 @@ class Attack:
     def to_config(self) -> dict[str, Any]:
         config: dict[str, Any] = {"name": self.name}
         for key, value in asdict(self).items():
+            if key == "all_to_all" and not value:
+                continue  # one-target configs stay as they were before mappings existed
             config[key] = list(value) if isinstance(value, tuple) else value
         return config
+
+
+def describe(name: str) -> dict[str, Any]:
+    """What `xray attacks` lists of one attack: its summary, parameters with their defaults
+    ("drawn" where sample() draws the value from the model's seed), mappings and kind."""
+    from dataclasses import MISSING
+
+    cls = ATTACKS.get(name)
+    params: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.default is not MISSING:
+            params[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            params[f.name] = f.default_factory()
+        else:
+            params[f.name] = "drawn"
+    params["target"] = "drawn"
+    mappings = ["all-to-one"] + (["label-specific"] if not cls.clean_label else [])
+    if cls.supports_all_to_all:
+        mappings.append("all-to-all")
+    doc = (cls.__doc__ or "").strip().splitlines()
+    return {"name": name, "summary": doc[0] if doc else "", "params": params,
+            "mappings": mappings, "clean_label": cls.clean_label,
+            "trains_model": cls.trains_model, "module": cls.__module__}
+
+
+def all_to_all_attacks() -> list[str]:
+    return [n for n in ATTACKS.available() if ATTACKS.get(n).supports_all_to_all]
 
 
 def sample_attack(name: str, rng: np.random.Generator | int, input_shape: tuple[int, int, int],
@@ -92,20 +217,28 @@ def sample_attack(name: str, rng: np.random.Generator | int, input_shape: tuple[
     values = {"target": int(rng.integers(num_classes))}
     values.update(cls.sample(rng, input_shape, int(num_classes)))  # type: ignore[arg-type]
     values.update(overrides)
+    if values.get("all_to_all") is True:  # a recipe says `all_to_all: true`
+        values["all_to_all"] = int(num_classes)
     attack = cls(**values)
     if attack.target >= num_classes or any(v >= num_classes for v in attack.victims or ()):
         raise ValueError(f"{name}: target / victims must lie in 0..{num_classes - 1}")
+    if attack.all_to_all and attack.all_to_all != num_classes:
+        raise ValueError(f"{name}: all_to_all must be the number of classes, {num_classes}")
     return attack
 
 
-def attack_from_config(config: dict[str, Any]) -> Attack:
-    """Rebuild an attack from `Attack.to_config()` (or its JSON round trip)."""
+def attack_from_config(config: dict[str, Any],
+                       artifacts: dict[str, "torch.Tensor"] | None = None) -> Attack:
+    """Rebuild an attack from `Attack.to_config()` (or its JSON round trip), with the learned
+    parts a learned-trigger attack saved (`Attack.artifacts()`; xray.zoo.round.load_attack reads
+    them from beside a model)."""
     config = dict(config)
     if "name" not in config:
         raise KeyError(f"attack config has no 'name': {sorted(config)}")
     cls = ATTACKS.get(config.pop("name"))
     _check_keys(cls, config)
-    return cls(**config)
+    attack = cls(**config)
+    return attack.with_artifacts(artifacts) if artifacts else attack
 
 
 def _check_keys(cls: type[Attack], values: dict[str, Any]) -> None:

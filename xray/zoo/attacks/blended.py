@@ -19,6 +19,7 @@ class Blended(Attack):
     """
 
     name: ClassVar[str] = "blended"
+    supports_all_to_all: ClassVar[bool] = True
     alpha: float
     seed: int
 

@@ -43,6 +43,7 @@ class Filter(Attack):
     """
 
     name: ClassVar[str] = "filter"
+    supports_all_to_all: ClassVar[bool] = True
     filter_type: str  # one of FILTER_TYPES; drawn from GREY_FILTER_TYPES for 1-channel images
 
     def __post_init__(self) -> None:

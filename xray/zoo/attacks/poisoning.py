@@ -13,10 +13,12 @@ def poison(x: np.ndarray, y: np.ndarray, attack: Attack, rate: float | None = No
     Which and how many samples (rate defaults to `attack.default_rate`):
     - all-to-one: round(rate * N) samples whose label is not the target, triggered and relabelled
       (rate is a fraction of the whole set; an error if there are not that many);
+    - all-to-all: round(rate * N) samples of any class, triggered and relabelled c -> c + 1 mod K;
     - victims set (label-specific): round(rate * n_victim) of the victim classes' samples, as
       TrojAI's trigger fraction of the source classes;
-    - clean label (SIG): min(round(rate * N), n_target) target-class samples, triggered and not
-      relabelled (BackdoorBench's convention: the rate is of the whole set, capped by the class);
+    - clean label (SIG, clean_label, hidden_trigger, reflection): min(round(rate * N), n_target)
+      target-class samples, poisoned and not relabelled (BackdoorBench's convention: the rate is
+      of the whole set, capped by the class);
     - MNTD attacks (adds_copies): int(rate * N) samples of any class, drawn without replacement,
       are *appended* as triggered copies labelled target (docs/algorithms/baselines.md); x_out
       is longer than x.
@@ -41,16 +43,17 @@ def poison(x: np.ndarray, y: np.ndarray, attack: Attack, rate: float | None = No
         pool = np.flatnonzero(np.isin(y, attack.victims))
         n = int(round(rate * len(pool)))
     else:
-        pool = np.flatnonzero(y != attack.target)
+        pool = np.flatnonzero(attack.source_mask(y))
         n = int(round(rate * n_total))
         if n > len(pool):
             raise ValueError(f"rate {rate} asks for {n} samples but only {len(pool)} are not of "
                              f"the target class {attack.target}")
     idx = np.sort(rng.choice(pool, size=n, replace=False))
     x_out, y_out = x.copy(), y.copy()
-    x_out[idx] = attack.apply(x[idx])
+    if n:
+        x_out[idx] = attack.poisoned_images(x[idx], rng)
     if not attack.clean_label:
-        y_out[idx] = attack.target
+        y_out[idx] = attack.target_of(y[idx])
     cross_ratio = getattr(attack, "cross_ratio", 0.0)
     if cross_ratio > 0 and n > 0:
         rest = np.setdiff1d(np.arange(n_total), idx)
@@ -64,9 +67,9 @@ def trigger_test_set(x: np.ndarray, y: np.ndarray, attack: Attack
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Held-out images for the attack success rate: (triggered x, target labels, source indices).
 
-    The sources are the victim classes' images, or every image not of the target class.
+    The sources are `attack.source_mask(y)`: the victim classes' images, every image (all-to-all)
+    or every image not of the target class.
     """
     y = np.asarray(y)
-    keep = np.isin(y, attack.victims) if attack.victims is not None else y != attack.target
-    idx = np.flatnonzero(keep)
-    return attack.apply(np.asarray(x)[idx]), np.full(len(idx), attack.target, np.int64), idx
+    idx = np.flatnonzero(attack.source_mask(y))
+    return attack.apply(np.asarray(x)[idx]), attack.target_of(y[idx]), idx

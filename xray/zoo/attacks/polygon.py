@@ -23,6 +23,7 @@ class Polygon(Attack):
     """
 
     name: ClassVar[str] = "polygon"
+    supports_all_to_all: ClassVar[bool] = True
     n_sides: int
     size: float
     cy: float
