@@ -28,6 +28,11 @@ def test_registry_has_the_zoo_attacks() -> None:
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("name", ALL)
 def test_attack_contract(name: str, shape: tuple[int, int, int]) -> None:
+    if A.ATTACKS.get(name).learned:
+        a = A.sample_attack(name, 7, shape, 10)
+        with pytest.raises(A.NeedsPreparation):  # never a silent identity
+            a.apply(_images(shape))
+        pytest.skip(f"{name} learns its trigger: its own test file checks apply after training")
     a = A.sample_attack(name, 7, shape, 10)
     assert a == A.sample_attack(name, np.random.default_rng(7), shape, 10)  # same seed, same draw
     assert 0 <= a.target < 10 and a.victims is None and a.name == name

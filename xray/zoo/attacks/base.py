@@ -83,6 +83,7 @@ class Attack:
     adds_copies: ClassVar[bool] = False  # MNTD: triggered copies are added, not substituted
     supports_all_to_all: ClassVar[bool] = False  # stamp-style triggers that carry no class
     trains_model: ClassVar[bool] = False  # `train` replaces the standard training loop
+    learned: ClassVar[bool] = False  # `apply` needs parts learned by `prepare` / `train`
 
     target: int
     victims: tuple[int, ...] | None = None  # None: all-to-one (or all-to-all)
@@ -200,7 +201,7 @@ def describe(name: str) -> dict[str, Any]:
     doc = (cls.__doc__ or "").strip().splitlines()
     return {"name": name, "summary": doc[0] if doc else "", "params": params,
             "mappings": mappings, "clean_label": cls.clean_label,
-            "trains_model": cls.trains_model, "module": cls.__module__}
+            "trains_model": cls.trains_model, "learned": cls.learned, "module": cls.__module__}
 
 
 def all_to_all_attacks() -> list[str]:
