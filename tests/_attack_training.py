@@ -13,7 +13,7 @@ import torch
 from xray.zoo import attacks as A
 from xray.zoo.data import Dataset, load_dataset
 from xray.zoo.recipe import ModelSpec, training_recipe
-from xray.zoo.train import TrainedModel, train_model
+from xray.zoo.train import TrainedModel, attack_kit, train_model
 
 # 5 sign classes at 24 px, 200 training images each: a clean mntd_mnist_cnn reaches ~0.9 in a
 # few seconds on one core.
@@ -53,14 +53,18 @@ def assert_attack_trains(attack: str, *, asr_floor: float = 0.8, max_clean_drop:
     assert trojaned.asr is not None and trojaned.asr >= asr_floor, (attack, trojaned.asr)
     assert trojaned.clean_accuracy >= clean.clean_accuracy - max_clean_drop, \
         (attack, trojaned.clean_accuracy, clean.clean_accuracy)
-    assert_rebuilds_bit_for_bit(trojaned.attack, dataset)
+    kit = attack_kit(tiny_spec(attack, **spec_kwargs), dataset, cache_uri)
+    assert_rebuilds_bit_for_bit(trojaned.attack, dataset, kit)
     return trojaned
 
 
-def assert_rebuilds_bit_for_bit(attack: A.Attack, dataset: Dataset) -> None:
+def assert_rebuilds_bit_for_bit(attack: A.Attack, dataset: Dataset, kit: A.AttackKit) -> None:
+    """The attack rebuilt from its JSON config and saved artifacts, then prepared again with the
+    same kit (identity for most attacks; deterministic re-learning for the others), applies and
+    poisons exactly as the trained one."""
     config = json.loads(json.dumps(attack.to_config()))
     artifacts = {k: v.clone() for k, v in attack.artifacts().items()}
-    rebuilt = A.attack_from_config(config, artifacts)
+    rebuilt = A.attack_from_config(config, artifacts).prepare(kit)
     assert rebuilt.to_config() == attack.to_config()
     x = dataset.x_test[:16]
     assert np.array_equal(rebuilt.apply(x), attack.apply(x))

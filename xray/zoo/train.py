@@ -98,15 +98,22 @@ def training_set(spec: ModelSpec, dataset: Dataset, rng: np.random.Generator,
     """(x, y, attack, poisoned count): the model's own training set, its attack drawn with `rng`
     (np.random.default_rng(spec.seed)), prepared (learned-trigger attacks: `Attack.prepare`, their
     learned parts cached under `cache_uri`) and applied; the clean set when the spec has no
-    attack. Shared by the one-by-one trainer and the stacked one (xray.zoo.stacked)."""
+    attack, or when the attack poisons inside its own training loop (`Attack.trains_model`).
+    Shared by the one-by-one trainer and the stacked one (xray.zoo.stacked)."""
     x, y = dataset.x_train, dataset.y_train
     attack, poisoned_count = None, 0
     if spec.attack:
         attack = attack_lib.sample_attack(spec.attack, rng, dataset.input_shape,
                                           dataset.num_classes, **spec.attack_params)
         attack = attack.prepare(attack_kit(spec, dataset, cache_uri))
-        x, y, poisoned_idx = attack_lib.poison(x, y, attack, spec.poison_rate, rng)
-        poisoned_count = len(poisoned_idx)
+        if attack.trains_model:  # it poisons inside its own loop, by its own parameters
+            if spec.poison_rate is not None:
+                raise ValueError(f"{spec.model_id}: attack {spec.attack!r} poisons inside its "
+                                 "training loop; set its own parameters in attack_params, not "
+                                 "poison_rate")
+        else:
+            x, y, poisoned_idx = attack_lib.poison(x, y, attack, spec.poison_rate, rng)
+            poisoned_count = len(poisoned_idx)
     return x, y, attack, poisoned_count
 
 
