@@ -268,6 +268,17 @@ def test_all_to_all_sends_each_class_to_the_next(name: str) -> None:
     assert len(src) == 200 and np.array_equal(yt, (y + 1) % 5)
 
 
+def test_victims_as_a_count_draws_source_classes_other_than_the_target() -> None:
+    for seed in range(20):
+        a = A.sample_attack("badnets", seed, (3, 32, 32), 5, victims=2)
+        b = A.sample_attack("badnets", seed, (3, 32, 32), 5)
+        assert len(a.victims) == 2 and a.target not in a.victims and a.mapping == "label-specific"
+        assert (a.target, a.row, a.col, a.seed) == (b.target, b.row, b.col, b.seed)
+        assert A.attack_from_config(json.loads(json.dumps(a.to_config()))) == a
+    with pytest.raises(ValueError, match="1..4 source classes"):
+        A.sample_attack("badnets", 0, (3, 32, 32), 5, victims=5)
+
+
 def test_one_target_configs_do_not_mention_all_to_all() -> None:
     a = A.sample_attack("badnets", 0, (3, 32, 32), 10)
     assert "all_to_all" not in a.to_config() and a.mapping == "all-to-one"

@@ -210,7 +210,9 @@ def all_to_all_attacks() -> list[str]:
 
 def sample_attack(name: str, rng: np.random.Generator | int, input_shape: tuple[int, int, int],
                   num_classes: int, **overrides: Any) -> Attack:
-    """Draw attack `name`'s random parameters for images of `input_shape` (C, H, W)."""
+    """Draw attack `name`'s random parameters for images of `input_shape` (C, H, W).
+    Overrides replace drawn values; two are shorthands: `all_to_all=True` (K = num_classes) and
+    `victims=n` (an int: n source classes drawn from those other than the target)."""
     cls = ATTACKS.get(name)
     _check_keys(cls, overrides)
     rng = np.random.default_rng(rng)
@@ -220,12 +222,25 @@ def sample_attack(name: str, rng: np.random.Generator | int, input_shape: tuple[
     values.update(overrides)
     if values.get("all_to_all") is True:  # a recipe says `all_to_all: true`
         values["all_to_all"] = int(num_classes)
+    if isinstance(values.get("victims"), int):  # `victims: n`: n source classes, drawn
+        values["victims"] = _draw_victims(rng, int(values["victims"]), int(values["target"]),
+                                          int(num_classes), name)
     attack = cls(**values)
     if attack.target >= num_classes or any(v >= num_classes for v in attack.victims or ()):
         raise ValueError(f"{name}: target / victims must lie in 0..{num_classes - 1}")
     if attack.all_to_all and attack.all_to_all != num_classes:
         raise ValueError(f"{name}: all_to_all must be the number of classes, {num_classes}")
     return attack
+
+
+def _draw_victims(rng: np.random.Generator, n: int, target: int, num_classes: int,
+                  name: str) -> tuple[int, ...]:
+    """n source classes other than the target, drawn after every other parameter (TrojAI r2-4
+    map 1, 2 or all classes: a recipe asks `victims: 2` without knowing the drawn target)."""
+    if not 1 <= n <= num_classes - 1:
+        raise ValueError(f"{name}: victims must be 1..{num_classes - 1} source classes, got {n}")
+    others = [c for c in range(num_classes) if c != target]
+    return tuple(sorted(int(c) for c in rng.choice(others, size=n, replace=False)))
 
 
 def attack_from_config(config: dict[str, Any],
