@@ -1,0 +1,315 @@
+"""The evaluation table (issue 21): every detector on every attack, train and test rounds apart,
+beside the papers' figures.
+
+    .venv/bin/python bench/evaluation.py [--workdir /tmp/xray-evaluation] [--actors 2]
+        [--detectors a,b,...] [--size cpu|reference --data DIR]
+
+Three rounds (recipes evaluation_train / evaluation_test / evaluation_shifted in
+manifests/recipes/): train and test differ only in their seed; the shifted round trains another
+architecture on the same data, so threshold and calibrator transfer is measured, not assumed.
+Each round is built with `xray zoo build` and scanned with every detector through `xray scan`
+(both resume: a re-run reuses every trained model and every score). Then:
+
+- per detector, a threshold from the training round (its clean models' 95th percentile, the
+  summary's default rule) and a Platt scaling fitted on the training round (`xray calibrate`'s
+  stacker restricted to that detector);
+- per detector x attack on the test round (that attack's models and every clean model): ROC-AUC,
+  TPR at 5% FPR, accuracy at the training threshold, TrojAI cross-entropy of the Platt-scaled
+  probability, seconds per model; the same per mapping (all-to-one, label-specific, all-to-all);
+- the combined detector (`xray calibrate` on the training round, every detector) on the test and
+  shifted rounds, against the best single detector.
+
+Writes docs/EVALUATION.md (the table, with the published figures beside it) and
+bench/results/evaluation.json. `--size reference` turns the three recipes into the seeds'
+settings (PreActResNet-18, 50 epochs, the `reference` training preset, images from a local
+folder `--data DIR` as the `folder` data source reads it): for a GPU cluster.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import record  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SPLITS = ("train", "test", "shifted")
+# Every registered detector that needs no extra artefact; mntd needs a shadow-trained
+# meta-classifier (bench/mntd.py measures it on its own shadow sets).
+DETECTORS = ["weights", "trodo", "karm", "mmbd", "modelxray", "nc", "tabor", "ban", "abs",
+             "abs+exray", "nc+exray", "karm+exray"]
+MAX_FPR = 0.05
+
+# Published figures, (value, source and setting); see the footnotes in docs/EVALUATION.md.
+PUBLISHED: dict[tuple[str, str], tuple[float, str]] = {
+    ("modelxray", "badnets"): (0.99, "mx"), ("modelxray", "ssba"): (1.00, "mx"),
+    ("modelxray", "lf"): (0.81, "mx"), ("modelxray", "bpp"): (0.76, "mx"),
+    ("modelxray", "trojannn"): (0.74, "mx"), ("modelxray", "lira"): (1.00, "mx"),
+    ("modelxray", "blind"): (0.92, "mx"),
+}
+FOOTNOTES = {
+    "mx": "Model X-ray supplement Table 4: RE AUROC at eta 5, CIFAR-10 PreActResNet-18, 10% "
+          "poisoning, 50 epochs (the paper's own models, not these).",
+}
+PAPER_ACCURACY = {
+    "abs+exray": "EX-RAY Table 9 (ABS+EX-RAY on TrojAI rounds 2-4): accuracy 0.81-0.88 on "
+                 "polygon and filter triggers (vanilla ABS 0.71 on round 2 polygon).",
+    "nc+exray": "EX-RAY Table 14: NC+EX-RAY on TrojAI round 2, accuracy 0.48 -> 0.73.",
+    "karm+exray": "EX-RAY Table 8: K-Arm+EX-RAY 0.55-0.58 -> 0.73-0.75 on composite / reflection "
+                  "CIFAR-10 models.",
+    "mntd": "MNTD (paper): ~0.97 AUC on average over its shadow / target settings.",
+}
+
+
+def _xray(*args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "xray.cli", *args], check=True,
+                          capture_output=True, text=True)
+    return done.stdout
+
+
+def reference_size(raw: dict[str, Any], data_dir: str) -> dict[str, Any]:
+    """A recipe at the seeds' settings: PreActResNet-18 on the folder data, 50 epochs."""
+    return {**raw, "name": f"{raw['name']}_reference",
+            "dataset": {"name": "folder", "params": {"path": data_dir}},
+            "architecture": "preact_resnet18", "training": {"preset": "reference"},
+            "groups": [{k: v for k, v in g.items() if k != "architecture"}
+                       for g in raw["groups"]]}
+
+
+def recipe_file(workdir: Path, split: str, size: str, data_dir: str | None) -> Path:
+    source = ROOT / "manifests" / "recipes" / f"evaluation_{split}.yaml"
+    if size == "cpu":
+        return source
+    if not data_dir:
+        raise SystemExit("--size reference needs --data DIR (a CIFAR-10-like folder)")
+    out = workdir / f"evaluation_{split}_reference.yaml"
+    out.write_text(yaml.safe_dump(reference_size(yaml.safe_load(source.read_text()), data_dir)))
+    return out
+
+
+def build_and_scan(workdir: Path, split: str, recipe: Path, detectors: list[str],
+                   actors: int) -> Path:
+    round_dir = workdir / split / "round"
+    print(f"[{split}] zoo build {recipe.name} -> {round_dir}", flush=True)
+    _xray("zoo", "build", "--recipe", str(recipe), "--out", str(round_dir), "--quiet")
+    config = workdir / "scan.yaml"
+    config.write_text(yaml.safe_dump({"seed": 0, "detectors": {d: {"preset": "small"}
+                                                               for d in detectors}}))
+    out = workdir / split / "out"
+    print(f"[{split}] scan with {len(detectors)} detectors -> {out}", flush=True)
+    print(_xray("scan", "--manifest", str(round_dir), "--out", str(out), "--config",
+                str(config), "--actors", str(actors), "--quiet").splitlines()[0], flush=True)
+    return out
+
+
+def _mappings(round_dir: Path) -> pd.Series:
+    from xray.zoo.describe import round_table
+
+    table = round_table(str(round_dir))
+    return table.set_index("model_id")["mapping"]
+
+
+def _per_model(scores: pd.DataFrame, detector: str) -> pd.DataFrame:
+    """One row per model of `detector`: y, attack, usable score, seconds, status."""
+    rows = scores[scores["detector"] == detector].sort_values("finished_at", kind="stable")
+    rows = rows.drop_duplicates("model_id", keep="last").set_index("model_id")
+    score = rows["score"].astype(float).where(rows["status"] == "ok")
+    return pd.DataFrame({"y": rows["gt_poisoned"].astype(float), "attack": rows["gt_attack"],
+                         "score": score, "seconds": rows["seconds"].astype(float),
+                         "status": rows["status"], "error": rows.get("error")})
+
+
+def cell(sub: pd.DataFrame, threshold: float, probability: pd.Series | None) -> dict[str, Any]:
+    """The table's figures for one detector on one set of models (clean + some trojaned)."""
+    from xray.reduce import metrics as M
+
+    usable = sub["score"].notna()
+    y, s = sub["y"].to_numpy(float), sub["score"].to_numpy(float)
+    out: dict[str, Any] = {"n_trojaned": int((y == 1).sum()), "n_clean": int((y == 0).sum()),
+                           "n_unusable": int((~usable).sum()),
+                           "seconds_per_model": float(sub["seconds"].mean())}
+    if usable.sum() < len(sub):
+        errors = sub.loc[~usable, "error"].dropna().astype(str)
+        out["why_unusable"] = errors.iloc[0].splitlines()[0][:160] if len(errors) else "no score"
+    ok = usable.to_numpy()
+    if ok.any() and len(set(y[ok])) == 2:
+        out["roc_auc"] = M.roc_auc(y[ok], s[ok]).value
+        out["tpr_at_5fpr"] = M.tpr_at_fpr(y[ok], s[ok], MAX_FPR).value
+        if not math.isnan(threshold):
+            out["accuracy"] = M.accuracy(y[ok], s[ok], threshold).value
+    if probability is not None:
+        p = probability.reindex(sub.index).astype(float).fillna(0.5).to_numpy()
+        out["cross_entropy"] = M.cross_entropy(y, p).value
+    return out
+
+
+def table(workdir: Path, detectors: list[str]) -> tuple[dict[str, float], dict[str, Any]]:
+    from xray.reduce import metrics as M
+    from xray.reduce.calibrate import Calibrator, combined_rows, fit
+    from xray.reduce.harness import harness_scores
+    from xray.results.sink import read_table
+
+    scores = {s: read_table(str(workdir / s / "out"), "scores") for s in SPLITS}
+    mappings = {s: _mappings(workdir / s / "round") for s in SPLITS}
+    cells: dict[str, dict[str, dict[str, Any]]] = {}
+    per_detector: dict[str, dict[str, Any]] = {}
+    for det in detectors:
+        train = _per_model(scores["train"], det)
+        test = _per_model(scores["test"], det)
+        if not len(test):
+            continue
+        clean_train = train.loc[(train["y"] == 0) & train["score"].notna(), "score"]
+        threshold = (M.calibrate_threshold(clean_train.to_numpy(), 0.95).value
+                     if len(clean_train) else math.nan)
+        probability = None
+        try:
+            platt = fit(scores["train"][scores["train"]["detector"] == det], detectors=[det],
+                        model=det)
+            probability = combined_rows(scores["test"][scores["test"]["detector"] == det],
+                                        platt).set_index("model_id")["score"]
+        except ValueError as e:  # no usable training scores: the cell says why
+            per_detector[det] = {"why_no_probability": str(e).splitlines()[0]}
+        clean = test["y"] == 0
+        cells[det] = {"all": cell(test, threshold, probability)}
+        for attack in sorted(set(test.loc[test["y"] == 1, "attack"].dropna())):
+            cells[det][attack] = cell(test[clean | (test["attack"] == attack)], threshold,
+                                      probability)
+        mapping = mappings["test"].reindex(test.index)
+        for name in ("all-to-one", "label-specific", "all-to-all"):
+            chosen = clean | ((test["y"] == 1) & (mapping == name))
+            if (chosen & ~clean).any():
+                cells[det][f"mapping:{name}"] = cell(test[chosen], threshold, probability)
+        per_detector.setdefault(det, {})["train_threshold"] = threshold
+
+    figures: dict[str, float] = {}
+    usable_dets = [d for d in detectors if d in cells and "cross_entropy" in cells[d]["all"]]
+    combined_uri = str(workdir / "combined.json")
+    _xray("calibrate", str(workdir / "train" / "out"), "--detectors", ",".join(usable_dets),
+          "--train-run", "all", "--artifact", combined_uri)
+    calibrator = Calibrator.load(combined_uri)
+    combined = {}
+    for split in ("test", "shifted"):
+        rows = combined_rows(scores[split][scores[split]["detector"].isin(usable_dets)],
+                             calibrator).set_index("model_id")
+        truth = (scores[split].drop_duplicates("model_id").set_index("model_id")["gt_poisoned"]
+                 .astype(float))
+        h = harness_scores(truth.to_numpy(), rows["score"].reindex(truth.index).to_numpy(float))
+        combined[split] = {"cross_entropy": h.cross_entropy, "roc_auc": h.roc_auc,
+                           "models": int(len(truth))}
+    best = min(usable_dets, key=lambda d: cells[d]["all"]["cross_entropy"])
+    figures.update({
+        "combined_test_cross_entropy": combined["test"]["cross_entropy"],
+        "combined_test_roc_auc": combined["test"]["roc_auc"],
+        "best_single_test_cross_entropy": cells[best]["all"]["cross_entropy"],
+        "combined_shifted_cross_entropy": combined["shifted"]["cross_entropy"],
+        "combined_shifted_roc_auc": combined["shifted"]["roc_auc"],
+        "attacks_covered": float(len({a for d in cells for a in cells[d]
+                                      if a != "all" and not a.startswith("mapping:")})),
+        "detectors_covered": float(len(cells)),
+        "models_scanned": float(sum(scores[s]["model_id"].nunique() for s in SPLITS)),
+    })
+    for det, row in cells.items():
+        for attack, c in row.items():
+            if attack != "all" and not attack.startswith("mapping:") and "roc_auc" in c:
+                figures[f"auc_{det.replace('+', '_')}_{attack}"] = c["roc_auc"]
+    notes = {"best_single": best, "combined_chose": calibrator.train.get("model"),
+             "combined": combined, "cells": cells, "per_detector": per_detector}
+    return figures, notes
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else f"{value:.2f}"
+
+
+def markdown(figures: dict[str, float], notes: dict[str, Any], command: str) -> str:
+    cells = notes["cells"]
+    attacks = sorted({a for d in cells for a in cells[d] if a != "all"},
+                     key=lambda a: (a.startswith("mapping:"), a))
+    lines = ["# Evaluation: every detector on every attack", "",
+             f"Reproduce: `{command}`", "",
+             "Generated by bench/evaluation.py (do not edit by hand). Rounds: recipes "
+             "`evaluation_train` (thresholds and calibration), `evaluation_test` (every figure "
+             "below unless marked) and `evaluation_shifted` (another architecture, same data).",
+             "", "## Combined detector", "",
+             "| round | cross-entropy | ROC-AUC |", "| --- | --- | --- |"]
+    for split in ("test", "shifted"):
+        c = notes["combined"][split]
+        lines.append(f"| {split} ({c['models']} models) | {_fmt(c['cross_entropy'])} | "
+                     f"{_fmt(c['roc_auc'])} |")
+    lines += ["", f"Best single detector on the test round by cross-entropy: "
+              f"`{notes['best_single']}` ({_fmt(figures['best_single_test_cross_entropy'])}); "
+              f"the combined calibrator chose `{notes['combined_chose']}`.", ""]
+    for metric, title in (("roc_auc", "ROC-AUC (that attack's models against every clean one)"),
+                          ("tpr_at_5fpr", "TPR at 5% FPR"),
+                          ("accuracy", "Accuracy at the training round's threshold"),
+                          ("cross_entropy", "TrojAI cross-entropy (Platt scaling from the "
+                                            "training round)"),
+                          ("seconds_per_model", "Seconds per model")):
+        lines += ["", f"## {title}", "",
+                  "| detector | all | " + " | ".join(attacks) + " |",
+                  "| --- " * (len(attacks) + 2) + "|"]
+        for det in sorted(cells):
+            row = [det, _fmt(cells[det]["all"].get(metric))]
+            for attack in attacks:
+                c = cells[det].get(attack)
+                if c is None:
+                    row.append("not built")
+                elif metric not in c:
+                    row.append("n/a" + (f" ({c['why_unusable'][:40]})"
+                                        if "why_unusable" in c else ""))
+                else:
+                    text = _fmt(c[metric])
+                    paper = PUBLISHED.get((det, attack))
+                    if metric == "roc_auc" and paper:
+                        text += f" (paper {paper[0]:.2f}[^{paper[1]}])"
+                    row.append(text)
+            lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "## Published figures without a per-attack cell", ""]
+    lines += [f"- `{d}`: {text}" for d, text in PAPER_ACCURACY.items()]
+    lines += [""] + [f"[^{k}]: {v}" for k, v in FOOTNOTES.items()] + [""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="/tmp/xray-evaluation")
+    parser.add_argument("--actors", type=int, default=2)
+    parser.add_argument("--detectors", default=",".join(DETECTORS))
+    parser.add_argument("--size", choices=("cpu", "reference"), default="cpu")
+    parser.add_argument("--data", help="--size reference: a CIFAR-10-like local folder")
+    parser.add_argument("--docs", default=str(ROOT / "docs" / "EVALUATION.md"))
+    args = parser.parse_args()
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    detectors = [d for d in args.detectors.split(",") if d]
+    for split in SPLITS:
+        build_and_scan(workdir, split, recipe_file(workdir, split, args.size, args.data),
+                       detectors, args.actors)
+    figures, notes = table(workdir, detectors)
+    command = (f".venv/bin/python bench/evaluation.py --workdir {args.workdir} "
+               f"--size {args.size}" + (f" --data {args.data}" if args.data else "")
+               + ("" if args.detectors == ",".join(DETECTORS)
+                  else f" --detectors {args.detectors}"))
+    path = record("evaluation", command, figures,
+                  {k: v for k, v in notes.items() if k != "cells"}
+                  | {"cells": json.loads(json.dumps(notes["cells"], default=float))})
+    Path(args.docs).write_text(markdown(figures, notes, command))
+    print(path.read_text()[:2000])
+    print(f"table: {args.docs}")
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()
