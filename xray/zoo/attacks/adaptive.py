@@ -15,8 +15,10 @@ from xray.zoo.attacks.base import Attack, register
 @register
 @dataclass(frozen=True, kw_only=True)
 class ExrayAdaptive(Attack):
-    """EX-RAY's (second) adaptive attack (Liu, Shen, Tao, Wang, Ma, Zhang, "Complex Backdoor
-    Detection by Symmetric Feature Differencing", CVPR 2022, arXiv:2203.13211; first as "EX-RAY:
+    """EX-RAY's adaptive attack: a patch whose inner feature statistics mimic the target class.
+
+    The second adaptive attack of Liu, Shen, Tao, Wang, Ma, Zhang, "Complex Backdoor Detection
+    by Symmetric Feature Differencing", CVPR 2022, arXiv:2203.13211 (first as "EX-RAY:
     Distinguishing Injected Backdoor from Natural Features in Neural Networks by Examining
     Differential Feature Symmetry", arXiv:2103.08820): appendix L, Table 15.
 

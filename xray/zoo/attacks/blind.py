@@ -27,8 +27,8 @@ class Blind(Attack):
     No training sample is poisoned (`poisoned_count` stays 0): the attacker owns the loss code.
     Each batch, the loss makes a backdoored copy of the first round(`portion` x batch) samples
     (the reference's poisoning_proportion 1.1: the whole batch), stamps the pixel pattern and sends
-    the labels to the target (`target_of`; label-specific: only the victims' samples are
-    copied), and trains on
+    the labels to the target (`target_of`; label-specific: the other classes' stamped samples keep
+    their labels, as no reference covers this mapping), and trains on
 
         blind_loss = s_normal * CE(net(x), y) + s_backdoor * CE(net(x_bd), y_bd)
 
@@ -50,12 +50,13 @@ class Blind(Attack):
     normalised space; BackdoorBench stamps 255 / 0 pixels, as here); `history` 16 batches instead
     of the reference's 1000 (a zoo model trains for a few hundred batches, so the backdoor would
     never start); the MGDA scales weight the two gradients already computed for the solver
-    instead of a third backward pass (the same gradient); no mixed precision.
+    instead of a third backward pass (the same gradient); no mixed precision. All-to-one (the
+    reference's backdoor_label) and label-specific only: all-to-all (class c -> c + 1 via one
+    small pattern) reached ASR 0.42 at clean accuracy 0.65 on the tiny test set in 16 epochs.
     """
 
     name: ClassVar[str] = "blind"
     trains_model: ClassVar[bool] = True
-    supports_all_to_all: ClassVar[bool] = True
     row: int
     col: int
     seed: int
@@ -108,21 +109,20 @@ class Blind(Attack):
         return out
 
     def backdoor_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The backdoored copy the loss trains on: the first round(portion x batch) samples
-        (label-specific: of those, the victims'), stamped, labels sent to the target."""
+        """The backdoored copy the loss trains on: the first round(portion x batch) samples,
+        stamped, the sources' labels sent to their target (`target_of`); label-specific: the
+        other classes' stamped samples keep their labels."""
         n = max(1, int(round(self.portion * len(x))))
-        xb, yb = x[:n], y[:n]
-        if self.victims is not None:
-            keep = torch.as_tensor(self.source_mask(yb.cpu().numpy()), device=x.device)
-            xb, yb = xb[keep], yb[keep]
         values, mask = (torch.as_tensor(a, device=x.device) for a in self.pattern())
         ph, pw = PATTERN_SHAPE
-        xb = xb.clone()
+        xb = x[:n].clone()
         region = xb[:, :, self.row:self.row + ph, self.col:self.col + pw]
         xb[:, :, self.row:self.row + ph, self.col:self.col + pw] = torch.where(mask, values,
                                                                                 region)
-        yb = torch.as_tensor(self.target_of(yb.cpu().numpy()), device=y.device)
-        return xb, yb
+        y_np = y[:n].cpu().numpy()
+        y_bd = np.where(self.source_mask(y_np) | (self.victims is None), self.target_of(y_np),
+                        y_np)
+        return xb, torch.as_tensor(y_bd, device=y.device)
 
     def train(self, net, x, y, recipe, generator):
         from xray.zoo.optim import make_optimizer, minibatches, steps_total
@@ -140,7 +140,7 @@ class Blind(Attack):
             normal_history.append(float(loss_normal.detach()))
             x_bd, y_bd = self.backdoor_batch(xb, yb)
             opt.zero_grad(set_to_none=True)
-            if not attack or len(x_bd) == 0:
+            if not attack:
                 loss_normal.backward()
             elif self.balance == "fixed":
                 loss_bd = F.cross_entropy(net(x_bd), y_bd)
