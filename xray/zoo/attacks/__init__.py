@@ -18,9 +18,9 @@ Attacks that need no random parameters (sig, filter once chosen) are determinist
 Layout (one file per attack, as torchattacks): base (Attack, the registry, sample_attack,
 attack_from_config), poisoning (poison, trigger_test_set), badnets, polygon, filter (with the
 ImageMagick approximations in _colour), blended, wanet, sig, bpp, lf, jumbo, mntd (mntd_m,
-mntd_b), blind and adaptive (EX-RAY's adaptive attack; both train the model themselves).
-Importing this package registers every attack; every name below is importable from here
-(`xray.zoo.attacks.BadNets`).
+mntd_b), blind and adaptive (EX-RAY's adaptive attack; both train the model themselves),
+composite, reflection (Refool). Importing this package registers every attack; every name below
+is importable from here (`xray.zoo.attacks.BadNets`).
 """
 from xray.zoo.attacks.base import (ATTACKS, Attack, AttackKit, NeedsPreparation,
                                    attack_from_config, available, describe, register,
@@ -38,9 +38,12 @@ from xray.zoo.attacks.jumbo import Jumbo
 from xray.zoo.attacks.mntd import MntdBlend, MntdPatch
 from xray.zoo.attacks.blind import Blind
 from xray.zoo.attacks.adaptive import ExrayAdaptive
+from xray.zoo.attacks.composite import Composite
+from xray.zoo.attacks.reflection import Reflection
 
 __all__ = ["ATTACKS", "Attack", "AttackKit", "NeedsPreparation", "attack_from_config",
            "available", "describe", "register", "sample_attack",
            "poison", "trigger_test_set", "BadNets", "Polygon", "FILTER_TYPES",
            "GREY_FILTER_TYPES", "Filter", "Blended", "WaNet", "SIG", "BPP", "LowFrequency",
-           "Jumbo", "MntdBlend", "MntdPatch", "Blind", "ExrayAdaptive"]
+           "Jumbo", "MntdBlend", "MntdPatch", "Blind", "ExrayAdaptive", "Composite",
+           "Reflection"]
