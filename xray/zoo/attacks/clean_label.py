@@ -92,7 +92,10 @@ class LabelConsistent(Attack):
       robust surrogate costs ~steps x a clean one, more than the zoo's CPU budget. Perturbations
       of a standard model are less semantic, so `eps` defaults to 16/255 (the paper's larger
       bound; BackdoorBench's lc.py loads files named eps 16) rather than 8/255 (its craft
-      script), which at 24 px on the tiny set left the ASR below the floor;
+      script), which barely moves the clean surrogate on the synthetic signs (98.5% still
+      right). The poisons then barely transfer to a victim trained from scratch: on the tiny
+      24 px signs set the ASR stays at zero (as SIG's; tests/test_attacks_cleanlabel.py records
+      the measurement);
     - `prepare` perturbs every target-class training image once and caches them under
       `kit.cache_uri` (shared by every model of the round with the same target and parameters);
       `poisoned_images` looks the selected images up by content, and perturbs any image it does
