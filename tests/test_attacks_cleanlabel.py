@@ -33,9 +33,10 @@ def _surrogate() -> torch.nn.Module:
     return net.eval()
 
 
-def _kit() -> A.AttackKit:
+def _kit(cache_uri: str | None = None) -> A.AttackKit:
     return A.AttackKit(dataset=tiny_dataset(), architecture="mntd_mnist_cnn",
-                       training=training_recipe({"preset": "small"}), clean_model=_surrogate)
+                       training=training_recipe({"preset": "small"}), clean_model=_surrogate,
+                       cache_uri=cache_uri)
 
 
 # Measured on the tiny set (5 classes of 24 px signs, mntd_mnist_cnn, 16 epochs, seed 11):
@@ -52,15 +53,18 @@ def test_trains_and_rebuilds(name: str) -> None:
     assert trojaned.poisoned_count == 100  # 10% of 1000, within the target class's 200
 
 
-def test_clean_label_keeps_labels_and_bounds_the_perturbation() -> None:
+def test_clean_label_keeps_labels_and_bounds_the_perturbation(tmp_path) -> None:
     d = tiny_dataset()
     a = A.sample_attack("clean_label", 3, d.input_shape, d.num_classes, target=2)
     assert not a.learned and a.clean_label
     with pytest.raises(A.NeedsPreparation):
         A.poison(d.x_train, d.y_train, a, rng=0)
-    a = a.prepare(_kit())
+    a = a.prepare(_kit(str(tmp_path)))
+    assert len(list(tmp_path.glob("clean_label-*.safetensors"))) == 1  # the class's hard images
     x_p, y_p, idx = A.poison(d.x_train, d.y_train, a, rng=0)
     assert np.array_equal(y_p, d.y_train) and (d.y_train[idx] == 2).all() and len(idx) == 100
+    from_cache = a.prepare(_kit(str(tmp_path)))
+    assert np.array_equal(A.poison(d.x_train, d.y_train, from_cache, rng=0)[0], x_p)
     untouched = np.setdiff1d(np.arange(len(y_p)), idx)
     assert np.array_equal(x_p[untouched], d.x_train[untouched])
     clean = d.x_train[idx]
