@@ -75,14 +75,17 @@ def attack_kit(spec: ModelSpec, dataset: Dataset, cache_uri: str | None) -> atta
              repr(sorted(dataset.params.items())), len(dataset.y_train)]).encode()).hexdigest()
         uri = (storage.join(cache_uri, f"clean-{spec.architecture}-{key[:16]}.safetensors")
                if cache_uri else None)
-        net = models.create(spec.architecture, dataset.num_classes, dataset.input_shape)
-        if uri and storage.exists(uri):
-            net.load_state_dict(safetensors.torch.load(storage.read_bytes(uri)))
-            return net.eval()
-        torch.manual_seed(0)
-        standard_training(net, torch.as_tensor(dataset.x_train),
-                          torch.as_tensor(dataset.y_train), spec.training,
-                          torch.Generator().manual_seed(0))
+        # Its own RNG stream (seed 0, initial weights included), so the surrogate is the same
+        # whenever it is trained, and training it leaves the victim's RNG stream untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            net = models.create(spec.architecture, dataset.num_classes, dataset.input_shape)
+            if uri and storage.exists(uri):
+                net.load_state_dict(safetensors.torch.load(storage.read_bytes(uri)))
+                return net.eval()
+            standard_training(net, torch.as_tensor(dataset.x_train),
+                              torch.as_tensor(dataset.y_train), spec.training,
+                              torch.Generator().manual_seed(0))
         if uri:
             save_model(net, uri, "safetensors")
         return net.eval()

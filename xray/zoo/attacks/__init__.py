@@ -19,8 +19,9 @@ Layout (one file per attack, as torchattacks): base (Attack, the registry, sampl
 attack_from_config), poisoning (poison, trigger_test_set), badnets, polygon, filter (with the
 ImageMagick approximations in _colour), blended, wanet, sig, bpp, lf, jumbo, mntd (mntd_m,
 mntd_b), blind and adaptive (EX-RAY's adaptive attack; both train the model themselves),
-composite, reflection (Refool). Importing this package registers every attack; every name below
-is importable from here (`xray.zoo.attacks.BadNets`).
+composite, reflection (Refool), clean_label (label-consistent), hidden_trigger. Importing this
+package registers every attack; every name below is importable from here
+(`xray.zoo.attacks.BadNets`).
 """
 from xray.zoo.attacks.base import (ATTACKS, Attack, AttackKit, NeedsPreparation,
                                    attack_from_config, available, describe, register,
@@ -40,10 +41,12 @@ from xray.zoo.attacks.blind import Blind
 from xray.zoo.attacks.adaptive import ExrayAdaptive
 from xray.zoo.attacks.composite import Composite
 from xray.zoo.attacks.reflection import Reflection
+from xray.zoo.attacks.clean_label import LabelConsistent
+from xray.zoo.attacks.hidden_trigger import HiddenTrigger
 
 __all__ = ["ATTACKS", "Attack", "AttackKit", "NeedsPreparation", "attack_from_config",
            "available", "describe", "register", "sample_attack",
            "poison", "trigger_test_set", "BadNets", "Polygon", "FILTER_TYPES",
            "GREY_FILTER_TYPES", "Filter", "Blended", "WaNet", "SIG", "BPP", "LowFrequency",
            "Jumbo", "MntdBlend", "MntdPatch", "Blind", "ExrayAdaptive", "Composite",
-           "Reflection"]
+           "Reflection", "LabelConsistent", "HiddenTrigger"]
