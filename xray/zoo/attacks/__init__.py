@@ -16,11 +16,15 @@ attack's own parameters, then applies the overrides (so an override never shifts
 Attacks that need no random parameters (sig, filter once chosen) are deterministic functions.
 
 Layout (one file per attack, as torchattacks): base (Attack, the registry, sample_attack,
-attack_from_config), poisoning (poison, trigger_test_set), badnets, polygon, filter (with the
-ImageMagick approximations in _colour), blended, wanet, sig, bpp, lf, jumbo, mntd (mntd_m,
-mntd_b), blind and adaptive (EX-RAY's adaptive attack; both train the model themselves),
-composite, reflection (Refool), clean_label (label-consistent), hidden_trigger. Importing this
-package registers every attack; every name below is importable from here
+attack_from_config, the learned-trigger hooks), poisoning (poison, trigger_test_set), then one
+module per attack:
+- stamps and transforms: badnets, polygon, filter (ImageMagick approximations in _colour),
+  blended, wanet, bpp, lf, composite;
+- clean-label: sig, reflection (Refool), clean_label (label-consistent), hidden_trigger;
+- trained with the model (`train`): blind, adaptive (EX-RAY's adaptive attack), lira, input_aware
+  (trigger generators, helpers in _generator);
+- MNTD: jumbo, mntd (mntd_m, mntd_b).
+Importing this package registers every attack; every name below is importable from here
 (`xray.zoo.attacks.BadNets`).
 """
 from xray.zoo.attacks.base import (ATTACKS, Attack, AttackKit, NeedsPreparation,
@@ -43,10 +47,12 @@ from xray.zoo.attacks.composite import Composite
 from xray.zoo.attacks.reflection import Reflection
 from xray.zoo.attacks.clean_label import LabelConsistent
 from xray.zoo.attacks.hidden_trigger import HiddenTrigger
+from xray.zoo.attacks.lira import LIRA
+from xray.zoo.attacks.input_aware import InputAware
 
 __all__ = ["ATTACKS", "Attack", "AttackKit", "NeedsPreparation", "attack_from_config",
            "available", "describe", "register", "sample_attack",
            "poison", "trigger_test_set", "BadNets", "Polygon", "FILTER_TYPES",
            "GREY_FILTER_TYPES", "Filter", "Blended", "WaNet", "SIG", "BPP", "LowFrequency",
            "Jumbo", "MntdBlend", "MntdPatch", "Blind", "ExrayAdaptive", "Composite",
-           "Reflection", "LabelConsistent", "HiddenTrigger"]
+           "Reflection", "LabelConsistent", "HiddenTrigger", "LIRA", "InputAware"]
