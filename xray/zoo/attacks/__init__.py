@@ -18,8 +18,8 @@ Attacks that need no random parameters (sig, filter once chosen) are determinist
 Layout (one file per attack, as torchattacks): base (Attack, the registry, sample_attack,
 attack_from_config), poisoning (poison, trigger_test_set), badnets, polygon, filter (with the
 ImageMagick approximations in _colour), blended, wanet, sig, bpp, lf, jumbo, mntd (mntd_m,
-mntd_b). Importing this package registers every attack; every name below is importable from
-here (`xray.zoo.attacks.BadNets`).
+mntd_b), ssba (with its StegaStamp encoder). Importing this package registers every
+attack; every name below is importable from here (`xray.zoo.attacks.BadNets`).
 """
 from xray.zoo.attacks.base import (ATTACKS, Attack, AttackKit, NeedsPreparation,
                                    attack_from_config, available, describe, register,
@@ -35,9 +35,10 @@ from xray.zoo.attacks.bpp import BPP
 from xray.zoo.attacks.lf import LowFrequency
 from xray.zoo.attacks.jumbo import Jumbo
 from xray.zoo.attacks.mntd import MntdBlend, MntdPatch
+from xray.zoo.attacks.ssba import SSBA
 
 __all__ = ["ATTACKS", "Attack", "AttackKit", "NeedsPreparation", "attack_from_config",
            "available", "describe", "register", "sample_attack",
            "poison", "trigger_test_set", "BadNets", "Polygon", "FILTER_TYPES",
            "GREY_FILTER_TYPES", "Filter", "Blended", "WaNet", "SIG", "BPP", "LowFrequency",
-           "Jumbo", "MntdBlend", "MntdPatch"]
+           "Jumbo", "MntdBlend", "MntdPatch", "SSBA"]
