@@ -18,7 +18,7 @@ Attacks that need no random parameters (sig, filter once chosen) are determinist
 Layout (one file per attack, as torchattacks): base (Attack, the registry, sample_attack,
 attack_from_config), poisoning (poison, trigger_test_set), badnets, polygon, filter (with the
 ImageMagick approximations in _colour), blended, wanet, sig, bpp, lf, jumbo, mntd (mntd_m,
-mntd_b), ssba (with its StegaStamp encoder). Importing this package registers every
+mntd_b), ssba (with its StegaStamp encoder), trojannn. Importing this package registers every
 attack; every name below is importable from here (`xray.zoo.attacks.BadNets`).
 """
 from xray.zoo.attacks.base import (ATTACKS, Attack, AttackKit, NeedsPreparation,
@@ -36,9 +36,10 @@ from xray.zoo.attacks.lf import LowFrequency
 from xray.zoo.attacks.jumbo import Jumbo
 from xray.zoo.attacks.mntd import MntdBlend, MntdPatch
 from xray.zoo.attacks.ssba import SSBA
+from xray.zoo.attacks.trojannn import TrojanNN
 
 __all__ = ["ATTACKS", "Attack", "AttackKit", "NeedsPreparation", "attack_from_config",
            "available", "describe", "register", "sample_attack",
            "poison", "trigger_test_set", "BadNets", "Polygon", "FILTER_TYPES",
            "GREY_FILTER_TYPES", "Filter", "Blended", "WaNet", "SIG", "BPP", "LowFrequency",
-           "Jumbo", "MntdBlend", "MntdPatch", "SSBA"]
+           "Jumbo", "MntdBlend", "MntdPatch", "SSBA", "TrojanNN"]
