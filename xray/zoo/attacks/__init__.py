@@ -20,6 +20,7 @@ attack_from_config, the learned-trigger hooks), poisoning (poison, trigger_test_
 module per attack:
 - stamps and transforms: badnets, polygon, filter (ImageMagick approximations in _colour),
   blended, wanet, bpp, lf, composite;
+- learned before poisoning (`prepare`): ssba (with its StegaStamp-style encoder), trojannn;
 - clean-label: sig, reflection (Refool), clean_label (label-consistent), hidden_trigger;
 - trained with the model (`train`): blind, adaptive (EX-RAY's adaptive attack), lira, input_aware
   (trigger generators, helpers in _generator);
@@ -49,10 +50,13 @@ from xray.zoo.attacks.clean_label import LabelConsistent
 from xray.zoo.attacks.hidden_trigger import HiddenTrigger
 from xray.zoo.attacks.lira import LIRA
 from xray.zoo.attacks.input_aware import InputAware
+from xray.zoo.attacks.ssba import SSBA
+from xray.zoo.attacks.trojannn import TrojanNN
 
 __all__ = ["ATTACKS", "Attack", "AttackKit", "NeedsPreparation", "attack_from_config",
            "available", "describe", "register", "sample_attack",
            "poison", "trigger_test_set", "BadNets", "Polygon", "FILTER_TYPES",
            "GREY_FILTER_TYPES", "Filter", "Blended", "WaNet", "SIG", "BPP", "LowFrequency",
            "Jumbo", "MntdBlend", "MntdPatch", "Blind", "ExrayAdaptive", "Composite",
-           "Reflection", "LabelConsistent", "HiddenTrigger", "LIRA", "InputAware"]
+           "Reflection", "LabelConsistent", "HiddenTrigger", "LIRA", "InputAware", "SSBA",
+           "TrojanNN"]
