@@ -40,6 +40,19 @@ def train_tiny(spec: ModelSpec, dataset: Dataset | None = None, cache_uri: str |
     return train_model(spec, dataset or tiny_dataset(), "cpu", cache_uri)
 
 
+TWIN_KEYS = ("seed", "epochs", "architecture")
+_TWINS: dict[tuple, TrainedModel] = {}
+
+
+def _clean_twin(dataset: Dataset, **spec_kwargs) -> TrainedModel:
+    """The clean model of the same seed, epochs and architecture, trained once per test session
+    (most attack tests compare against the same one)."""
+    key = (id(dataset), tuple(sorted(spec_kwargs.items())))
+    if key not in _TWINS:
+        _TWINS[key] = train_tiny(tiny_spec(None, **spec_kwargs), dataset)
+    return _TWINS[key]
+
+
 def assert_attack_trains(attack: str, *, asr_floor: float = 0.8, max_clean_drop: float = 0.06,
                          cache_uri: str | None = None, dataset: Dataset | None = None,
                          **spec_kwargs) -> TrainedModel:
@@ -47,7 +60,7 @@ def assert_attack_trains(attack: str, *, asr_floor: float = 0.8, max_clean_drop:
     signs set); check ASR >= asr_floor, the clean-accuracy drop <= max_clean_drop, and that the
     attack rebuilt from its JSON config and artifacts poisons bit for bit alike."""
     dataset = dataset or tiny_dataset()
-    clean = train_tiny(tiny_spec(None, **spec_kwargs), dataset)
+    clean = _clean_twin(dataset, **{k: v for k, v in spec_kwargs.items() if k in TWIN_KEYS})
     trojaned = train_tiny(tiny_spec(attack, **spec_kwargs), dataset, cache_uri)
     assert trojaned.attack is not None and trojaned.attack.name == attack
     assert trojaned.asr is not None and trojaned.asr >= asr_floor, (attack, trojaned.asr)

@@ -43,6 +43,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored() -> Iterator[None]:
+    """A test may pin torch to one thread (deterministic training, golden figures): give the
+    next test the count it had, so one test's setting never slows every test after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def closed_port() -> int:
     """A loopback port nobody listens on (a server that is down)."""

@@ -8,12 +8,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from xray.io import storage
+from xray.zoo.attacks._cache import cached_tensors, tensors_digest
 from xray.zoo.attacks.base import Attack, AttackKit, NeedsPreparation, register
 
 
@@ -72,15 +71,6 @@ class StegaDecoder(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.dense(self.features(image))
-
-
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key].detach().cpu().contiguous()
-        h.update(f"{key}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 @register
@@ -160,16 +150,16 @@ class SSBA(Attack):
 
     def with_artifacts(self, tensors: dict[str, torch.Tensor]) -> "SSBA":
         state = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
-        if self.encoder and _digest(state) != self.encoder:
-            raise ValueError(f"{self.name}: the saved encoder's digest {_digest(state)} is not the "
-                             f"recorded {self.encoder}")
+        if self.encoder and tensors_digest(state) != self.encoder:
+            raise ValueError(f"{self.name}: the saved encoder's digest {tensors_digest(state)} "
+                             f"is not the recorded {self.encoder}")
         channels = int(state["residual.weight"].shape[0])
         net = StegaEncoder(channels, self.secret_bits, self.width)
         net.load_state_dict(state)
         return self._with_encoder(net.eval())
 
     def _with_encoder(self, net: StegaEncoder) -> "SSBA":
-        digest = _digest(net.state_dict())
+        digest = tensors_digest(net.state_dict())
         if self.encoder and self.encoder != digest:
             raise ValueError(f"{self.name}: encoder {digest} is not the recorded {self.encoder}")
         out = dataclasses.replace(self, encoder=digest)
@@ -184,20 +174,15 @@ class SSBA(Attack):
             ["ssba-encoder", self.secret_bits, self.encoder_seed, self.encoder_steps, self.width,
              self.l2_weight, list(x.shape), hashlib.sha256(x.tobytes()).hexdigest()]
         ).encode()).hexdigest()[:16]
-        uri = storage.join(kit.cache_uri, f"ssba-encoder-{key}.safetensors") \
-            if kit.cache_uri else None
-        if uri and storage.exists(uri):
-            return self.with_artifacts(safetensors.torch.load(storage.read_bytes(uri)))
-        with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was
+        def train() -> dict[str, torch.Tensor]:
             encoder, decoder = train_stegastamp(
                 torch.from_numpy(x), self.secret_bits, self.width, self.encoder_steps,
                 self.l2_weight, self.encoder_seed)
-        out = self._with_encoder(encoder)
-        if uri:
-            tensors = {**out.artifacts(), **{f"decoder.{k}": v.detach().clone()
-                                             for k, v in decoder.state_dict().items()}}
-            storage.atomic_write_bytes(uri, safetensors.torch.save(tensors))
-        return out
+            return {**self._with_encoder(encoder).artifacts(),
+                    **{f"decoder.{k}": v.detach().clone() for k, v in decoder.state_dict().items()}}
+
+        return self.with_artifacts(cached_tensors(kit.cache_uri,
+                                                  f"ssba-encoder-{key}.safetensors", train))
 
     def residual(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """encoder(secret, x) for float32 (N, C, H, W) images (unclipped)."""

@@ -9,22 +9,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from xray.io import storage
+from xray.zoo.attacks._cache import cached_tensors, tensors_digest
 from xray.zoo.attacks.base import Attack, AttackKit, NeedsPreparation, register
-
-
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key].detach().cpu().contiguous()
-        h.update(f"{key}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def preprocess_layer(net: nn.Module) -> nn.Module:
@@ -127,9 +117,8 @@ class TrojanNN(Attack):
     def prepare(self, kit: AttackKit) -> "TrojanNN":
         if getattr(self, "_parts", None) is not None:
             return self
-        with torch.random.fork_rng(devices=[]):  # the surrogate may train: keep the caller's RNG
-            net = kit.clean_model()
-        surrogate = _digest(net.state_dict())
+        net = kit.clean_model()  # trained under its own RNG fork (train.attack_kit)
+        surrogate = tensors_digest(net.state_dict())
         if self.surrogate and self.surrogate != surrogate:
             raise ValueError(f"{self.name}: surrogate {surrogate} is not the recorded "
                              f"{self.surrogate}")
@@ -137,15 +126,10 @@ class TrojanNN(Attack):
         shape = tuple(int(s) for s in kit.dataset.input_shape)
         key = hashlib.sha256(json.dumps(
             ["trojannn", attack.to_config(), list(shape)]).encode()).hexdigest()[:16]
-        uri = storage.join(kit.cache_uri, f"trojannn-{key}.safetensors") if kit.cache_uri else None
-        if uri and storage.exists(uri):
-            return attack.with_artifacts(safetensors.torch.load(storage.read_bytes(uri)))
-        pattern = attack.optimise_pattern(net, shape)
-        out = attack.with_artifacts({"pattern": torch.from_numpy(pattern),
-                                     "mask": torch.from_numpy(attack.mask(shape))})
-        if uri:
-            storage.atomic_write_bytes(uri, safetensors.torch.save(out.artifacts()))
-        return out
+        return attack.with_artifacts(cached_tensors(
+            kit.cache_uri, f"trojannn-{key}.safetensors",
+            lambda: {"pattern": torch.from_numpy(attack.optimise_pattern(net, shape)),
+                     "mask": torch.from_numpy(attack.mask(shape))}))
 
     def optimise_pattern(self, net: nn.Module, shape: tuple[int, int, int]) -> np.ndarray:
         """The (C, H, W) pattern (zero off the mask) that drives the chosen neurons of `net`
