@@ -72,8 +72,11 @@ PAPER_ACCURACY = {
 
 
 def _xray(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "xray.cli", *args], check=True,
-                          capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "xray.cli", *args], capture_output=True,
+                          text=True)
+    if done.returncode:  # say what failed, not only that it did
+        raise SystemExit(f"xray {' '.join(args)} failed (exit {done.returncode}):\n"
+                         f"{done.stderr[-3000:]}")
     return done.stdout
 
 

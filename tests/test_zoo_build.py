@@ -123,16 +123,19 @@ def test_learned_triggers_are_saved_beside_the_model_and_rebuilt(tmp_path_factor
     xray.zoo.round.load_attack rebuilds from the model directory reproduces the recorded ASR on
     the same held-out data with the saved weights (so explain's ground-truth picture is exact)."""
     from xray.io.model_loading import load_model
-    from xray.zoo.build import _dataset
+    from xray.zoo.build import recipe_dataset
     from xray.zoo.round import load_attack, model_configs, record_from_config
     from xray.zoo.train import attack_success_rate
 
+    # sign_scale as a YAML list: a recipe's list-valued data parameters must load (they key a cache)
+    params = {**TINY_RECIPE["dataset"]["params"], "sign_scale": [0.55, 0.85]}
     recipe = {**TINY_RECIPE, "name": "learned", "asr_floor": 0.0, "max_attempts": 1,
+              "dataset": {"name": "signs", "params": params},
               "training": {"preset": "small", "epochs": 6},
               "groups": [{"count": 1, "attack": "lira"}, {"count": 1, "attack": "composite"}]}
     round_dir, result = build_test_round(tmp_path_factory, recipe, "learned")
     assert result.trained == 2 and not result.failed
-    dataset = _dataset("signs", tuple(sorted(recipe["dataset"]["params"].items())))
+    dataset = recipe_dataset(parse_recipe(recipe))
     for config in model_configs(str(round_dir)):
         model_dir = round_dir / config["model_id"]
         assert config["trigger_artifacts"] == "trigger.safetensors"

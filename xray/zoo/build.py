@@ -44,6 +44,13 @@ class BuildResult:
     seconds_in_workers: float
 
 
+def recipe_dataset(recipe: Recipe) -> Dataset:
+    """The recipe's data set, loaded once per process (lists in its parameters, e.g. signs'
+    sign_scale: [0.4, 0.7], become tuples so they can key the cache)."""
+    params = {k: tuple(v) if isinstance(v, list) else v for k, v in recipe.dataset_params.items()}
+    return _dataset(recipe.dataset, tuple(sorted(params.items())))
+
+
 @lru_cache(maxsize=4)
 def _dataset(name: str, params_items: tuple) -> Dataset:
     return load_dataset(name, **dict(params_items))
@@ -57,7 +64,7 @@ def train_and_write(recipe: Recipe, spec: ModelSpec, round_uri: str, device: str
                     ) -> dict[str, Any]:
     """One model, end to end, in a worker: train (retrying with a new seed while a trojaned model
     misses the ASR floor, up to recipe.max_attempts) and write its directory or its failure."""
-    dataset = _dataset(recipe.dataset, tuple(sorted(recipe.dataset_params.items())))
+    dataset = recipe_dataset(recipe)
     optimising = total = 0.0
     for attempt in range(recipe.max_attempts):
         attempt_spec = spec if attempt == 0 else dataclasses.replace(
@@ -132,7 +139,7 @@ def train_stack_and_write(recipe: Recipe, specs: list[ModelSpec], round_uri: str
     """A stack of models, end to end, in a worker (xray.zoo.stacked.train_stack): the trojaned
     models that miss the ASR floor are retrained together with new seeds, up to
     recipe.max_attempts, then written as failures."""
-    dataset = _dataset(recipe.dataset, tuple(sorted(recipe.dataset_params.items())))
+    dataset = recipe_dataset(recipe)
     outcomes: list[dict[str, Any]] = []
     todo = list(specs)
     spent: dict[str, list[float]] = {s.model_id: [0.0, 0.0] for s in specs}
