@@ -89,6 +89,11 @@ def _ray_processes_of(driver_pid: int) -> list[str]:
     return [line for line in ps.splitlines() if session.search(line)]
 
 
+def _scan_actors() -> list[str]:
+    ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
+    return [line for line in ps.splitlines() if line.startswith("ray::ScanActor")]
+
+
 @pytest.mark.slow
 def test_a_second_driver_refuses_and_sigterm_ends_the_first_cleanly(tiny_round, tmp_path):
     """Two `xray scan` processes on one --out: the second refuses while the first holds the
@@ -120,7 +125,12 @@ def test_a_second_driver_refuses_and_sigterm_ends_the_first_cleanly(tiny_round, 
     while not _ray_processes_of(first.pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _ray_processes_of(first.pid), "the driver's Ray instance never showed up"
-    time.sleep(20.0)  # a few models scanned, their rows buffered (flush every 600 s)
+    # The scan actor's start-up varies with the machine's load: count from when it is up (only
+    # this driver's scan runs now), then let a few models be scanned, their rows buffered
+    # (flush every 600 s).
+    while not _scan_actors() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(20.0)
     first.send_signal(signal.SIGTERM)
     output = first.communicate(timeout=120)[0]
     assert first.returncode in (143, 1) and "models scanned" not in output, output
