@@ -28,9 +28,10 @@ from xray.zoo.round import model_configs  # noqa: E402
 SHADOW_ONLY = {"jumbo"}
 
 
-def attack_recipe() -> dict:
-    """The demo recipe's data, architecture and training; one model per attack (defaults), one
-    clean model, and BadNets label-specific and all-to-all; nothing fails (floor 0)."""
+def attack_recipe() -> tuple[dict, list[dict]]:
+    """(recipe, its groups with their figure labels): the demo recipe's data, architecture and
+    training; one model per attack (defaults), one clean model, and BadNets label-specific and
+    all-to-all; nothing fails (floor 0)."""
     demo = load_recipe("demo").raw
     groups: list[dict] = [{"count": 1}]
     groups += [{"count": 1, "attack": name} for name in attacks.available()

@@ -74,7 +74,7 @@ def model_config(trained: TrainedModel, dataset: Dataset, recipe: Recipe) -> dic
         "attack": spec.attack,
         "trigger": attack.to_config() if attack is not None else None,
         "trigger_artifacts": (TRIGGER_ARTIFACTS_FILE
-                              if attack is not None and attack.artifacts() else None),
+                              if attack is not None and attack.learned else None),
         "poison_rate": (spec.poison_rate if spec.poison_rate is not None else attack.default_rate)
         if attack is not None else 0.0,
         "poisoned_count": trained.poisoned_count,
