@@ -9,11 +9,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-import safetensors.numpy
 import torch
 import torch.nn.functional as F
 
-from xray.io import storage
+from xray.zoo.attacks._cache import cached_tensors
 from xray.zoo.attacks.base import Attack, AttackKit, NeedsPreparation, register
 
 # The reference's 3 x 3 corner patterns at 32 x 32, ((row, col), +1 white / -1 black).
@@ -137,9 +136,11 @@ class LabelConsistent(Attack):
             [kit.architecture, dataclasses.asdict(kit.training), kit.dataset.name,
              repr(sorted(kit.dataset.params.items())), len(kit.dataset.y_train),
              self.target, self.eps, self.step_size, self.steps]).encode()).hexdigest()[:16]
-        hard = _cached(kit.cache_uri, f"clean_label-{kit.architecture}-{key}.safetensors",
-                       lambda: pgd_hard_images(surrogate, pool, self.target, self.eps,
-                                               self.step_size, self.steps))
+        hard = cached_tensors(
+            kit.cache_uri, f"clean_label-{kit.architecture}-{key}.safetensors",
+            lambda: {"images": torch.from_numpy(pgd_hard_images(
+                surrogate, pool, self.target, self.eps, self.step_size, self.steps))}
+        )["images"].numpy()
         ready = dataclasses.replace(self)
         object.__setattr__(ready, "_surrogate", surrogate)
         object.__setattr__(ready, "_hard", ({_digest(im): i for i, im in enumerate(pool)}, hard))
@@ -161,16 +162,3 @@ class LabelConsistent(Attack):
 
     def poisoned_images(self, x, rng):
         return self.apply(self.hard_images(x))
-
-
-def _cached(cache_uri: str | None, name: str, compute) -> np.ndarray:
-    """`compute()` once per cache folder: a safetensors file under `cache_uri` (None: just
-    compute)."""
-    if not cache_uri:
-        return compute()
-    uri = storage.join(cache_uri, name)
-    if storage.exists(uri):
-        return safetensors.numpy.load(storage.read_bytes(uri))["images"]
-    value = compute()
-    storage.atomic_write_bytes(uri, safetensors.numpy.save({"images": value}))
-    return value
