@@ -5,10 +5,15 @@ Rounds: recipes cascade_train and cascade_test (44 models each: 22 clean, BadNet
 blended and filter trojans; MNTD's CNN on 32 px signs), built once under --workdir. Both are
 scanned with every detector of ALL_DETECTORS (small presets) through `xray scan`; the
 calibrators come from `xray calibrate` on the training round: one on the stage-1 detectors, one
-on all. The cascade (stage 1: STAGE_ONE on every model; stage 2: the rest on the models whose
-stage-1 probability lies in UNCERTAIN) then runs through `xray scan --config` on a copy of the
+on stages 1 and 2, and one on all (the all-detector figure). The cascade (stage 1: STAGE_ONE on
+every model; stage 2: the models whose stage-1 probability lies in UNCERTAIN) then runs through `xray scan --config` on a copy of the
 test round's output folder, so every row it needs is reused and its detector-seconds are the
 seconds those rows took: exactly what a fresh cascade scan would spend on them.
+
+Stage 2 is chosen on the training round alone (`stage_two`): the detectors outside stage 1 whose
+training-round ROC-AUC is at least STAGE_TWO_MIN_AUC. A detector that does not rank the training
+round's models earns no place in the cascade, however many seconds it would spend (on these
+rounds: abs+exray, 34 s a model, 0.62; Model X-ray 0.45). The test round never informs the choice.
 
 Figures: cost_share (the cascade's detector-seconds over the all-detector scan's, on the test
 round), cascade_cross_entropy and all_detectors_cross_entropy (the TrojAI harness's CE of the
@@ -28,6 +33,7 @@ from typing import Any
 ALL_DETECTORS = ["weights", "karm", "mmbd", "nc", "modelxray", "abs+exray"]
 STAGE_ONE = ["weights", "karm"]  # the cheapest: ~1 ms and ~1 s per demo model
 UNCERTAIN = [0.1, 0.9]
+STAGE_TWO_MIN_AUC = 0.75  # fixed before measuring; the test round is not consulted
 
 
 def _xray(*args: str) -> str:
@@ -36,15 +42,32 @@ def _xray(*args: str) -> str:
     return done.stdout
 
 
-def _config(stages: bool, stage1: str = "", final: str = "") -> dict[str, Any]:
-    config: dict[str, Any] = {"seed": 0, "detectors": {d: {"preset": "small"}
-                                                       for d in ALL_DETECTORS}}
-    if stages:
+def _config(stage_two: list[str] | None = None, stage1: str = "",
+            final: str = "") -> dict[str, Any]:
+    """The all-detector scan's config, or (stage_two given) the cascade's."""
+    names = ALL_DETECTORS if stage_two is None else STAGE_ONE + stage_two
+    config: dict[str, Any] = {"seed": 0, "detectors": {d: {"preset": "small"} for d in names}}
+    if stage_two is not None:
         config["stages"] = [
             {"detectors": STAGE_ONE, "calibrator": stage1, "uncertain": UNCERTAIN},
-            {"detectors": [d for d in ALL_DETECTORS if d not in STAGE_ONE],
-             "calibrator": final}]
+            {"detectors": stage_two, "calibrator": final}]
     return config
+
+
+def stage_two(train: Any) -> tuple[list[str], dict[str, float]]:
+    """The detectors beyond stage 1 whose ROC-AUC on the training round's rows reaches
+    STAGE_TWO_MIN_AUC, and every candidate's training AUC (rank-based: Platt scaling would not
+    change it)."""
+    from sklearn.metrics import roc_auc_score
+
+    aucs = {}
+    for name in ALL_DETECTORS:
+        if name in STAGE_ONE:
+            continue
+        rows = train[(train["detector"] == name) & train["score"].notna()]
+        rows = rows.drop_duplicates("model_id", keep="last")
+        aucs[name] = float(roc_auc_score(rows["gt_poisoned"].astype(int), rows["score"]))
+    return [d for d, auc in aucs.items() if auc >= STAGE_TWO_MIN_AUC], aucs
 
 
 def build_and_scan(workdir: Path, split: str, actors: int) -> Path:
@@ -57,7 +80,7 @@ def build_and_scan(workdir: Path, split: str, actors: int) -> Path:
         _xray("zoo", "build", "--recipe", f"cascade_{split}", "--out", str(round_dir), "--quiet")
     out = workdir / split / "out"
     config = workdir / "all.yaml"
-    config.write_text(yaml.safe_dump(_config(False)))
+    config.write_text(yaml.safe_dump(_config()))
     print(f"scanning {split} with {', '.join(ALL_DETECTORS)} ...", flush=True)
     print(_xray("scan", "--manifest", str(round_dir), "--out", str(out), "--config", str(config),
                 "--actors", str(actors), "--quiet").splitlines()[0], flush=True)
@@ -73,17 +96,26 @@ def measure(workdir: Path, actors: int = 2) -> tuple[dict[str, float], dict[str,
 
     train_out = build_and_scan(workdir, "train", actors)
     test_out = build_and_scan(workdir, "test", actors)
+    second, train_aucs = stage_two(read_table(str(train_out), "scores"))
+    if not second:
+        raise SystemExit(f"no detector reaches training ROC-AUC {STAGE_TWO_MIN_AUC} for "
+                         f"stage 2: {train_aucs}")
+    print(f"stage 2 (training ROC-AUC >= {STAGE_TWO_MIN_AUC}): {', '.join(second)} "
+          f"(training AUCs {train_aucs})", flush=True)
     stage1_uri = str(workdir / "stage1.json")
+    stages_uri = str(workdir / "stages.json")
     final_uri = str(workdir / "all.json")
     _xray("calibrate", str(train_out), "--detectors", ",".join(STAGE_ONE),
           "--train-run", "all", "--artifact", stage1_uri)
+    _xray("calibrate", str(train_out), "--detectors", ",".join(STAGE_ONE + second),
+          "--train-run", "all", "--artifact", stages_uri)
     _xray("calibrate", str(train_out), "--train-run", "all", "--artifact", final_uri)
 
     cascade_out = workdir / "test" / "cascade-out"
     shutil.rmtree(cascade_out, ignore_errors=True)
     shutil.copytree(test_out, cascade_out)
     config = workdir / "cascade.yaml"
-    config.write_text(yaml.safe_dump(_config(True, stage1_uri, final_uri)))
+    config.write_text(yaml.safe_dump(_config(second, stage1_uri, stages_uri)))
     printed = _xray("scan", "--manifest", str(workdir / "test" / "round"), "--out",
                     str(cascade_out), "--config", str(config), "--quiet")
     print("\n".join(line for line in printed.splitlines()
@@ -127,7 +159,9 @@ def measure(workdir: Path, actors: int = 2) -> tuple[dict[str, float], dict[str,
         figures[f"{name}_roc_auc"] = h.roc_auc
         figures[f"{name}_seconds_per_model"] = float(
             test[test["detector"] == name]["seconds"].mean())
-    notes = {"stage_one": STAGE_ONE, "uncertain": UNCERTAIN, "all_detectors": ALL_DETECTORS,
+    notes = {"stage_one": STAGE_ONE, "stage_two": second, "uncertain": UNCERTAIN,
+             "stage_two_min_auc": STAGE_TWO_MIN_AUC, "training_roc_auc": train_aucs,
+             "all_detectors": ALL_DETECTORS,
              "rounds": "recipes cascade_train (calibrators) and cascade_test (measured)",
              "cascade_printed": printed.splitlines()[:3]}
     return figures, notes

@@ -20,8 +20,9 @@ planes and models), modelxray_adaptive_max_re_difference / _max_ats_difference (
 seconds over full seconds, all models; model loading excluded).
 
 --part stages (bench/_cascade_stages.py, whose docstring says how): calibrators fitted on the
-zoo round cascade_train, the cascade (stage 1 weights + karm, stage 2 mmbd, nc, modelxray and
-abs+exray on the models with a stage-1 probability in [0.1, 0.9]) measured on cascade_test:
+zoo round cascade_train, the cascade (stage 1 weights + karm; stage 2 the other detectors whose
+training-round ROC-AUC reaches 0.75, on the models with a stage-1 probability in [0.1, 0.9])
+measured on cascade_test:
 cost_share, cascade_cross_entropy, all_detectors_cross_entropy, and each detector's calibrated
 CE / AUC.
 
