@@ -6,9 +6,10 @@ blended and filter trojans; MNTD's CNN on 32 px signs), built once under --workd
 scanned with every detector of ALL_DETECTORS (small presets) through `xray scan`; the
 calibrators come from `xray calibrate` on the training round: one on the stage-1 detectors, one
 on stages 1 and 2, and one on all (the all-detector figure). The cascade (stage 1: STAGE_ONE on
-every model; stage 2: the models whose stage-1 probability lies in UNCERTAIN) then runs through `xray scan --config` on a copy of the
-test round's output folder, so every row it needs is reused and its detector-seconds are the
-seconds those rows took: exactly what a fresh cascade scan would spend on them.
+every model; stage 2: the models whose stage-1 probability lies in UNCERTAIN) then runs
+through `xray scan --config` on a copy of the test round's output folder, so every row it
+needs is reused and its detector-seconds are the seconds those rows took: exactly what a fresh
+cascade scan would spend on them.
 
 Stage 2 is chosen on the training round alone (`stage_two`): the detectors outside stage 1 whose
 training-round ROC-AUC is at least STAGE_TWO_MIN_AUC. A detector that does not rank the training

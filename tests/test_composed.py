@@ -139,3 +139,37 @@ def test_a_scanner_and_its_composed_twin_share_one_upstream_run(tiny_round):
     assert stats["nc+exray"]["upstream_shared"] is False  # first of its pair: ran NC itself
     assert stats["abs+exray"]["upstream_shared"] is True  # ABS's run came from "abs"
     assert _rows(together) == _rows(apart)
+
+
+def test_abs_and_karm_share_one_clean_forward_pass(tiny_round):
+    """ABS's runner-up labels and K-Arm's pre-screen read the scan's one clean forward pass
+    (ScanData.clean_logits): on one ScanData, as scanning hands a model's detectors, the pass
+    is computed once, and each detector gives exactly what it gives on data of its own. Another
+    model object gets its own pass."""
+    import copy
+
+    from xray import detectors
+    from xray.detectors.base import ScanContext, ScanData
+    from xray.io.examples import load_examples
+    from xray.io.manifest import read_manifest
+    from xray.io.model_loading import load_model
+
+    round_dir, _ = tiny_round
+    record = next(r for r in read_manifest(str(round_dir / "manifest.csv")) if r.poisoned)
+    model = load_model(record)
+    x, y = load_examples(record)
+    scanners = [detectors.build("abs", {"epochs": 6, "trial_epochs": 2}, preset="small"),
+                detectors.build("karm", preset="small")]
+
+    def outcome(result):  # everything but wall-clock time
+        stats = {k: v for k, v in result.stats.items() if k != "elapsed_s"}
+        return result.score, result.target, json.dumps(stats, sort_keys=True, default=str)
+
+    shared = ScanData(x=x, y=y, num_classes=record.num_classes)
+    together = [outcome(d.score(model, shared, ScanContext(seed=0))) for d in scanners]
+    assert shared.clean_forwards == 1
+    apart = [outcome(d.score(model, ScanData(x=x, y=y, num_classes=record.num_classes),
+                             ScanContext(seed=0))) for d in scanners]
+    assert together == apart
+    shared.clean_logits(copy.deepcopy(model))
+    assert shared.clean_forwards == 2

@@ -34,6 +34,26 @@ class ScanData:
     num_classes: int
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
+    # The clean forward pass shared by the detectors of one scan (see clean_logits): the model
+    # it was computed for (held to compare identity, not by id(), which Python may reuse) and
+    # its logits; clean_forwards counts the passes computed, so a scan can show it shared one.
+    _logits_of: tuple[torch.nn.Module, torch.Tensor] | None = field(
+        default=None, init=False, repr=False, compare=False)
+    clean_forwards: int = field(default=0, init=False, repr=False, compare=False)
+
+    def clean_logits(self, model: torch.nn.Module) -> torch.Tensor:
+        """Logits of every clean example, `model` in eval mode, no gradient, in batches of 256,
+        on the examples' device. Computed once per model and data, then shared by every detector
+        of a scan that needs it (ABS's runner-up labels, K-Arm's pre-screen), since scanning
+        hands all of a model's detectors one ScanData: a detector gets the same tensor whether
+        it runs alone or beside others. Detectors leave the model as they found it, so the
+        logits stay valid for the next one."""
+        if self._logits_of is None or self._logits_of[0] is not model:
+            with eval_mode(model), torch.no_grad():
+                logits = torch.cat([model(self.x[i:i + 256]) for i in range(0, len(self.x), 256)])
+            self._logits_of = (model, logits)
+            self.clean_forwards += 1
+        return self._logits_of[1]
 
     def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # In the examples' dtype, on `like`'s device; one value broadcasts over the channels.

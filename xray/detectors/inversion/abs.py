@@ -608,7 +608,7 @@ class ABS:
             with torch.no_grad():
                 m_y = label_maxima(h, x, y)
                 st = stimulate(h, g, x[stim_idx], y[stim_idx], p.stim_levels, m_y=m_y)
-                logits = torch.cat([model(x[i:i + 256]) for i in range(0, len(x), 256)])
+            logits = data.clean_logits(model).to(x.device)  # shared with K-Arm's pre-screen
             runner_ups = runner_up_labels(logits, y, p.runner_up)
             cands = select_candidates(st["label"].cpu(), st["score"].cpu(), y[stim_idx].cpu(),
                                       runner_ups, p.per_victim)

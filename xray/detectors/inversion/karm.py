@@ -343,9 +343,8 @@ class KArm:
         train_idx, held_idx = holdout_split(y, p.reasr_holdout, ctx.generator("karm/holdout"))
         y_train = y[train_idx.to(y.device)].cpu()
         with eval_mode(model):
-            with torch.no_grad():
-                probs = torch.cat([torch.softmax(model(x[train_idx[i:i + 256].to(x.device)]),
-                                                 1).cpu() for i in range(0, len(train_idx), 256)])
+            # the scan's shared clean forward pass (ScanData.clean_logits), ABS reads it too
+            probs = torch.softmax(data.clean_logits(model).cpu()[train_idx.cpu()], 1)
             screen = prescreen(probs, global_share=p.global_share, pair_share=p.pair_share,
                                max_victims=p.max_victims, min_prob=p.min_prob)
             kind = screen["kind"]
