@@ -21,7 +21,7 @@ NEEDS_ARTIFACT: dict[str, str] = {}
 # step count and cannot answer without steps. Model X-ray and MNTD are a fixed number of
 # forward passes (no loop to cut short); weights reads the last layer (no forward at all).
 OPTIMISING = {"nc", "abs", "karm", "nc+exray", "abs+exray", "karm+exray", "mmbd", "tabor",
-              "trodo", "ban"}
+              "trodo", "ban", "btidbf"}
 # Detectors that need a trained artifact: the session fixture giving one for _tiny()'s net.
 ARTIFACT_FIXTURES = {"mntd": "mntd_contract_artifact"}  # tests/_mntd_fixtures.py
 # Detectors that apply only to some architectures: (a registered architecture they apply to,

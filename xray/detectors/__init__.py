@@ -10,4 +10,5 @@ import xray.detectors.inversion.abs  # noqa: F401
 import xray.detectors.inversion.karm  # noqa: F401
 import xray.detectors.inversion.nc  # noqa: F401
 import xray.detectors.inversion.tabor  # noqa: F401
-from xray.detectors import ban, composed, mmbd, mntd, modelxray, trodo, weights  # noqa: F401
+from xray.detectors import (ban, btidbf, composed, mmbd, mntd, modelxray,  # noqa: F401
+                            trodo, weights)

@@ -66,16 +66,16 @@ seed matters. docs/FIDELITY.md "BAN".
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
 from xray.detectors._registry import register
-from xray.detectors.base import DetectorResult, ScanContext, ScanData, require_steps
+from xray.detectors.base import (DetectorResult, ScanContext, ScanData, preserved,
+                                 require_steps)
 from xray.models.layers import split_model
 
 
@@ -157,22 +157,6 @@ def batchnorms(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
         raise NoBatchNorm(f"ban: not applicable to {type(model).__name__}: it has no BatchNorm "
                           "layer with affine parameters for the neuron noise to perturb")
     return found
-
-
-@contextlib.contextmanager
-def preserved(model: torch.nn.Module) -> Iterator[None]:
-    """Every parameter and buffer (BatchNorm running statistics) and every module's mode put
-    back as they were on leaving, whatever happened inside."""
-    modes = [(m, m.training) for m in model.modules()]
-    saved = [(t, t.detach().clone()) for t in list(model.parameters()) + list(model.buffers())]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for t, v in saved:
-                t.copy_(v)
-        for m, mode in modes:
-            m.training = mode
 
 
 def _batches(n: int, p: Params, salt: str, ctx: ScanContext) -> torch.Tensor:

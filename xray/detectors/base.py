@@ -168,6 +168,23 @@ def eval_mode(*models: torch.nn.Module) -> Iterator[None]:
             m.training = mode
 
 
+@contextlib.contextmanager
+def preserved(model: torch.nn.Module) -> Iterator[None]:
+    """Every parameter and buffer (BatchNorm running statistics) and every module's mode put
+    back as they were on leaving, whatever happened inside: for detectors that run the model in
+    train() mode (BAN, BTI-DBF), which moves BatchNorm's running statistics."""
+    modes = [(m, m.training) for m in model.modules()]
+    saved = [(t, t.detach().clone()) for t in list(model.parameters()) + list(model.buffers())]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, v in saved:
+                t.copy_(v)
+        for m, mode in modes:
+            m.training = mode
+
+
 # Field metadata for a parameter added after results were stored with the detector's version:
 # while it holds its default (the computation as before) it is left out of the hash, so rows
 # scored before the field existed keep being reused instead of every model being scanned again.
