@@ -26,21 +26,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
+
+from _common import xray_cli
 
 ALL_DETECTORS = ["weights", "karm", "mmbd", "nc", "modelxray", "abs+exray"]
 STAGE_ONE = ["weights", "karm"]  # the cheapest: ~1 ms and ~1 s per demo model
 UNCERTAIN = [0.1, 0.9]
 STAGE_TWO_MIN_AUC = 0.75  # fixed before measuring; the test round is not consulted
-
-
-def _xray(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "xray.cli", *args], check=True,
-                          capture_output=True, text=True)
-    return done.stdout
 
 
 def _config(stage_two: list[str] | None = None, stage1: str = "",
@@ -78,12 +72,12 @@ def build_and_scan(workdir: Path, split: str, actors: int) -> Path:
     round_dir = workdir / split / "round"
     if not (round_dir / "METADATA.csv").exists():
         print(f"building cascade_{split} into {round_dir} ...", flush=True)
-        _xray("zoo", "build", "--recipe", f"cascade_{split}", "--out", str(round_dir), "--quiet")
+        xray_cli("zoo", "build", "--recipe", f"cascade_{split}", "--out", str(round_dir), "--quiet")
     out = workdir / split / "out"
     config = workdir / "all.yaml"
     config.write_text(yaml.safe_dump(_config()))
     print(f"scanning {split} with {', '.join(ALL_DETECTORS)} ...", flush=True)
-    print(_xray("scan", "--manifest", str(round_dir), "--out", str(out), "--config", str(config),
+    print(xray_cli("scan", "--manifest", str(round_dir), "--out", str(out), "--config", str(config),
                 "--actors", str(actors), "--quiet").splitlines()[0], flush=True)
     return out
 
@@ -106,18 +100,18 @@ def measure(workdir: Path, actors: int = 2) -> tuple[dict[str, float], dict[str,
     stage1_uri = str(workdir / "stage1.json")
     stages_uri = str(workdir / "stages.json")
     final_uri = str(workdir / "all.json")
-    _xray("calibrate", str(train_out), "--detectors", ",".join(STAGE_ONE),
+    xray_cli("calibrate", str(train_out), "--detectors", ",".join(STAGE_ONE),
           "--train-run", "all", "--artifact", stage1_uri)
-    _xray("calibrate", str(train_out), "--detectors", ",".join(STAGE_ONE + second),
+    xray_cli("calibrate", str(train_out), "--detectors", ",".join(STAGE_ONE + second),
           "--train-run", "all", "--artifact", stages_uri)
-    _xray("calibrate", str(train_out), "--train-run", "all", "--artifact", final_uri)
+    xray_cli("calibrate", str(train_out), "--train-run", "all", "--artifact", final_uri)
 
     cascade_out = workdir / "test" / "cascade-out"
     shutil.rmtree(cascade_out, ignore_errors=True)
     shutil.copytree(test_out, cascade_out)
     config = workdir / "cascade.yaml"
     config.write_text(yaml.safe_dump(_config(second, stage1_uri, stages_uri)))
-    printed = _xray("scan", "--manifest", str(workdir / "test" / "round"), "--out",
+    printed = xray_cli("scan", "--manifest", str(workdir / "test" / "round"), "--out",
                     str(cascade_out), "--config", str(config), "--quiet")
     print("\n".join(line for line in printed.splitlines()
                     if line.startswith(("stage", "cascade"))), flush=True)

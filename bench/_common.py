@@ -67,3 +67,14 @@ def exray_round(round_dir: Path = EXRAY_ROUND) -> Path:
         print(f"building the exray round into {round_dir} ...", flush=True)
         build_round(load_recipe("exray"), str(round_dir), show_progress=True)
     return round_dir
+
+
+def xray_cli(*args: str) -> str:
+    """`python -m xray.cli ARGS` (the command line a user runs); its stdout. A failure ends the
+    bench with the command and the end of its stderr, not only its exit status."""
+    done = subprocess.run([sys.executable, "-m", "xray.cli", *args], capture_output=True,
+                          text=True)
+    if done.returncode:
+        raise SystemExit(f"xray {' '.join(args)} failed (exit {done.returncode}):\n"
+                         f"{done.stderr[-3000:]}")
+    return done.stdout

@@ -1,9 +1,18 @@
-"""Benchmark: the `weights` detector (issue 23): speed and separation on the bench rounds.
+"""Benchmark: the newer detectors (issue 23) side by side on one zoo round, and the `weights`
+detector's speed and separation on the bench rounds.
 
-    .venv/bin/python bench/newer_detectors.py [--repeats 200]
+    .venv/bin/python bench/newer_detectors.py [--repeats 200] [--workdir DIR] [--actors 2]
     # writes bench/results/newer_detectors.json
 
 Figures:
+  <detector>_roc_auc, <detector>_target_accuracy, <detector>_scan_seconds_per_model for each of
+      NEWER (weights, tabor, trodo, ban, btidbf; small presets, seed 0): ROC-AUC of the score,
+      share of trojaned models whose predicted target is the true one (NaN for trodo, which
+      names none) and the mean seconds of a model's row, on the recipe `newer_detectors` (24
+      NiN models on 5-class 24 x 24 signs: 12 clean; 3 each of BadNets, Blended, WaNet, filter;
+      built once under --workdir with `xray zoo build`, scanned with `xray scan`; both resume).
+      newer_round_models / newer_round_trojaned: the models the round kept (the zoo drops a
+      model that misses the ASR floor after two attempts).
   weights_seconds_per_model: median over the demo round's 16 models of the median wall-clock
       seconds of `score(model, data, ctx)` alone (model loaded, 1 thread, `--repeats` calls).
   weights_roc_auc_demo: ROC-AUC of the score on the demo round (`demo_round()`: 16
@@ -30,12 +39,57 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import EXRAY_ROUND, demo_round, record  # noqa: E402
+from _common import EXRAY_ROUND, demo_round, record, xray_cli  # noqa: E402
 
 CASCADE = Path("/tmp/cascade-bench")
 EXRAY_FOUND = Path("/tmp/exray-round")
+NEWER = ["weights", "tabor", "trodo", "ban", "btidbf"]
+
+
+def newer_round(workdir: Path, actors: int) -> tuple[dict[str, float], dict]:
+    """Every detector of NEWER on the recipe `newer_detectors` (built and scanned once under
+    workdir; a re-run reuses both): per detector ROC-AUC, target accuracy, seconds per model."""
+    from sklearn.metrics import roc_auc_score
+
+    from xray.results.sink import read_table
+
+    round_dir, out = workdir / "round", workdir / "out"
+    if not (round_dir / "METADATA.csv").exists():
+        print(f"building recipe newer_detectors into {round_dir} ...", flush=True)
+        xray_cli("zoo", "build", "--recipe", "newer_detectors", "--out", str(round_dir),
+                 "--quiet")
+    config = workdir / "scan.yaml"
+    config.write_text(yaml.safe_dump({"seed": 0, "detectors": {d: {"preset": "small"}
+                                                               for d in NEWER}}))
+    print(xray_cli("scan", "--manifest", str(round_dir), "--out", str(out), "--config",
+                   str(config), "--actors", str(actors), "--quiet").splitlines()[0], flush=True)
+    scores = read_table(str(out), "scores")
+    figures: dict[str, float] = {}
+    notes: dict = {"round": str(round_dir), "recipe": "newer_detectors"}
+    for name in NEWER:
+        rows = scores[scores["detector"] == name].drop_duplicates("model_id", keep="last")
+        ok = rows[rows["status"] == "ok"]
+        truth = ok["gt_poisoned"].astype(bool)
+        trojaned = ok[truth]
+        named = trojaned["predicted_target"].notna().any()
+        figures[f"{name}_roc_auc"] = (float(roc_auc_score(truth, ok["score"]))
+                                      if truth.nunique() == 2 else float("nan"))
+        figures[f"{name}_target_accuracy"] = (
+            float((trojaned["predicted_target"] == trojaned["gt_target"]).mean())
+            if named else float("nan"))
+        figures[f"{name}_scan_seconds_per_model"] = float(rows["seconds"].mean())
+        notes[name] = {"ok": len(ok), "not_ok": rows.loc[rows["status"] != "ok", "error"]
+                       .astype(str).str[:120].tolist(),
+                       "scores_clean": [round(v, 3) for v in ok.loc[~truth, "score"]],
+                       "scores_trojaned": [round(v, 3) for v in trojaned["score"]],
+                       "attacks_trojaned": trojaned["gt_attack"].tolist()}
+    models = scores.drop_duplicates("model_id")
+    figures["newer_round_models"] = float(len(models))
+    figures["newer_round_trojaned"] = float(models["gt_poisoned"].astype(bool).sum())
+    return figures, notes
 
 
 def _models(round_dir: Path):
@@ -89,9 +143,15 @@ def evaluate(round_dir: Path, repeats: int = 0) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=200)
+    ap.add_argument("--workdir", default="/tmp/xray-bench-newer",
+                    help="where the newer_detectors round and its scan live (reused)")
+    ap.add_argument("--actors", type=int, default=2, help="scan actors for that round")
     args = ap.parse_args()
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    figures, notes_round = newer_round(workdir, args.actors)
+    notes: dict = {}
     torch.set_num_threads(1)
-    figures, notes = {}, {}
     demo = evaluate(demo_round(), repeats=args.repeats)
     figures.update(weights_seconds_per_model=demo["seconds"],
                    weights_roc_auc_demo=demo["roc_auc"],
@@ -112,7 +172,8 @@ def main() -> None:
         notes[key] = dict(out, round=str(d))
     for key, value in figures.items():
         print(f"{key}: {value:.4g}")
-    print(record("newer_detectors", "python bench/newer_detectors.py", figures, notes))
+    print(record("newer_detectors", "python bench/newer_detectors.py", figures,
+                 {"newer_round": notes_round} | notes))
 
 
 if __name__ == "__main__":
