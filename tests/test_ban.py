@@ -13,34 +13,16 @@ from xray.detectors.ban import NoBatchNorm, _noisy, batchnorms
 from xray.detectors.base import DeadlinePassed, ScanContext, ScanData
 from xray.io.examples import load_examples
 from xray.io.manifest import read_manifest
-from xray.io.model_loading import Normalized, load_model
+from xray.io.model_loading import load_model
 from xray.models.layers import split_model
 
-
-def _nin(k=3, size=16):
-    torch.manual_seed(0)
-    net = Normalized(models.create("nin", k, (3, size, size)), (0.5,), (0.25,)).eval()
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(6 * k, 3, size, size, generator=g)
-    y = torch.arange(k).repeat_interleave(6)
-    return net, ScanData(x=x, y=y, num_classes=k)
-
-
-class _ExpiresAfter(ScanContext):
-    """A context whose deadline passes after `calls` questions (a deterministic deadline)."""
-
-    def __init__(self, calls, **kw):
-        super().__init__(deadline=1.0, **kw)
-        self.left = calls
-
-    def expired(self):
-        self.left -= 1
-        return self.left < 0
+from _detector_checks import (ExpiresAfter, assert_as_found, assert_restored_after_error,
+                             snapshot, untrained_nin)
 
 
 def test_noise_is_gamma_and_beta_times_one_plus_d():
     """The reference's NoisyBatchNorm2d: F.batch_norm(..., w * (1 + d), b * (1 + d_b))."""
-    net, data = _nin()
+    net, data = untrained_nin()
     for m in net.modules():  # non-trivial affine parameters and running statistics
         if isinstance(m, nn.BatchNorm2d):
             with torch.no_grad():
@@ -84,40 +66,29 @@ def test_model_without_batchnorm_is_not_applicable():
 def test_model_left_as_found():
     """Parameters, BN running statistics and counters, modes and .grad all as before, although
     the scan ran BN in train() mode (statistics moved) and put noise on every BN layer."""
-    net, data = _nin()
+    net, data = untrained_nin()
     net.net.features[0].train()  # a mixed mode, to be given back as it was
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-    modes = {n: m.training for n, m in net.named_modules()}
+    before = snapshot(net)
     out = detectors.build("ban", preset="small").score(net, data, ScanContext(seed=0))
     assert out.stats["mask_steps"] == 50 and out.stats["noise_steps"] == 5
-    after = net.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before), \
-        [k for k in before if not torch.equal(before[k], after[k])]
-    assert {n: m.training for n, m in net.named_modules()} == modes
-    assert all(p.grad is None for p in net.parameters())
+    assert_as_found(net, before)
 
 
 def test_restored_on_error_too():
-    net, data = _nin()
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-    bad = ScanData(x=data.x, y=data.y + 10, num_classes=3)  # labels out of range: CE raises
-    with pytest.raises((IndexError, RuntimeError)):
-        detectors.build("ban", preset="small").score(net, bad, ScanContext(seed=0))
-    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
-    assert not any(m.training for m in net.modules())
+    assert_restored_after_error("ban", *untrained_nin())
 
 
 def test_deadline_stops_early_and_counts_steps():
-    net, data = _nin()
+    net, data = untrained_nin()
     det = detectors.build("ban", preset="small")
-    out = det.score(net, data, _ExpiresAfter(1 + 3))  # require_time, then 3 mask steps
+    out = det.score(net, data, ExpiresAfter(1 + 3))  # require_time, then 3 mask steps
     s = out.stats
     assert s["stopped_early"] and s["steps"] == s["mask_steps"] == 3 and s["noise_steps"] == 0
-    out = det.score(net, data, _ExpiresAfter(1 + 50 + 2))  # all 50 mask steps, 2 noise steps
+    out = det.score(net, data, ExpiresAfter(1 + 50 + 2))  # all 50 mask steps, 2 noise steps
     s = out.stats
     assert s["stopped_early"] and (s["mask_steps"], s["noise_steps"], s["steps"]) == (50, 2, 52)
     with pytest.raises(DeadlinePassed):
-        det.score(net, data, _ExpiresAfter(1))  # time for require_time only, no step
+        det.score(net, data, ExpiresAfter(1))  # time for require_time only, no step
 
 
 def test_same_seed_same_result_on_a_real_model(nin_control_round):

@@ -8,34 +8,16 @@ import pytest
 import torch
 import torch.nn as nn
 
-from xray import detectors, models
+from xray import detectors
 from xray.detectors.base import DeadlinePassed, ScanContext, ScanData
 from xray.detectors.btidbf import (UNet, generator_loss, mask_from, pretrain_loss,
                                    unet)
 from xray.io.examples import load_examples
 from xray.io.manifest import read_manifest
-from xray.io.model_loading import Normalized, load_model
+from xray.io.model_loading import load_model
 
-
-def _nin(k=3, size=16):
-    torch.manual_seed(0)
-    net = Normalized(models.create("nin", k, (3, size, size)), (0.5,), (0.25,)).eval()
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(6 * k, 3, size, size, generator=g)
-    y = torch.arange(k).repeat_interleave(6)
-    return net, ScanData(x=x, y=y, num_classes=k, mean=(0.5,), std=(0.25,))
-
-
-class _ExpiresAfter(ScanContext):
-    """A context whose deadline passes after `calls` questions (a deterministic deadline)."""
-
-    def __init__(self, calls, **kw):
-        super().__init__(deadline=1.0, **kw)
-        self.left = calls
-
-    def expired(self):
-        self.left -= 1
-        return self.left < 0
+from _detector_checks import (ExpiresAfter, assert_as_found, assert_restored_after_error,
+                             snapshot, untrained_nin)
 
 
 def test_mask_is_tanh_over_two_plus_eps_plus_half():
@@ -107,43 +89,32 @@ def test_unet_is_the_references_shape():
 def test_model_left_as_found():
     """Parameters, BN running statistics and counters, modes and .grad as before, although the
     mask step ran the model in train() mode (running statistics moved)."""
-    net, data = _nin()
+    net, data = untrained_nin()
     net.net.features[0].train()  # a mixed mode, to be given back as it was
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-    modes = {n: m.training for n, m in net.named_modules()}
+    before = snapshot(net)
     out = detectors.build("btidbf", preset="small").score(net, data, ScanContext(seed=0))
     s = out.stats
     assert (s["pretrain_steps"], s["mask_steps"], s["generator_steps"], s["steps"]) == \
         (4, 80, 40, 124)
     assert 0 <= out.target < 3 and out.score == max(s["hist"]) / 18 and s["n_images"] == 18
-    after = net.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before), \
-        [k for k in before if not torch.equal(before[k], after[k])]
-    assert {n: m.training for n, m in net.named_modules()} == modes
-    assert all(p.grad is None for p in net.parameters())
+    assert_as_found(net, before)
 
 
 def test_restored_on_error_too():
-    net, data = _nin()
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-    bad = ScanData(x=data.x, y=data.y + 10, num_classes=3)  # labels out of range: CE raises
-    with pytest.raises((IndexError, RuntimeError)):
-        detectors.build("btidbf", preset="small").score(net, bad, ScanContext(seed=0))
-    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
-    assert not any(m.training for m in net.modules())
+    assert_restored_after_error("btidbf", *untrained_nin())
 
 
 def test_deadline_stops_early_and_counts_steps():
-    net, data = _nin()
+    net, data = untrained_nin()
     det = detectors.build("btidbf", preset="small")
-    s = det.score(net, data, _ExpiresAfter(1 + 3)).stats  # require_time, then 3 pretrain steps
+    s = det.score(net, data, ExpiresAfter(1 + 3)).stats  # require_time, then 3 pretrain steps
     assert s["stopped_early"] and (s["pretrain_steps"], s["mask_steps"], s["steps"]) == (3, 0, 3)
     assert s["generator_norm"] is None and s["pretrain_norm"] is not None
-    s = det.score(net, data, _ExpiresAfter(1 + 4 + 80 + 5)).stats  # 5 generator steps
+    s = det.score(net, data, ExpiresAfter(1 + 4 + 80 + 5)).stats  # 5 generator steps
     assert s["stopped_early"] and (s["mask_steps"], s["generator_steps"], s["steps"]) == \
         (80, 5, 89)
     with pytest.raises(DeadlinePassed):
-        det.score(net, data, _ExpiresAfter(1))  # time for require_time only, no step
+        det.score(net, data, ExpiresAfter(1))  # time for require_time only, no step
 
 
 def _scan(record, seed):

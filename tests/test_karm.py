@@ -16,6 +16,7 @@ from xray.io.examples import load_examples
 from xray.io.manifest import read_manifest
 from xray.io.model_loading import load_model
 
+from _detector_checks import ExpiresAfter
 from _inversion_fixtures import upstream_result
 
 REF_KILL = ((10, 1e-9), (20, 0.3), (200, 0.8))
@@ -164,32 +165,20 @@ def test_one_initial_trigger_cloned_for_every_arm():
 # ----------------------------------------------------------------------------- deadline, marks
 
 
-class _ExpiresAfter(ScanContext):
-    """A context whose time runs out after `calls` calls of expired()."""
-
-    def __init__(self, calls: int, **kw):
-        super().__init__(deadline=1e9, **kw)
-        self.calls = calls
-
-    def expired(self) -> bool:
-        self.calls -= 1
-        return self.calls < 0
-
-
 def test_deadline_already_passed_raises_instead_of_a_benign_floor():
     with pytest.raises(DeadlinePassed):
         golden_score(golden_karm(budget=60, rounds=5), ScanContext(seed=0, deadline=0.0))
     # the pair scan ran out before the symmetric check's first pull: no ratio, no verdict
     with pytest.raises(DeadlinePassed, match="symmetric"):
-        golden_score(golden_karm(budget=300, rounds=5), _ExpiresAfter(1 + 122, seed=1))
+        golden_score(golden_karm(budget=300, rounds=5), ExpiresAfter(1 + 122, seed=1))
 
 
 def test_deadline_between_pulls_stops_early_and_counts_the_steps():
-    out = golden_score(golden_karm(budget=60, rounds=5), _ExpiresAfter(1 + 3, seed=0), lift=9.0)
+    out = golden_score(golden_karm(budget=60, rounds=5), ExpiresAfter(1 + 3, seed=0), lift=9.0)
     assert out.stats["stopped_early"] is True and out.stats["stop_reason"] == "deadline"
     assert out.stats["steps"] == 3 and isinstance(out.stats["steps"], int)
     # cut inside the symmetric check: forward 122 pulls + 5 symmetric ones
-    out = golden_score(golden_karm(budget=300, rounds=5), _ExpiresAfter(1 + 122 + 5, seed=1))
+    out = golden_score(golden_karm(budget=300, rounds=5), ExpiresAfter(1 + 122 + 5, seed=1))
     s = out.stats
     assert s["stopped_early"] is True and s["sym_stop_reason"] == "deadline"
     assert s["pulls"] == 122 and s["sym_pulls"] == 5 and s["steps"] == 127
