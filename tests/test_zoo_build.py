@@ -7,7 +7,7 @@ import pytest
 from xray.io.manifest import read_manifest, read_round_dir
 from xray.zoo.build import build_round
 from xray.zoo.describe import describe_round
-from xray.zoo.recipe import parse_recipe
+from xray.zoo.recipe import RECIPES_DIR, load_recipe, parse_recipe
 
 from _fixtures import TINY_RECIPE, build_test_round
 
@@ -144,3 +144,25 @@ def test_learned_triggers_are_saved_beside_the_model_and_rebuilt(tmp_path_factor
         assert attack.to_config() == config["trigger"]
         net = load_model(record_from_config(str(round_dir), config))
         assert attack_success_rate(net, attack, dataset.x_test, dataset.y_test) == config["asr"]
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+def test_every_shipped_recipe_plans_and_draws_its_attacks(name):
+    """A shipped recipe (manifests/recipes/) that does not load, plan or draw its attacks fails
+    here, not minutes into somebody's `xray zoo build`: each group's first model draws its
+    attack from its own seed with the group's parameters (32 x 32, the recipe's class count)."""
+    import numpy as np
+
+    from xray.zoo.attacks import sample_attack
+
+    recipe = load_recipe(name)
+    specs = recipe.model_specs()
+    assert specs and len({s.model_id for s in specs}) == len(specs)
+    classes = int(recipe.dataset_params.get("num_classes", 10))
+    drawn = {}
+    for spec in specs:
+        key = (spec.attack, json.dumps(spec.attack_params, sort_keys=True))
+        if spec.attack and key not in drawn:
+            drawn[key] = sample_attack(spec.attack, np.random.default_rng(spec.seed),
+                                       (3, 32, 32), classes, **spec.attack_params)
+    assert all(a.target is None or 0 <= a.target < classes for a in drawn.values())
