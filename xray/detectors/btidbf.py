@@ -104,6 +104,9 @@ Measured (one thread on a loaded 2-core CPU; 5-class 24 x 24 signs, NiN, 40 clea
     / 0.85 / 0.77 for seeds 0 / 1 / 2; target right on 5 of 6 trojaned models at each seed;
     clean 0.625-1.0, trojaned 0.775-1.0 (most at 1.0); about 4.5 s per model. On the tiny round
     (MNTD CNN; 4 clean, 3 BadNets): ROC-AUC 0.67 at seeds 0 and 1, about 1.5 s per model.
+  - small, recipe newer_detectors (bench/newer_detectors.py; 24 NiN, 12 clean, 3 each of
+    BadNets, Blended, WaNet, filter; seed 0): ROC-AUC 0.71, target right on 7 of 12, 4.1 s a
+    model (2 actors on 2 cores); ban 0.92, tabor 0.78 on the same round.
   - NiN control round (tests/test_btidbf.py; 2 clean, 2 BadNets): seeds 1 and 2 separate with
     the targets right; seed 0 does not (clean 0.65, 0.85; trojaned 1.0 and 0.55, wrong target).
   - reference preset, NiN control round, seed 0: clean 0.525, 0.9; trojaned 0.925 and 0.575,
