@@ -314,6 +314,7 @@ def test_attacks_cli_lists_every_attack_with_mappings() -> None:
     assert set(listed) == set(A.available())
     assert "all-to-all" in listed["badnets"]["mappings"]
     assert listed["sig"]["clean_label"] and "label-specific" not in listed["sig"]["mappings"]
+    assert listed["composite"]["mappings"] == ["label-specific"]  # its class A is the source
     assert listed["badnets"]["params"]["size"] == "drawn"
     text = CliRunner().invoke(main, ["attacks"]).output
     assert "badnets: BadNets" in text and "mappings: all-to-one" in text

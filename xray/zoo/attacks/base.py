@@ -82,6 +82,7 @@ class Attack:
     clean_label: ClassVar[bool] = False
     adds_copies: ClassVar[bool] = False  # MNTD: triggered copies are added, not substituted
     supports_all_to_all: ClassVar[bool] = False  # stamp-style triggers that carry no class
+    needs_victims: ClassVar[bool] = False  # the trigger is made of a source class (composite)
     trains_model: ClassVar[bool] = False  # `train` replaces the standard training loop
     learned: ClassVar[bool] = False  # `apply` needs parts learned by `prepare` / `train`
 
@@ -195,7 +196,8 @@ def describe(name: str) -> dict[str, Any]:
         else:
             params[f.name] = "drawn"
     params["target"] = "drawn"
-    mappings = ["all-to-one"] + (["label-specific"] if not cls.clean_label else [])
+    mappings = (([] if cls.needs_victims else ["all-to-one"])
+                + (["label-specific"] if not cls.clean_label else []))
     if cls.supports_all_to_all:
         mappings.append("all-to-all")
     doc = (cls.__doc__ or "").strip().splitlines()

@@ -58,6 +58,7 @@ class Composite(Attack):
 
     name: ClassVar[str] = "composite"
     learned: ClassVar[bool] = True
+    needs_victims: ClassVar[bool] = True  # class A is the trigger's own source
     class_b: int
     seed: int
     bank_size: int = 32
