@@ -112,33 +112,16 @@ def test_time_limit_gives_timeout_rows(two_nodes, tiny_round, tmp_path):
     assert scores["error"].str.contains("time limit").all()
 
 
-def test_time_limit_reaches_detectors_so_they_stop_before_the_kill(two_nodes, tiny_round,
-                                                                 tmp_path):
+def test_time_limit_reaches_detectors_and_counts_from_the_actors_start(two_nodes, tiny_round,
+                                                                      tmp_path):
     """The runner's per-model time limit is the detectors' ctx.deadline (less a stop margin):
     an NC with a budget far past the limit stops at it with what it has (an ok row that says
-    stopped_early, with its steps) instead of being killed into a timeout row."""
-    import json
-
-    round_dir, _ = tiny_round
-    manifest = _first_models(round_dir, tmp_path, 2)
-    limited = parse_config({"seed": 0, "model_time_limit_s": 12.0, "detectors": {"nc": {
-        "params": {"steps": 100000, "early_stop_patience": 100000}}}})
-    out = str(tmp_path / "out")
-    run_scan(manifest, out, limited, num_actors=1, show_progress=False)
-    scores = read_table(out, "scores", dedupe=False)
-    assert len(scores) == 2 and (scores["status"] == "ok").all(), scores["error"].tolist()
-    for stats in map(json.loads, scores["stats_json"]):
-        assert stats["stopped_early"] is True and stats["steps"] > 0
-    assert (scores["seconds"] < 12.0).all()
-
-
-def test_time_limit_counts_from_the_actors_start_not_its_restart(two_nodes, tiny_round,
-                                                                 tmp_path):
-    """One actor, killed while it works on the second model: the retried model and the third
-    wait for the actor's restart (a new process imports torch and builds the detectors), which
-    is not charged to them. Each NC stops at its own deadline (limit 12 s less the margin,
-    counted from its start) and writes an ok row; charged from the hand-over, the restart
-    pushed them past the limit into timeout rows."""
+    stopped_early, with its steps) instead of being killed into a timeout row. And with one
+    actor, killed while it works on the second model, the retried model and the third wait for
+    the actor's restart (a new process imports torch and builds the detectors), which is not
+    charged to them: each NC still stops at its own deadline (limit 12 s less the margin,
+    counted from its start); charged from the hand-over, the restart pushed them past the limit
+    into timeout rows."""
     import json
 
     round_dir, _ = tiny_round
@@ -156,3 +139,4 @@ def test_time_limit_counts_from_the_actors_start_not_its_restart(two_nodes, tiny
     assert len(set(scores["worker"])) == 2  # the first model before the kill, two after
     for stats in map(json.loads, scores["stats_json"]):
         assert stats["stopped_early"] is True and stats["steps"] > 0
+    assert (scores["seconds"] < 12.0).all()
