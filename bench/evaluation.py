@@ -66,6 +66,25 @@ ANALYSIS = """
   selection kept `weights` alone (as on the cascade bench's rounds), so the combined and best
   single cross-entropies are one figure, and both miss issue 21's targets (CE <= 0.20, ROC-AUC
   >= 0.95 on the test round). Per-attack cells rest on one model each.
+- Stacking more detectors does not help on these rounds, measured after the fact and kept out of
+  the table: a calibrator restricted to the detectors that beat the base rate alone in
+  cross-validation on the training round (weights, trodo, mmbd, tabor, nc+exray) reaches test
+  CE 0.325 / ROC-AUC 0.93 but shifted CE 0.86 (trodo's and tabor's scales move with the data),
+  and its own nested selection still keeps `weights`. Reaching the targets needs detectors that
+  are stronger on these models, not another stacker.
+- `abs` scores 1.0 on every model of the three rounds, clean ones included (ROC-AUC 0.50): on
+  10-class signs a patch of a sign's own colour and glyph flips a clean model (natural triggers;
+  `manifests/recipes/exray.yaml` says why), which is what EX-RAY exists to prune. `abs+exray`
+  prunes some (clean models 0.7-1.0, test ROC-AUC 0.67, shifted 0.58), far from EX-RAY Table
+  9's 0.81-0.88 accuracy: this CNN's split block has 16 channels, too narrow for EX-RAY's
+  sparse masks (any two masks overlap, so injected triggers look natural too; docs/FIDELITY.md).
+  On NiN models (96 channels at the split) the EX-RAY bench round gives 0.771 with 0 of 4 clean
+  models flagged. Architecture and budget, not a defect found.
+- `btidbf` (small preset): test ROC-AUC 0.69, train 0.49, shifted 0.42, right target on 41% of
+  the test round's trojaned models; on NiN models it does better (newer-detectors round 0.71,
+  EX-RAY round 0.77-0.92 over seeds). Its clean models score high too (a generator allowed an
+  MSE of 0.3 pushes clean images towards one class). The authors' code defines no detection
+  rule (the score is xray's) and reports no detection figure to compare with.
 - `nc+exray` and `karm+exray` score 0.50 on almost every attack: on these small CNNs NC's and
   K-Arm's candidates are either all pruned by EX-RAY or absent, so the scores are constant; the
   upstream detectors alone (`nc` 0.79, `karm` 0.41) carry the signal.
