@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import platform
 import subprocess
@@ -31,15 +32,22 @@ def record(name: str, command: str, figures: dict[str, float], notes: dict | Non
            merge: bool = False) -> Path:
     """Write bench/results/NAME.json. merge=True keeps the figures and notes already in the file
     and updates only the given ones (command, date and machine are this run's)."""
+    from xray.jsonsafe import json_safe
+
     out = RESULTS / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(out.read_text()) if merge and out.exists() else {}
+    # a figure is a number: one that could not be measured (NaN, inf) is left out, and said
+    undefined = sorted(k for k, v in figures.items() if not math.isfinite(float(v)))
+    if undefined:
+        print(f"{name}: not recorded, no finite value: {', '.join(undefined)}", file=sys.stderr)
     payload = {"command": command, "date": dt.date.today().isoformat(), "machine": machine(),
-               "figures": {**old.get("figures", {}), **{k: float(v) for k, v in figures.items()}}}
+               "figures": {**old.get("figures", {}), **{k: float(v) for k, v in figures.items()
+                                                       if k not in undefined}}}
     notes = {**old.get("notes", {}), **(notes or {})}
     if notes:
-        payload["notes"] = notes
-    out.write_text(json.dumps(payload, indent=2) + "\n")
+        payload["notes"] = json_safe(notes)  # JSON has no NaN: null
+    out.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
     return out
 
 

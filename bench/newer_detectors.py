@@ -7,7 +7,7 @@ detector's speed and separation on the bench rounds.
 Figures:
   <detector>_roc_auc, <detector>_target_accuracy, <detector>_scan_seconds_per_model for each of
       NEWER (weights, tabor, trodo, ban, btidbf; small presets, seed 0): ROC-AUC of the score,
-      share of trojaned models whose predicted target is the true one (NaN for trodo, which
+      share of trojaned models whose predicted target is the true one (none for trodo, which
       names none) and the mean seconds of a model's row, on the recipe `newer_detectors` (24
       NiN models on 5-class 24 x 24 signs: 12 clean; 3 each of BadNets, Blended, WaNet, filter;
       built once under --workdir with `xray zoo build`, scanned with `xray scan`; both resume).
@@ -77,9 +77,9 @@ def newer_round(workdir: Path, actors: int) -> tuple[dict[str, float], dict]:
         named = trojaned["predicted_target"].notna().any()
         figures[f"{name}_roc_auc"] = (float(roc_auc_score(truth, ok["score"]))
                                       if truth.nunique() == 2 else float("nan"))
-        figures[f"{name}_target_accuracy"] = (
-            float((trojaned["predicted_target"] == trojaned["gt_target"]).mean())
-            if named else float("nan"))
+        if named:  # trodo names no target: no figure (JSON has no NaN)
+            figures[f"{name}_target_accuracy"] = float(
+                (trojaned["predicted_target"] == trojaned["gt_target"]).mean())
         figures[f"{name}_scan_seconds_per_model"] = float(rows["seconds"].mean())
         notes[name] = {"ok": len(ok), "not_ok": rows.loc[rows["status"] != "ok", "error"]
                        .astype(str).str[:120].tolist(),
