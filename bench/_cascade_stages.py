@@ -14,7 +14,8 @@ cascade scan would spend on them.
 Stage 2 is chosen on the training round alone (`stage_two`): the detectors outside stage 1 whose
 training-round ROC-AUC is at least STAGE_TWO_MIN_AUC. A detector that does not rank the training
 round's models earns no place in the cascade, however many seconds it would spend (on these
-rounds: abs+exray, 34 s a model, 0.62; Model X-ray 0.45). The test round never informs the choice.
+rounds: abs+exray, 34 s a model, 0.55 on the training round; Model X-ray 0.44). The test round
+never informs the choice.
 
 Figures: cost_share (the cascade's detector-seconds over the all-detector scan's, on the test
 round), cascade_cross_entropy and all_detectors_cross_entropy (the TrojAI harness's CE of the
@@ -72,13 +73,14 @@ def build_and_scan(workdir: Path, split: str, actors: int) -> Path:
     round_dir = workdir / split / "round"
     if not (round_dir / "METADATA.csv").exists():
         print(f"building cascade_{split} into {round_dir} ...", flush=True)
-        xray_cli("zoo", "build", "--recipe", f"cascade_{split}", "--out", str(round_dir), "--quiet")
+        xray_cli("zoo", "build", "--recipe", f"cascade_{split}", "--out", str(round_dir),
+                 "--quiet")
     out = workdir / split / "out"
     config = workdir / "all.yaml"
     config.write_text(yaml.safe_dump(_config()))
     print(f"scanning {split} with {', '.join(ALL_DETECTORS)} ...", flush=True)
-    print(xray_cli("scan", "--manifest", str(round_dir), "--out", str(out), "--config", str(config),
-                "--actors", str(actors), "--quiet").splitlines()[0], flush=True)
+    print(xray_cli("scan", "--manifest", str(round_dir), "--out", str(out), "--config",
+                   str(config), "--actors", str(actors), "--quiet").splitlines()[0], flush=True)
     return out
 
 
@@ -101,9 +103,9 @@ def measure(workdir: Path, actors: int = 2) -> tuple[dict[str, float], dict[str,
     stages_uri = str(workdir / "stages.json")
     final_uri = str(workdir / "all.json")
     xray_cli("calibrate", str(train_out), "--detectors", ",".join(STAGE_ONE),
-          "--train-run", "all", "--artifact", stage1_uri)
+             "--train-run", "all", "--artifact", stage1_uri)
     xray_cli("calibrate", str(train_out), "--detectors", ",".join(STAGE_ONE + second),
-          "--train-run", "all", "--artifact", stages_uri)
+             "--train-run", "all", "--artifact", stages_uri)
     xray_cli("calibrate", str(train_out), "--train-run", "all", "--artifact", final_uri)
 
     cascade_out = workdir / "test" / "cascade-out"
@@ -112,7 +114,7 @@ def measure(workdir: Path, actors: int = 2) -> tuple[dict[str, float], dict[str,
     config = workdir / "cascade.yaml"
     config.write_text(yaml.safe_dump(_config(second, stage1_uri, stages_uri)))
     printed = xray_cli("scan", "--manifest", str(workdir / "test" / "round"), "--out",
-                    str(cascade_out), "--config", str(config), "--quiet")
+                       str(cascade_out), "--config", str(config), "--quiet")
     print("\n".join(line for line in printed.splitlines()
                     if line.startswith(("stage", "cascade"))), flush=True)
 

@@ -154,7 +154,7 @@ def build_and_scan(workdir: Path, split: str, recipe: Path, detectors: list[str]
     out = workdir / split / "out"
     print(f"[{split}] scan with {len(detectors)} detectors -> {out}", flush=True)
     print(xray_cli("scan", "--manifest", str(round_dir), "--out", str(out), "--config",
-                str(config), "--actors", str(actors), "--quiet").splitlines()[0], flush=True)
+                   str(config), "--actors", str(actors), "--quiet").splitlines()[0], flush=True)
     return out
 
 
@@ -241,7 +241,7 @@ def table(workdir: Path, detectors: list[str]) -> tuple[dict[str, float], dict[s
     usable_dets = [d for d in detectors if d in cells and "cross_entropy" in cells[d]["all"]]
     combined_uri = str(workdir / "combined.json")
     xray_cli("calibrate", str(workdir / "train" / "out"), "--detectors", ",".join(usable_dets),
-          "--train-run", "all", "--artifact", combined_uri)
+             "--train-run", "all", "--artifact", combined_uri)
     calibrator = Calibrator.load(combined_uri)
     combined = {}
     for split in ("test", "shifted"):

@@ -57,10 +57,9 @@ def newer_round(workdir: Path, actors: int) -> tuple[dict[str, float], dict]:
     from xray.results.sink import read_table
 
     round_dir, out = workdir / "round", workdir / "out"
-    if not (round_dir / "METADATA.csv").exists():
-        print(f"building recipe newer_detectors into {round_dir} ...", flush=True)
-        xray_cli("zoo", "build", "--recipe", "newer_detectors", "--out", str(round_dir),
-                 "--quiet")
+    print(f"building recipe newer_detectors into {round_dir} (built models are kept) ...",
+          flush=True)
+    xray_cli("zoo", "build", "--recipe", "newer_detectors", "--out", str(round_dir), "--quiet")
     config = workdir / "scan.yaml"
     config.write_text(yaml.safe_dump({"seed": 0, "detectors": {d: {"preset": "small"}
                                                                for d in NEWER}}))
