@@ -30,7 +30,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from _common import xray_cli
+from _common import build_and_scan, xray_cli
 
 ALL_DETECTORS = ["weights", "karm", "mmbd", "nc", "modelxray", "abs+exray"]
 STAGE_ONE = ["weights", "karm"]  # the cheapest: ~1 ms and ~1 s per demo model
@@ -38,16 +38,11 @@ UNCERTAIN = [0.1, 0.9]
 STAGE_TWO_MIN_AUC = 0.75  # fixed before measuring; the test round is not consulted
 
 
-def _config(stage_two: list[str] | None = None, stage1: str = "",
-            final: str = "") -> dict[str, Any]:
-    """The all-detector scan's config, or (stage_two given) the cascade's."""
-    names = ALL_DETECTORS if stage_two is None else STAGE_ONE + stage_two
-    config: dict[str, Any] = {"seed": 0, "detectors": {d: {"preset": "small"} for d in names}}
-    if stage_two is not None:
-        config["stages"] = [
-            {"detectors": STAGE_ONE, "calibrator": stage1, "uncertain": UNCERTAIN},
-            {"detectors": stage_two, "calibrator": final}]
-    return config
+def _config(stage_two: list[str], stage1: str, final: str) -> dict[str, Any]:
+    """The cascade's scan config: stage 1, then `stage_two` on the uncertain models."""
+    return {"seed": 0, "detectors": {d: {"preset": "small"} for d in STAGE_ONE + stage_two},
+            "stages": [{"detectors": STAGE_ONE, "calibrator": stage1, "uncertain": UNCERTAIN},
+                       {"detectors": stage_two, "calibrator": final}]}
 
 
 def stage_two(train: Any) -> tuple[list[str], dict[str, float]]:
@@ -66,24 +61,6 @@ def stage_two(train: Any) -> tuple[list[str], dict[str, float]]:
     return [d for d, auc in aucs.items() if auc >= STAGE_TWO_MIN_AUC], aucs
 
 
-def build_and_scan(workdir: Path, split: str, actors: int) -> Path:
-    """The split's round (built once) scanned with every detector into workdir/split/out."""
-    import yaml
-
-    round_dir = workdir / split / "round"
-    if not (round_dir / "METADATA.csv").exists():
-        print(f"building cascade_{split} into {round_dir} ...", flush=True)
-        xray_cli("zoo", "build", "--recipe", f"cascade_{split}", "--out", str(round_dir),
-                 "--quiet")
-    out = workdir / split / "out"
-    config = workdir / "all.yaml"
-    config.write_text(yaml.safe_dump(_config()))
-    print(f"scanning {split} with {', '.join(ALL_DETECTORS)} ...", flush=True)
-    print(xray_cli("scan", "--manifest", str(round_dir), "--out", str(out), "--config",
-                   str(config), "--actors", str(actors), "--quiet").splitlines()[0], flush=True)
-    return out
-
-
 def measure(workdir: Path, actors: int = 2) -> tuple[dict[str, float], dict[str, Any]]:
     import yaml
 
@@ -91,8 +68,8 @@ def measure(workdir: Path, actors: int = 2) -> tuple[dict[str, float], dict[str,
     from xray.reduce.harness import harness_scores
     from xray.results.sink import read_table
 
-    train_out = build_and_scan(workdir, "train", actors)
-    test_out = build_and_scan(workdir, "test", actors)
+    train_out = build_and_scan("cascade_train", workdir / "train", ALL_DETECTORS, actors)
+    test_out = build_and_scan("cascade_test", workdir / "test", ALL_DETECTORS, actors)
     second, train_aucs = stage_two(read_table(str(train_out), "scores"))
     if not second:
         raise SystemExit(f"no detector reaches training ROC-AUC {STAGE_TWO_MIN_AUC} for "

@@ -86,3 +86,21 @@ def xray_cli(*args: str) -> str:
         raise SystemExit(f"xray {' '.join(args)} failed (exit {done.returncode}):\n"
                          f"{done.stderr[-3000:]}")
     return done.stdout
+
+
+def build_and_scan(recipe: str, folder: Path, detectors: list[str], actors: int) -> Path:
+    """The zoo round of `recipe` (a name or a file) built into folder/round and scanned with
+    `detectors` at their small presets into folder/out, through the command line; both resume
+    (`xray zoo build` keeps built models, `xray scan` reuses scored rows). Returns folder/out."""
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    round_dir, out, config = folder / "round", folder / "out", folder / "scan.yaml"
+    print(f"zoo build {recipe} -> {round_dir}", flush=True)
+    xray_cli("zoo", "build", "--recipe", recipe, "--out", str(round_dir), "--quiet")
+    config.write_text(yaml.safe_dump({"seed": 0, "detectors": {d: {"preset": "small"}
+                                                               for d in detectors}}))
+    print(f"scan with {', '.join(detectors)} -> {out}", flush=True)
+    print(xray_cli("scan", "--manifest", str(round_dir), "--out", str(out), "--config",
+                   str(config), "--actors", str(actors), "--quiet").splitlines()[0], flush=True)
+    return out

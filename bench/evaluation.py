@@ -39,7 +39,7 @@ import pandas as pd
 import yaml
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import record, xray_cli  # noqa: E402
+from _common import build_and_scan, record, xray_cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "test", "shifted")
@@ -140,21 +140,6 @@ def recipe_file(workdir: Path, split: str, size: str, data_dir: str | None) -> P
         raise SystemExit("--size reference needs --data DIR (a CIFAR-10-like folder)")
     out = workdir / f"evaluation_{split}_reference.yaml"
     out.write_text(yaml.safe_dump(reference_size(yaml.safe_load(source.read_text()), data_dir)))
-    return out
-
-
-def build_and_scan(workdir: Path, split: str, recipe: Path, detectors: list[str],
-                   actors: int) -> Path:
-    round_dir = workdir / split / "round"
-    print(f"[{split}] zoo build {recipe.name} -> {round_dir}", flush=True)
-    xray_cli("zoo", "build", "--recipe", str(recipe), "--out", str(round_dir), "--quiet")
-    config = workdir / "scan.yaml"
-    config.write_text(yaml.safe_dump({"seed": 0, "detectors": {d: {"preset": "small"}
-                                                               for d in detectors}}))
-    out = workdir / split / "out"
-    print(f"[{split}] scan with {len(detectors)} detectors -> {out}", flush=True)
-    print(xray_cli("scan", "--manifest", str(round_dir), "--out", str(out), "--config",
-                   str(config), "--actors", str(actors), "--quiet").splitlines()[0], flush=True)
     return out
 
 
@@ -372,7 +357,8 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     detectors = [d for d in args.detectors.split(",") if d]
     for split in SPLITS:
-        build_and_scan(workdir, split, recipe_file(workdir, split, args.size, args.data),
+        print(f"[{split}]", flush=True)
+        build_and_scan(str(recipe_file(workdir, split, args.size, args.data)), workdir / split,
                        detectors, args.actors)
     figures, notes = table(workdir, detectors)
     command = (f".venv/bin/python bench/evaluation.py --workdir {args.workdir} "

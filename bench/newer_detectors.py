@@ -39,10 +39,9 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import EXRAY_ROUND, demo_round, record, xray_cli  # noqa: E402
+from _common import EXRAY_ROUND, build_and_scan, demo_round, record  # noqa: E402
 
 CASCADE = Path("/tmp/cascade-bench")
 EXRAY_FOUND = Path("/tmp/exray-round")
@@ -56,18 +55,10 @@ def newer_round(workdir: Path, actors: int) -> tuple[dict[str, float], dict]:
 
     from xray.results.sink import read_table
 
-    round_dir, out = workdir / "round", workdir / "out"
-    print(f"building recipe newer_detectors into {round_dir} (built models are kept) ...",
-          flush=True)
-    xray_cli("zoo", "build", "--recipe", "newer_detectors", "--out", str(round_dir), "--quiet")
-    config = workdir / "scan.yaml"
-    config.write_text(yaml.safe_dump({"seed": 0, "detectors": {d: {"preset": "small"}
-                                                               for d in NEWER}}))
-    print(xray_cli("scan", "--manifest", str(round_dir), "--out", str(out), "--config",
-                   str(config), "--actors", str(actors), "--quiet").splitlines()[0], flush=True)
+    out = build_and_scan("newer_detectors", workdir, NEWER, actors)
     scores = read_table(str(out), "scores")
     figures: dict[str, float] = {}
-    notes: dict = {"round": str(round_dir), "recipe": "newer_detectors"}
+    notes: dict = {"round": str(workdir / "round"), "recipe": "newer_detectors"}
     for name in NEWER:
         rows = scores[scores["detector"] == name].drop_duplicates("model_id", keep="last")
         ok = rows[rows["status"] == "ok"]
