@@ -303,6 +303,14 @@ def _epoch(n: int, p: Params, g: torch.Generator) -> list[torch.Tensor]:
     return batches[:p.batches_per_epoch] if p.batches_per_epoch else batches
 
 
+def _step(opt: torch.optim.Optimizer, params: list[torch.Tensor], loss: torch.Tensor) -> None:
+    """One optimiser step on `params` alone: gradients by torch.autograd.grad, so the model's
+    own .grad are never touched (it is left as found)."""
+    for t, grad in zip(params, torch.autograd.grad(loss, params)):
+        t.grad = grad
+    opt.step()
+
+
 def pretrain(gen: nn.Module, features: Callable[[torch.Tensor], torch.Tensor], head: nn.Module,
              xn: torch.Tensor, p: Params, ctx: ScanContext, trace: dict[str, Any]
              ) -> tuple[int, bool]:
@@ -323,10 +331,7 @@ def pretrain(gen: nn.Module, features: Callable[[torch.Tensor], torch.Tensor], h
             x_gen = gen(xb)
             z_gen = features(x_gen)
             loss, norm = pretrain_loss(clean_logits, head(z_gen), z, z_gen, xb, x_gen)
-            grads = torch.autograd.grad(loss, params)
-            for t, gr in zip(params, grads):
-                t.grad = gr
-            opt.step()
+            _step(opt, params, loss)
             steps += 1
             trace["pretrain_norm"] = float(norm.detach())
     return steps, False
@@ -351,8 +356,7 @@ def optimise_mask(features: Callable[[torch.Tensor], torch.Tensor], head: nn.Mod
             m = mask_from(theta)
             loss = (F.cross_entropy(head(m * z), y[idx])
                     - F.cross_entropy(head((1 - m) * z), y[idx]))
-            (theta.grad,) = torch.autograd.grad(loss, theta)
-            opt.step()
+            _step(opt, [theta], loss)
             steps += 1
     return theta.detach(), steps, False
 
@@ -382,10 +386,7 @@ def train_generator(gen: nn.Module, features: Callable[[torch.Tensor], torch.Ten
             backdoor = F.mse_loss((1 - mask) * z, (1 - mask) * z_gen)
             norm = F.mse_loss(xb, x_gen)
             loss, norm_branch = generator_loss(benign, backdoor, norm, p.norm_bound, p.feat_bound)
-            grads = torch.autograd.grad(loss, params)
-            for t, gr in zip(params, grads):
-                t.grad = gr
-            opt.step()
+            _step(opt, params, loss)
             steps += 1
             norm_steps += norm_branch
             trace.update(generator_norm=float(norm.detach()),
