@@ -165,4 +165,4 @@ def test_every_shipped_recipe_plans_and_draws_its_attacks(name):
         if spec.attack and key not in drawn:
             drawn[key] = sample_attack(spec.attack, np.random.default_rng(spec.seed),
                                        (3, 32, 32), classes, **spec.attack_params)
-    assert all(a.target is None or 0 <= a.target < classes for a in drawn.values())
+    assert all(0 <= a.target < classes for a in drawn.values())
