@@ -1,7 +1,8 @@
-"""What several detectors' tests share: a deterministic deadline, a small untrained NiN, and the
-checks that a detector leaves the model as it found it (parameters, buffers such as BatchNorm
-running statistics and counters, every module's train / eval mode, no .grad), on success and on
-error (the detectors that run the model in train() mode: BAN, BTI-DBF)."""
+"""What several detectors' tests share: a deterministic deadline, a small untrained NiN, one
+scan of every model of a round, and the checks that a detector leaves the model as it found it
+(parameters, buffers such as BatchNorm running statistics and counters, every module's train /
+eval mode, no .grad), on success and on error (the detectors that run the model in train()
+mode: BAN, BTI-DBF)."""
 import pytest
 import torch
 
@@ -31,6 +32,21 @@ def untrained_nin(k: int = 3, size: int = 16) -> tuple[torch.nn.Module, ScanData
     x = torch.rand(6 * k, 3, size, size, generator=g)
     y = torch.arange(k).repeat_interleave(6)
     return net, ScanData(x=x, y=y, num_classes=k, mean=(0.5,), std=(0.25,))
+
+
+def scan_round(round_dir, detector, seed: int = 0) -> list:
+    """[(manifest record, DetectorResult)] of `detector` on every model of the round at
+    `round_dir` (its manifest.csv), each with its own examples and ScanContext(seed)."""
+    from xray.io.examples import load_examples
+    from xray.io.manifest import read_manifest
+    from xray.io.model_loading import load_model
+
+    out = []
+    for record in read_manifest(str(round_dir / "manifest.csv")):
+        x, y = load_examples(record)
+        data = ScanData(x=x, y=y, num_classes=record.num_classes)
+        out.append((record, detector.score(load_model(record), data, ScanContext(seed=seed))))
+    return out
 
 
 def snapshot(net: torch.nn.Module) -> tuple[dict, dict]:

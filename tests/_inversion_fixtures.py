@@ -9,6 +9,7 @@ import copy
 
 import pytest
 
+from _detector_checks import scan_round
 from _fixtures import TINY_RECIPE, build_test_round
 
 INVERSION_RECIPE = copy.deepcopy(TINY_RECIPE)
@@ -75,19 +76,9 @@ def nin_karm_scans(nin_control_round):
     """[(record, DetectorResult)] of karm+exray (small preset, seed 0) on every model of
     NIN_CONTROL_RECIPE (2 clean, 2 BadNets); `upstream_result` gives K-Arm's own result."""
     from xray import detectors
-    from xray.detectors.base import ScanContext, ScanData
-    from xray.io.examples import load_examples
-    from xray.io.manifest import read_manifest
-    from xray.io.model_loading import load_model
 
     round_dir, _ = nin_control_round
-    detector = detectors.build("karm+exray", preset="small")
-    out = []
-    for record in read_manifest(str(round_dir / "manifest.csv")):
-        x, y = load_examples(record)
-        data = ScanData(x=x, y=y, num_classes=record.num_classes)
-        out.append((record, detector.score(load_model(record), data, ScanContext(seed=0))))
-    return out
+    return scan_round(round_dir, detectors.build("karm+exray", preset="small"))
 
 
 @pytest.fixture(scope="session")
@@ -100,23 +91,12 @@ def mnist_composed_scans(mntd_target):
     with the same parameters on the same data, so the vanilla negative controls (test_nc,
     test_abs) and the composed ones (test_composed) share one optimisation per model."""
     from xray import detectors
-    from xray.detectors.base import ScanContext, ScanData
-    from xray.io.examples import load_examples
-    from xray.io.manifest import read_manifest
-    from xray.io.model_loading import load_model
 
     cache: dict[str, list] = {}
 
     def scans(name: str) -> list:
         if name not in cache:
-            detector = detectors.build(name, preset="small")
-            out = []
-            for record in read_manifest(str(mntd_target[0] / "manifest.csv")):
-                x, y = load_examples(record)
-                data = ScanData(x=x, y=y, num_classes=record.num_classes)
-                out.append((record, detector.score(load_model(record), data,
-                                                   ScanContext(seed=0))))
-            cache[name] = out
+            cache[name] = scan_round(mntd_target[0], detectors.build(name, preset="small"))
         return cache[name]
 
     return scans

@@ -17,7 +17,7 @@ from xray.io.model_loading import load_model
 from xray.models.layers import split_model
 
 from _detector_checks import (ExpiresAfter, assert_as_found, assert_restored_after_error,
-                             snapshot, untrained_nin)
+                             scan_round, snapshot, untrained_nin)
 
 
 def test_noise_is_gamma_and_beta_times_one_plus_d():
@@ -107,12 +107,8 @@ def test_negative_control_clean_models_score_below_trojaned(nin_control_round):
     """2 clean and 2 BadNets NiN (5-class 24 px signs), small preset, seed 0: every trojaned
     model's masked top share above every clean one's, and its target named."""
     round_dir, _ = nin_control_round
-    det = detectors.build("ban", preset="small")
     rows = []
-    for record in read_manifest(str(round_dir / "manifest.csv")):
-        x, y = load_examples(record)
-        out = det.score(load_model(record), ScanData(x=x, y=y, num_classes=record.num_classes),
-                        ScanContext(seed=0))
+    for record, out in scan_round(round_dir, detectors.build("ban", preset="small")):
         assert out.stats["steps"] == 55 and not out.stats["stopped_early"]
         rows.append((record.poisoned, record.target, out.target, out.score,
                      out.stats["top_share_plain"]))

@@ -12,8 +12,11 @@ where the round lets it mean something:
   models flagged on their true target.
 - abs+exray: not here. This round's MNTD CNN splits at a 16-channel block, too narrow for
   EX-RAY's sparse masks (manifests/recipes/exray.yaml): it pruned both flagged BadNets triggers
-  and kept a clean model's label-8 trigger (measured ROC-AUC 0.42). On the EX-RAY round (NiN,
-  `bench/exray.py`) it keeps 4 of 6 trojaned models and 0 of 4 clean ones (ROC-AUC 0.771).
+  and kept a clean model's label-8 trigger (measured ROC-AUC 0.42). Its control is on the NiN
+  round (`nin_control_round`, 2 clean, 2 BadNets) with the EX-RAY round's trigger bound
+  (`max_size_224` 4000, as bench/exray.py; the paper's bound for its hidden-trigger rounds):
+  ABS reaches REASR 1.0 on every model there, clean ones included, and EX-RAY prunes every
+  clean model's triggers and keeps an injected one on each trojaned model's true target.
 - karm+exray: not here, where K-Arm calls no model trojaned, so there is no arm to examine
   (every score 0). Its control is on a NiN round (`nin_karm_scans`, 2 clean, 2 BadNets) where
   K-Arm calls one trojaned model trojaned: EX-RAY keeps that trigger (score 1.0 on target 4),
@@ -84,6 +87,35 @@ def test_karm_exray_negative_control_clean_models_score_below_trojaned(nin_karm_
         (r.target, o.target, o.score) for r, o in trojaned]
     for _, out in nin_karm_scans:  # it examined exactly K-Arm's trojaned arms
         assert out.stats["selected"] == int(bool(out.stats["upstream"]["trojaned"]))
+
+
+
+def test_abs_exray_negative_control_clean_models_score_below_trojaned(nin_control_round):
+    """Measured (seed 0, about 13 s a model): ABS alone scores 1.0 on all four; abs+exray
+    scores the clean models 0.875, 0.875 (every tested trigger pruned, 6 and 4 of them) and the
+    trojaned ones 1.0, 1.0 on their true targets (3 and 2 injected triggers kept). With ABS's
+    default bound (1600) no patch trigger of the trojaned models reaches REASR 0.9, only colour
+    filters, which EX-RAY prunes: no model is flagged (docs/FIDELITY.md, "abs+exray")."""
+    from xray import detectors
+
+    from _detector_checks import scan_round
+
+    detector = detectors.build("abs+exray", {"max_size_224": 4000.0}, preset="small")
+    scans = scan_round(nin_control_round[0], detector)
+    clean = [out for r, out in scans if not r.poisoned]
+    trojaned = [(r, out) for r, out in scans if r.poisoned]
+    assert len(clean) == 2 and len(trojaned) == 2
+    print("abs+exray nin control:", json.dumps(
+        [(r.poisoned, r.target, o.target, o.score, o.stats["upstream_score"], o.stats["tested"],
+          o.stats["pruned"]) for r, o in scans]))
+    for out in clean:  # ABS flags it; EX-RAY examined its triggers and pruned them all
+        assert out.stats["tested"] > 0 and out.stats["pruned"] == out.stats["tested"], out.stats
+        assert out.score < RUN_BOUND
+    for record, out in trojaned:  # an injected trigger survives, on the true target
+        assert out.score >= RUN_BOUND and out.target == record.target, (record.target, out.target)
+        kept = [t for t in out.triggers if t.get("exray_tested") and not t["exray_natural"]]
+        assert kept and all(t["target"] == record.target for t in kept), kept
+    assert max(o.score for o in clean) < min(o.score for _, o in trojaned)
 
 
 CLOCK_READINGS = {"elapsed_s", "started_at", "finished_at", "worker", "upstream_shared"}

@@ -12,11 +12,8 @@ import torch
 from xray import detectors
 from xray.detectors.base import DeadlinePassed, ScanContext, ScanData
 from xray.detectors.inversion.karm import KArm, prescreen
-from xray.io.examples import load_examples
-from xray.io.manifest import read_manifest
-from xray.io.model_loading import load_model
 
-from _detector_checks import ExpiresAfter
+from _detector_checks import ExpiresAfter, scan_round
 from _inversion_fixtures import upstream_result
 
 REF_KILL = ((10, 1e-9), (20, 0.3), (200, 0.8))
@@ -208,22 +205,10 @@ def test_trojaned_mark_on_every_candidate():
 # ----------------------------------------------------------------------------- real models
 
 
-def _scan(round_dir, attack=None):
-    karm = detectors.build("karm", preset="small")
-    out = []
-    for record in read_manifest(str(round_dir / "manifest.csv")):
-        if attack is not None and record.attack != attack:
-            continue
-        model = load_model(record)
-        x, y = load_examples(record)
-        out.append((record, karm.score(model, ScanData(x=x, y=y, num_classes=record.num_classes),
-                                       ScanContext(seed=0))))
-    return out
-
-
 @pytest.fixture(scope="module")
 def badnets_scans(inversion_round):
-    return _scan(inversion_round[0], "badnets")
+    scans = scan_round(inversion_round[0], detectors.build("karm", preset="small"))
+    return [(record, out) for record, out in scans if record.attack == "badnets"]
 
 
 def test_karm_finds_label_specific_targets(badnets_scans, inversion_round):
