@@ -1,20 +1,25 @@
 """Clean-label attacks that poison with a clean surrogate (issue #20): the label-consistent
-backdoor (`clean_label`) and the Hidden Trigger Backdoor (`hidden_trigger`)."""
+backdoor (`clean_label`) and the Hidden Trigger Backdoor (`hidden_trigger`); and what every
+clean-label attack (these, `sig`, `reflection`) needs to implant: a target class that is hard to
+learn from its content."""
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from _attack_training import assert_attack_trains, tiny_dataset
+from _attack_training import assert_attack_trains, tiny_dataset, tiny_spec, train_tiny
 
 from xray import models
 from xray.zoo import attacks as A
 from xray.zoo.attacks.clean_label import corner_mask
-from xray.zoo.attacks.hidden_trigger import penultimate
+from xray.zoo.attacks.hidden_trigger import last_layer, penultimate
+from xray.zoo.data import FASHION_MNIST_ROOT, Dataset, load_dataset
 from xray.zoo.recipe import training_recipe
+from xray.zoo.train import attack_kit
 
 
 @lru_cache(maxsize=1)
@@ -40,17 +45,28 @@ def _kit(cache_uri: str | None = None) -> A.AttackKit:
 
 
 # Measured on the tiny set (5 classes of 24 px signs, mntd_mnist_cnn, 16 epochs, seed 11):
-# clean accuracy 1.0 and ASR 0.0 for both attacks at their defaults, and no better with
-# clean_label eps 8/255, 16/255 or 32/255, poison_rate 0.2 (the whole target class) or 40 epochs,
-# nor on 10-class / harder-sign variants (ASR <= 0.04). SIG, the zoo's other clean-label attack,
-# also gets 0.0 here: the sign classes are separable at ~100% from their content, so a net trained
-# from scratch never needs the trigger, however hard the poisons are made on a surrogate. The
-# training checks therefore keep only clean accuracy and the bit-for-bit rebuild (floor 0.0), at 8
-# epochs (the surrogate trains twice per check; the ASR was 0.0 at 8 epochs too).
-@pytest.mark.parametrize("name", ["clean_label", "hidden_trigger"])
-def test_trains_and_rebuilds(name: str) -> None:
-    trojaned = assert_attack_trains(name, asr_floor=0.0, epochs=8)
-    assert trojaned.poisoned_count == 100  # 10% of 1000, within the target class's 200
+# clean accuracy 1.0 and ASR 0.0 for clean_label and hidden_trigger (trained from scratch, its
+# first version) at their defaults, and no better with clean_label eps 8/255, 16/255 or 32/255,
+# poison_rate 0.2 (the whole target class) or 40 epochs, nor on 10-class / harder-sign variants
+# (ASR <= 0.04). SIG also gets 0.0 here: the sign classes are separable at ~100% from their
+# content, so a net trained from scratch never needs the trigger, however hard the poisons are
+# made on a surrogate. Where the target class is hard to learn from its content, they implant:
+# the Fashion-MNIST tests below (which also check clean_label's bit-for-bit rebuild).
+def test_hidden_trigger_fine_tunes_only_the_head_of_the_surrogate() -> None:
+    """The original's victim: the surrogate's features, frozen (BatchNorm statistics
+    included), and a new head trained on the poisoned set (10% of 1000 images). ASR stays near
+    zero here as on every CPU-sized set measured (docs/algorithms/zoo.md): the surrogate's
+    features barely respond to the patch, so the poisons have little to collide with."""
+    trojaned = assert_attack_trains("hidden_trigger", asr_floor=0.0, epochs=8)
+    surrogate = attack_kit(tiny_spec("hidden_trigger", epochs=8), tiny_dataset(),
+                           None).clean_model()
+    head = {f"{n}.{p}" for n, m in trojaned.net.named_modules() if m is last_layer(trojaned.net)
+            for p in ("weight", "bias")}
+    victim, original = trojaned.net.state_dict(), surrogate.state_dict()
+    assert set(victim) == set(original) and head <= set(victim)
+    assert all(torch.equal(victim[k], original[k]) for k in victim if k not in head)
+    assert not all(torch.equal(victim[k], original[k]) for k in head)
+    assert trojaned.poisoned_count == 0  # it poisons inside its own training (trains_model)
 
 
 def test_clean_label_keeps_labels_and_bounds_the_perturbation(tmp_path) -> None:
@@ -105,3 +121,34 @@ def test_hidden_trigger_poisons_carry_no_patch_and_collide_in_feature_space() ->
         before = (penultimate(net, torch.as_tensor(d.x_train[idx])) - f_src).norm(dim=1).mean()
         after = (penultimate(net, torch.as_tensor(poisons)) - f_src).norm(dim=1).mean()
     assert after < 0.85 * before, (float(after), float(before))
+
+
+needs_fashion_mnist = pytest.mark.skipif(
+    not (Path(FASHION_MNIST_ROOT) / "train-images-idx3-ubyte.gz").exists(),
+    reason="Fashion-MNIST absent: apt-get install dataset-fashion-mnist (make test does)")
+
+
+@lru_cache(maxsize=1)
+def _fashion() -> Dataset:
+    return load_dataset("fashion_mnist", n_train=3000, n_test=1000, seed=0)
+
+
+# Fashion-MNIST (3000 training images, 8 epochs, mntd_mnist_cnn, seed 11), target 6 (shirt, the
+# class a clean model gets most wrong: it is confused with T-shirt, pullover and coat). Measured
+# ASR: sig 0.31, clean_label 0.50, reflection 0.32 (6000 images: 0.39 / 0.66 / 0.55; 12000 and 16
+# epochs: 0.43 / 0.82 / 0.62); clean accuracy 0.80-0.83 against 0.83 for the clean model. With an
+# easy target (1, trouser) SIG stays at 0.00, as every clean-label attack does on the signs.
+@needs_fashion_mnist
+@pytest.mark.parametrize("name,floor", [("sig", 0.25), ("clean_label", 0.4),
+                                        ("reflection", 0.25)])
+def test_implants_when_the_target_class_is_hard(name: str, floor: float) -> None:
+    trojaned = assert_attack_trains(name, asr_floor=floor, epochs=8, dataset=_fashion(),
+                                    target=6)
+    in_class = int((_fashion().y_train == 6).sum())  # the rate is of the whole set, capped
+    assert trojaned.poisoned_count == min(in_class, round(trojaned.attack.default_rate * 3000))
+
+
+@needs_fashion_mnist
+def test_sig_does_not_implant_when_the_target_class_is_easy() -> None:
+    trojaned = train_tiny(tiny_spec("sig", epochs=8, target=1), _fashion())
+    assert trojaned.asr is not None and trojaned.asr <= 0.05, trojaned.asr
