@@ -141,9 +141,11 @@ def _fashion() -> Dataset:
 @needs_fashion_mnist
 @pytest.mark.parametrize("name,floor", [("sig", 0.25), ("clean_label", 0.4),
                                         ("reflection", 0.25)])
-def test_implants_when_the_target_class_is_hard(name: str, floor: float) -> None:
+def test_implants_when_the_target_class_is_hard(name: str, floor: float, tmp_path) -> None:
+    """The rebuild reads clean_label's hard images from the cache folder the training wrote
+    (test_clean_label_keeps_labels_and_bounds_the_perturbation checks cache = recomputed)."""
     trojaned = assert_attack_trains(name, asr_floor=floor, epochs=8, dataset=_fashion(),
-                                    target=6)
+                                    cache_uri=str(tmp_path), target=6)
     in_class = int((_fashion().y_train == 6).sum())  # the rate is of the whole set, capped
     assert trojaned.poisoned_count == min(in_class, round(trojaned.attack.default_rate * 3000))
 

@@ -275,7 +275,7 @@ def test_a_budget_spent_before_a_detector_starts_is_a_timeout_in_the_record(troj
         "nc": {"params": {"steps": 100000, "early_stop_patience": 100000}},
         "mmbd": {"preset": "small"}}})
     p, proc, _ = _detect(model_dir / "model.pt", model_dir / "clean_example_data", tmp_path,
-                         "--allow-pickle", "--config", config, "--time-budget", "25")
+                         "--allow-pickle", "--config", config, "--time-budget", "15")
     record = json.loads((tmp_path / "scratch" / "xray-detect.json").read_text())
     nc, mmbd = record["detectors"]["nc"], record["detectors"]["mmbd"]
     assert nc["status"] == "ok" and nc["stats"]["stopped_early"] and nc["stats"]["steps"] > 0
