@@ -89,13 +89,13 @@ def test_karm_exray_negative_control_clean_models_score_below_trojaned(nin_karm_
         assert out.stats["selected"] == int(bool(out.stats["upstream"]["trojaned"]))
 
 
-
 def test_abs_exray_negative_control_clean_models_score_below_trojaned(nin_control_round):
     """Measured (seed 0, about 13 s a model): ABS alone scores 1.0 on all four; abs+exray
     scores the clean models 0.875, 0.875 (every tested trigger pruned, 6 and 4 of them) and the
-    trojaned ones 1.0, 1.0 on their true targets (3 and 2 injected triggers kept). With ABS's
-    default bound (1600) no patch trigger of the trojaned models reaches REASR 0.9, only colour
-    filters, which EX-RAY prunes: no model is flagged (docs/FIDELITY.md, "abs+exray")."""
+    trojaned ones 1.0, 1.0 on their true targets (4 of 8 and 3 of 9 tested triggers kept, all
+    injected). With ABS's default bound (1600) no patch trigger of the trojaned models reaches
+    REASR 0.9, only colour filters, which EX-RAY prunes: no model is flagged
+    (docs/FIDELITY.md, "abs+exray")."""
     from xray import detectors
 
     from _detector_checks import scan_round
