@@ -201,6 +201,17 @@ def cell(sub: pd.DataFrame, threshold: float, probability: pd.Series | None) -> 
     return out
 
 
+def attack_cells(rows: pd.DataFrame, threshold: float, probability: pd.Series | None
+                 ) -> dict[str, dict[str, Any]]:
+    """{"all": every model, attack: that attack's models and every clean one} of one detector's
+    rows (one per model) in a round."""
+    clean = rows["y"] == 0
+    out = {"all": cell(rows, threshold, probability)}
+    for attack in sorted(set(rows.loc[rows["y"] == 1, "attack"].dropna())):
+        out[attack] = cell(rows[clean | (rows["attack"] == attack)], threshold, probability)
+    return out
+
+
 def table(workdir: Path, detectors: list[str]) -> tuple[dict[str, float], dict[str, Any]]:
     from xray.reduce import metrics as M
     from xray.reduce.calibrate import Calibrator, combined_rows, fit
@@ -228,10 +239,7 @@ def table(workdir: Path, detectors: list[str]) -> tuple[dict[str, float], dict[s
         except ValueError as e:  # no usable training scores: the cell says why
             per_detector[det] = {"why_no_probability": str(e).splitlines()[0]}
         clean = test["y"] == 0
-        cells[det] = {"all": cell(test, threshold, probability)}
-        for attack in sorted(set(test.loc[test["y"] == 1, "attack"].dropna())):
-            cells[det][attack] = cell(test[clean | (test["attack"] == attack)], threshold,
-                                      probability)
+        cells[det] = attack_cells(test, threshold, probability)
         mapping = mappings["test"].reindex(test.index)
         for name in ("all-to-one", "label-specific", "all-to-all"):
             chosen = clean | ((test["y"] == 1) & (mapping == name))
@@ -300,10 +308,7 @@ def clean_label_table(workdir: Path, detectors: list[str]
         rows = _per_model(scores, det)
         if not len(rows):
             continue
-        clean = rows["y"] == 0
-        cells[det] = {"all": cell(rows, math.nan, None)}
-        for attack in sorted(set(rows.loc[rows["y"] == 1, "attack"].dropna())):
-            cells[det][attack] = cell(rows[clean | (rows["attack"] == attack)], math.nan, None)
+        cells[det] = attack_cells(rows, math.nan, None)
     return cells, [float(asr.min()), float(asr.max())]
 
 
@@ -342,11 +347,22 @@ def clean_label_section(cells: dict[str, dict[str, Any]], asr: list[float]) -> l
              "calibration round on this data)."]
     for metric, title in (("roc_auc", "ROC-AUC"), ("tpr_at_5fpr", "TPR at 5% FPR"),
                           ("seconds_per_model", "Seconds per model")):
-        lines += ["", f"### {title}", "", "| attack | " + " | ".join(detectors) + " |",
-                  "| --- " * (len(detectors) + 1) + "|"]
-        for attack in attacks:
-            row = [attack] + [_cell_text(cells, d, attack, metric, {}) for d in detectors]
-            lines.append("| " + " | ".join(row) + " |")
+        lines += _metric_table(f"### {title}", cells, detectors, attacks, metric, {}, set())
+    return lines
+
+
+def _metric_table(heading: str, cells: dict, detectors: list[str], attacks: list[str],
+                  metric: str, failed: dict[str, int], own_round: set[str]) -> list[str]:
+    """One markdown table: a row per attack, a column per detector; `own_round` attacks point
+    to the clean-label round's section instead."""
+    lines = ["", heading, "", "| attack | " + " | ".join(detectors) + " |",
+             "| --- " * (len(detectors) + 1) + "|"]
+    for attack in attacks:
+        if attack in own_round:  # missed the floor here; measured in its own round
+            row = [attack] + ["[own round](#clean-label-attacks-their-own-round)"] * len(detectors)
+        else:
+            row = [attack] + [_cell_text(cells, d, attack, metric, failed) for d in detectors]
+        lines.append("| " + " | ".join(row) + " |")
     return lines
 
 
@@ -391,14 +407,8 @@ def markdown(figures: dict[str, float], notes: dict[str, Any], command: str) -> 
                           ("cross_entropy", "TrojAI cross-entropy (Platt scaling fitted on the "
                                             "training round)"),
                           ("seconds_per_model", "Seconds per model (one CPU thread per actor)")):
-        lines += ["", f"## {title}", "", "| attack | " + " | ".join(detectors) + " |",
-                  "| --- " * (len(detectors) + 1) + "|"]
-        for attack in attacks:
-            row = [attack] + [_cell_text(cells, d, attack, metric, failed) for d in detectors]
-            if attack in own_round:  # missed the floor here; measured in its own round
-                row = [attack] + ["[own round](#clean-label-attacks-their-own-round)"] * len(
-                    detectors)
-            lines.append("| " + " | ".join(row) + " |")
+        lines += _metric_table(f"## {title}", cells, detectors, attacks, metric, failed,
+                               own_round)
     lines += clean_label_section(notes.get("clean_label_cells", {}),
                                  notes.get("clean_label_asr", []))
     unscanned = [d for d in DETECTORS if d not in cells]
