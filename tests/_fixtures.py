@@ -4,7 +4,17 @@ Imported by conftest.py. The tiny round trains in seconds per model on 2 cores.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+
+from xray.zoo.data import FASHION_MNIST_ROOT
+
+# Fashion-MNIST comes from a Debian package (`make test` installs it); a test that reads it is
+# skipped, saying how to get it, on a machine without it.
+needs_fashion_mnist = pytest.mark.skipif(
+    not (Path(FASHION_MNIST_ROOT) / "train-images-idx3-ubyte.gz").exists(),
+    reason="Fashion-MNIST absent: apt-get install dataset-fashion-mnist (make test does)")
 
 TINY_RECIPE = {
     "name": "tiny",

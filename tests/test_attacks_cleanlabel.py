@@ -5,19 +5,19 @@ learn from its content."""
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from _attack_training import assert_attack_trains, tiny_dataset, tiny_spec, train_tiny
+from _fixtures import needs_fashion_mnist
 
 from xray import models
 from xray.zoo import attacks as A
 from xray.zoo.attacks.clean_label import corner_mask
 from xray.zoo.attacks.hidden_trigger import last_layer, penultimate
-from xray.zoo.data import FASHION_MNIST_ROOT, Dataset, load_dataset
+from xray.zoo.data import Dataset, load_dataset
 from xray.zoo.recipe import training_recipe
 from xray.zoo.train import attack_kit
 
@@ -121,11 +121,6 @@ def test_hidden_trigger_poisons_carry_no_patch_and_collide_in_feature_space() ->
         before = (penultimate(net, torch.as_tensor(d.x_train[idx])) - f_src).norm(dim=1).mean()
         after = (penultimate(net, torch.as_tensor(poisons)) - f_src).norm(dim=1).mean()
     assert after < 0.85 * before, (float(after), float(before))
-
-
-needs_fashion_mnist = pytest.mark.skipif(
-    not (Path(FASHION_MNIST_ROOT) / "train-images-idx3-ubyte.gz").exists(),
-    reason="Fashion-MNIST absent: apt-get install dataset-fashion-mnist (make test does)")
 
 
 @lru_cache(maxsize=1)

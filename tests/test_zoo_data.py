@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from xray.zoo import signs
-from xray.zoo.data import FASHION_MNIST_ROOT, Dataset, available, load_dataset
+from xray.zoo.data import Dataset, available, load_dataset
+
+from _fixtures import needs_fashion_mnist
 
 SMALL_SIGNS = dict(num_classes=10, image_size=16, n_train_per_class=6, n_test_per_class=3)
 
@@ -110,9 +112,7 @@ def test_mnist_full_and_subsampled() -> None:
     assert _same(sub, load_dataset("mnist", n_train=300, n_test=50, seed=7))
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(FASHION_MNIST_ROOT,
-                                                  "train-images-idx3-ubyte.gz")),
-                    reason="Fashion-MNIST absent: apt-get install dataset-fashion-mnist")
+@needs_fashion_mnist
 def test_fashion_mnist_full_and_subsampled() -> None:
     full = load_dataset("fashion_mnist")
     _check_dataset(full, (1, 28, 28), 10)
