@@ -34,15 +34,18 @@ def untrained_nin(k: int = 3, size: int = 16) -> tuple[torch.nn.Module, ScanData
     return net, ScanData(x=x, y=y, num_classes=k, mean=(0.5,), std=(0.25,))
 
 
-def scan_round(round_dir, detector, seed: int = 0) -> list:
+def scan_round(round_dir, detector, seed: int = 0, keep=None) -> list:
     """[(manifest record, DetectorResult)] of `detector` on every model of the round at
-    `round_dir` (its manifest.csv), each with its own examples and ScanContext(seed)."""
+    `round_dir` (its manifest.csv) for which keep(record) holds (all when keep is None), each
+    with its own examples and ScanContext(seed)."""
     from xray.io.examples import load_examples
     from xray.io.manifest import read_manifest
     from xray.io.model_loading import load_model
 
     out = []
     for record in read_manifest(str(round_dir / "manifest.csv")):
+        if keep is not None and not keep(record):
+            continue
         x, y = load_examples(record)
         data = ScanData(x=x, y=y, num_classes=record.num_classes)
         out.append((record, detector.score(load_model(record), data, ScanContext(seed=seed))))

@@ -207,8 +207,8 @@ def test_trojaned_mark_on_every_candidate():
 
 @pytest.fixture(scope="module")
 def badnets_scans(inversion_round):
-    scans = scan_round(inversion_round[0], detectors.build("karm", preset="small"))
-    return [(record, out) for record, out in scans if record.attack == "badnets"]
+    return scan_round(inversion_round[0], detectors.build("karm", preset="small"),
+                      keep=lambda record: record.attack == "badnets")
 
 
 def test_karm_finds_label_specific_targets(badnets_scans, inversion_round):
