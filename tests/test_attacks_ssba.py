@@ -8,7 +8,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from tests._attack_training import assert_attack_trains, tiny_dataset, tiny_spec
+from _attack_training import assert_attack_trains, tiny_dataset, tiny_spec
 from xray import models
 from xray.io import storage
 from xray.zoo import attacks as A

@@ -89,9 +89,34 @@ def _ray_processes_of(driver_pid: int) -> list[str]:
     return [line for line in ps.splitlines() if session.search(line)]
 
 
-def _scan_actors() -> list[str]:
-    ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
-    return [line for line in ps.splitlines() if line.startswith("ray::ScanActor")]
+class _ScanProgress:
+    """Reads a driver's merged output on a thread: `done` / `total` are the latest counts of its
+    scan progress bar (tqdm's "scan <run>: ... 3/16")."""
+
+    def __init__(self, stream) -> None:
+        import re
+        import threading
+
+        self._bar = re.compile(r"\| *(\d+)/(\d+) \[")  # tqdm's "...| 3/16 [00:09<..."
+        self._chunks: list[str] = []
+        self.done, self.total = 0, 0
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        # os.read returns what has arrived; a text stream's read(n) would wait for n characters
+        for chunk in iter(lambda: os.read(stream.fileno(), 4096), b""):
+            self._chunks.append(chunk.decode(errors="replace"))
+            counts = self._bar.findall("".join(self._chunks[-8:]))
+            if counts:
+                self.done, self.total = map(int, counts[-1])
+
+    def join(self) -> None:
+        self._thread.join(timeout=30)
+
+    def text(self) -> str:
+        """What it printed so far (all of it once the process has ended)."""
+        return "".join(self._chunks)
 
 
 @pytest.mark.slow
@@ -107,16 +132,16 @@ def test_a_second_driver_refuses_and_sigterm_ends_the_first_cleanly(tiny_round, 
     out = tmp_path / "out"
     config = tmp_path / "config.yaml"
     config.write_text("seed: 0\ndetectors:\n  modelxray:\n    params: "
-                      "{num_planes: 24, resolution: 100}\n")  # several seconds a model
+                      "{num_planes: 8, resolution: 60}\n")  # about a second a model
     command = [sys.executable, "-m", "xray.cli", "scan", "--manifest",
                str(round_dir / "manifest.csv"), "--out", str(out), "--config", str(config),
-               "--quiet", "--actors", "1", "--flush-seconds", "600"]
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
+               "--actors", "1", "--flush-seconds", "600"]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    progress = _ScanProgress(first.stdout)
     deadline = time.monotonic() + 120
     while not (out / LEASE_FILE).exists() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert (out / LEASE_FILE).exists(), first.communicate()[0]
+    assert (out / LEASE_FILE).exists(), progress.text()
     second = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert second.returncode == 1, second.stdout + second.stderr
     assert "another xray scan is writing to this folder" in second.stderr
@@ -125,14 +150,17 @@ def test_a_second_driver_refuses_and_sigterm_ends_the_first_cleanly(tiny_round, 
     while not _ray_processes_of(first.pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _ray_processes_of(first.pid), "the driver's Ray instance never showed up"
-    # The scan actor's start-up varies with the machine's load: count from when it is up (only
-    # this driver's scan runs now), then let a few models be scanned, their rows buffered
-    # (flush every 600 s).
-    while not _scan_actors() and time.monotonic() < deadline:
+    # Stop it once its progress bar counts two models scanned, their rows buffered (flush every
+    # 600 s), and models are left: a fixed wait was either too short on a loaded machine or
+    # most of this test's time.
+    deadline = time.monotonic() + 240
+    while progress.done < 2 and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    time.sleep(20.0)
+    assert 2 <= progress.done < progress.total, progress.text()
     first.send_signal(signal.SIGTERM)
-    output = first.communicate(timeout=120)[0]
+    first.wait(timeout=120)
+    progress.join()
+    output = progress.text()
     assert first.returncode in (143, 1) and "models scanned" not in output, output
     assert not (out / LEASE_FILE).exists()
     scores = read_table(str(out), "scores", dedupe=False)
