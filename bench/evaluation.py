@@ -71,16 +71,19 @@ FOOTNOTES = {
 }
 # Written from the figures of the last CPU run (bench/results/evaluation.json); update with them.
 ANALYSIS = """
-- The combined detector did not beat the best single one: on the training round its nested model
-  selection kept `weights` alone (as on the cascade bench's rounds), so the combined and best
-  single cross-entropies are one figure, and both miss issue 21's targets (CE <= 0.20, ROC-AUC
-  >= 0.95 on the test round). Per-attack cells rest on one model each.
-- Stacking more detectors does not help on these rounds, measured after the fact and kept out of
-  the table: a calibrator restricted to the detectors that beat the base rate alone in
-  cross-validation on the training round (weights, trodo, mmbd, tabor, nc+exray) reaches test
-  CE 0.325 / ROC-AUC 0.93 but shifted CE 0.86 (trodo's and tabor's scales move with the data),
-  and its own nested selection still keeps `weights`. Reaching the targets needs detectors that
-  are stronger on these models, not another stacker.
+- The combined detector beats the best single one on the test round by 0.08 nats (CE 0.285
+  against `weights`' 0.368; ROC-AUC 0.92 against 0.90) and matches it on the shifted round (0.331
+  against the 0.324 of `weights` Platt-scaled on the training round): its nested selection chose
+  `weights` and `target_agreement`, the share of the detectors naming a target that name the
+  most named one (docs/fidelity/combined.md; clean models 0.22-0.44, targeted trojaned ones
+  median 0.56-0.67, in all three rounds). Both miss issue 21's targets (CE <= 0.20, ROC-AUC >=
+  0.95 on the test round). Per-attack cells rest on one model each.
+- Stacking more detectors' scores does not help on these rounds, measured after the fact and
+  kept out of the table: a calibrator restricted to the detectors that beat the base rate alone
+  in cross-validation on the training round (weights, trodo, mmbd, tabor, nc+exray; before the
+  agreement feature) reaches test CE 0.325 / ROC-AUC 0.93 but shifted CE 0.86 (trodo's and
+  tabor's scales move with the data). The agreement transfers because it has no scale; reaching
+  the targets needs detectors that are stronger on these models.
 - `abs` scores 1.0 on every model of the three rounds, clean ones included (ROC-AUC 0.50): on
   10-class signs a patch of a sign's own colour and glyph flips a clean model (natural triggers;
   `manifests/recipes/exray.yaml` says why), which is what EX-RAY exists to prune. `abs+exray`

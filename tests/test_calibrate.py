@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -252,3 +253,33 @@ def test_nested_figure_is_still_good_on_informative_data():
     cv = cal.train["cross_validated"]
     assert cv["nested"] and cv["cross_entropy"] < 0.45 and cv["roc_auc"] > 0.85
     assert "nested, 5 outer folds" in C.describe(cal)
+
+
+def _agreeing_rows(n: int = 60, seed: int = 0) -> pd.DataFrame:
+    """Score rows of four detectors whose scores are noise, but whose predicted targets agree
+    on trojaned models (each names the true target with probability 0.8) and scatter over 10
+    classes on clean ones."""
+    rng = np.random.default_rng(seed)
+    rows = _rows(n=n, seed=seed)
+    rows = pd.concat([rows[rows["detector"] == "b"].assign(detector=d, config_hash=f"h{d}")
+                      for d in ("b", "c", "d", "e")], ignore_index=True)
+    rows["score"] = rng.normal(0.0, 1.0, len(rows))
+    agrees = rows["gt_poisoned"].astype(bool) & (rng.random(len(rows)) < 0.8)
+    rows["predicted_target"] = np.where(agrees, 4, rng.integers(0, 10, len(rows)))
+    return rows
+
+
+def test_target_agreement_is_a_feature_the_selection_can_choose():
+    assert C.target_agreement([3, 3, 3]) == 1.0 and C.target_agreement([1, 2, 3, 1]) == 0.5
+    assert C.target_agreement([1, 2]) is None  # too few detectors name a target
+    scores = _agreeing_rows()
+    results = C.model_results(scores)
+    assert {r["target"] for m in results.values() for r in m.values()} <= set(range(10))
+    cal = C.fit(scores)
+    # every score is noise: only the detectors' agreement on a target separates the models
+    assert "agreement" in cal.train["model"] and C.TARGET_AGREEMENT in cal.features
+    assert cal.train["cross_validated"]["roc_auc"] > 0.9
+    assert cal.train["cross_validated"]["cross_entropy"] < 0.45 < math.log(2)
+    # a model whose detectors name fewer than three targets has the feature imputed, not 0
+    few = {d: {"score": 0.0, "stats": {}, "target": 4} for d in ("b", "c")}
+    assert C.TARGET_AGREEMENT not in C.features_from_results(few, 10)

@@ -147,7 +147,8 @@ def _read_progress(path: str) -> tuple[dict[str, Any], list[str], int | None,
             if event.get("event") == "plan":
                 plan = event
             elif event.get("event") == "result":
-                results[event["detector"]] = {"score": event["score"], "stats": event["stats"]}
+                results[event["detector"]] = {"score": event["score"], "stats": event["stats"],
+                                              "target": event.get("target")}
                 k = event.get("num_classes", k)
                 records[event["detector"]] = {
                     "status": "ok", "score": event["score"], "seconds": event.get("seconds"),
@@ -442,7 +443,7 @@ def worker(job_path: str) -> int:
                              "message": f"{detector.name}: {type(err).__name__}: {err}"})
             continue
         _emit(progress, {"event": "result", "detector": detector.name, "score": result.score,
-                         "stats": result.stats, "num_classes": k,
+                         "target": result.target, "stats": result.stats, "num_classes": k,
                          "seconds": time.perf_counter() - started})
     return 0
 

@@ -8,7 +8,10 @@
 Features, per model (`features_from_results`): for every detector the calibrator knows, its
 score and its scalar numeric statistics (lists, labels, seeds and settings are left out:
 EXCLUDED_STATS), plus ``<detector>.missing`` = 1 when the detector has no ok, finite score for
-the model, and ``log2_num_classes`` (an architecture fact a real scan has). Missing values are
+the model, ``log2_num_classes`` (an architecture fact a real scan has) and ``target_agreement``
+(`target_agreement`: of the detectors that name a target class, at least three, the share
+naming the most named one; inferred, not from a paper: a backdoor's target is a class every
+inverting or probing detector finds, a clean model's "targets" scatter). Missing values are
 handled explicitly: the missing indicator is a feature, and a missing value is imputed with its
 training mean (0 after standardisation), so a missing detector contributes only through its
 indicator's weight. Features whose training values are constant or present in fewer than half of
@@ -16,7 +19,8 @@ the labelled models are dropped at fit time.
 
 Model: scikit-learn LogisticRegression (L2, lbfgs) on standardised features, over one of the
 `candidate_models` feature subsets: the base rate alone, each detector alone (Platt scaling of
-its score), every detector's score, or scores and statistics. The subset and C (`C` when given,
+its score), the target agreement alone or beside each detector, every detector's score (and the
+agreement), or everything. The subset and C (`C` when given,
 else C_GRID) are chosen together by stratified k-fold cross-validation (k = min(5, models per
 class)) on the harness cross-entropy; a richer subset must beat every simpler one by more than
 SELECTION_TOLERANCE (0.01 nats; inferred: chance gains of a noise feature at strong
@@ -90,10 +94,12 @@ from xray.reduce.calibrate.features import (
     COMBINED,
     DERIVED_DETECTORS,
     EXCLUDED_STATS,
+    TARGET_AGREEMENT,
     features_from_results,
     model_results,
     row_probability,
     scalar_stats,
+    target_agreement,
 )
 from xray.reduce.calibrate.stacker import (
     C_GRID,
@@ -111,5 +117,6 @@ __all__ = [
     "MODELXRAY_DEFAULT_MAP", "READABLE_VERSIONS", "SELECTION_TOLERANCE", "STACKER_VERSION",
     "TrainingModelError", "calibrate", "candidate_models", "combined_rows", "default_combined",
     "default_probability", "describe", "detector_probabilities", "features_from_results", "fit",
-    "model_results", "row_probability", "scalar_stats", "trained_on_flag", "with_combined",
+    "TARGET_AGREEMENT", "model_results", "row_probability", "scalar_stats", "target_agreement",
+    "trained_on_flag", "with_combined",
 ]

@@ -17,7 +17,7 @@ from xray.reduce.calibrate.features import features_from_results
 FORMAT = "xray-calibrator"
 FORMAT_VERSION = 2  # 2: training_models (model_id, model_digest) pairs; 1 still loads
 READABLE_VERSIONS = (1, 2)
-STACKER_VERSION = "stacker-1"
+STACKER_VERSION = "stacker-2"  # 2: the target_agreement feature and its candidates
 
 
 class LeakageUncheckedWarning(UserWarning):

@@ -3,7 +3,8 @@ that may be features, and the feature dict of one model (see the package docstri
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections import Counter
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -42,13 +43,41 @@ def scalar_stats(stats: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+TARGET_AGREEMENT = "target_agreement"
+MIN_TARGETS_TO_AGREE = 3  # with fewer named targets the share says little (1 is always 1.0)
+
+
+def target_agreement(targets: Sequence[int]) -> float | None:
+    """The share of the detectors that name a target class naming the most named one (None
+    below MIN_TARGETS_TO_AGREE). Detectors that each invert or probe the model their own way
+    land on the same class when a backdoor makes it a shortcut; on a clean model they scatter
+    (measured on the evaluation rounds: clean models 0.22-0.44, all-to-one and label-specific
+    trojaned ones median 0.56-0.67; docs/fidelity/combined.md). Scale-free, so it transfers
+    between rounds where the detectors' score scales move."""
+    if len(targets) < MIN_TARGETS_TO_AGREE:
+        return None
+    return Counter(targets).most_common(1)[0][1] / len(targets)
+
+
+def _predicted_target(result: Mapping[str, Any]) -> int | None:
+    target = result.get("target")
+    try:
+        return None if target is None or pd.isna(target) else int(target)
+    except (TypeError, ValueError):
+        return None
+
+
 def features_from_results(results: Mapping[str, Mapping[str, Any]],
                           num_classes: int | None) -> dict[str, float]:
-    """Feature dict of one model from {detector: {"score": float, "stats": dict}} (ok results
-    only; an absent detector is simply not in `results`)."""
+    """Feature dict of one model from {detector: {"score": float, "stats": dict, "target":
+    int | None}} (ok results only; an absent detector is simply not in `results`)."""
     feats: dict[str, float] = {}
     if num_classes:
         feats["log2_num_classes"] = math.log2(max(int(num_classes), 2))
+    named = [t for t in map(_predicted_target, results.values()) if t is not None]
+    agreement = target_agreement(named)
+    if agreement is not None:
+        feats[TARGET_AGREEMENT] = agreement
     for name, result in results.items():
         score = result.get("score")
         if score is None or not math.isfinite(float(score)):
@@ -71,9 +100,11 @@ def _latest(scores: pd.DataFrame) -> pd.DataFrame:
 
 
 def model_results(scores: pd.DataFrame) -> dict[str, dict[str, dict[str, Any]]]:
-    """{model_id: {detector: {"score", "stats", "row"}}} from score rows (latest usable)."""
+    """{model_id: {detector: {"score", "stats", "target", "row"}}} from score rows (latest
+    usable; "target" is the row's predicted_target)."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for row in _latest(scores[~scores["detector"].isin(DERIVED_DETECTORS)]).to_dict("records"):
         out.setdefault(str(row["model_id"]), {})[str(row["detector"])] = {
-            "score": float(row["score"]), "stats": json_object(row.get("stats_json")), "row": row}
+            "score": float(row["score"]), "stats": json_object(row.get("stats_json")),
+            "target": row.get("predicted_target"), "row": row}
     return out

@@ -20,8 +20,8 @@ from threadpoolctl import threadpool_limits
 from xray.io import storage
 from xray.reduce import metrics as M
 from xray.reduce.calibrate.artifact import STACKER_VERSION, Calibrator
-from xray.reduce.calibrate.features import (DERIVED_DETECTORS, _usable, features_from_results,
-                                            model_results)
+from xray.reduce.calibrate.features import (DERIVED_DETECTORS, TARGET_AGREEMENT, _usable,
+                                            features_from_results, model_results)
 from xray.results.sink import read_runs, read_table
 
 C_GRID = (0.01, 0.1, 1.0, 10.0)
@@ -49,15 +49,21 @@ def _training_frame(scores: pd.DataFrame, detectors: Sequence[str]
 def candidate_models(names: Sequence[str], detectors: Sequence[str]) -> dict[str, list[int]]:
     """The feature subsets `fit` chooses among, simplest first: "prior" (no feature: the base
     rate), each detector alone (its score and missing indicator: Platt scaling of that
-    detector), "scores" (every detector's score and indicator) and "all" (scores and scalar
-    statistics). Subsets equal to an earlier one are dropped."""
+    detector), "agreement" (target_agreement alone) and "<detector>+agreement" where the
+    feature exists, "scores" (every detector's score and indicator, and the agreement) and
+    "all" (those and scalar statistics). Subsets equal to an earlier one are dropped."""
     def columns(keep) -> list[int]:
         return [i for i, n in enumerate(names) if keep(n)]
 
     out: dict[str, list[int]] = {"prior": []}
     for d in detectors:
         out[d] = columns(lambda n, d=d: n in (f"{d}.score", f"{d}.missing"))
-    out["scores"] = columns(lambda n: n.endswith((".score", ".missing")))
+    if TARGET_AGREEMENT in names:
+        out["agreement"] = columns(lambda n: n == TARGET_AGREEMENT)
+        for d in detectors:
+            out[f"{d}+agreement"] = columns(
+                lambda n, d=d: n in (f"{d}.score", f"{d}.missing", TARGET_AGREEMENT))
+    out["scores"] = columns(lambda n: n.endswith((".score", ".missing")) or n == TARGET_AGREEMENT)
     out["all"] = list(range(len(names)))
     unique: dict[str, list[int]] = {}
     for name, cols in out.items():
