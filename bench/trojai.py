@@ -110,7 +110,7 @@ def demo_rounds(work: Path) -> dict:
 
     from xray.config import parse_config
     from xray.reduce.calibrate import calibrate
-    from xray.reduce.harness import score_testset
+    from xray.pipeline import score_testset
     from xray.runner import run_scan
     from xray.zoo.build import build_round
     from xray.zoo.recipe import parse_recipe
