@@ -113,10 +113,10 @@ from xray.reduce.calibrate.stacker import (
 __all__ = [
     "CASCADE", "COMBINED", "C_GRID", "Calibrator", "DEFAULT_CLIP", "DEFAULT_ORDER",
     "DEFAULT_VERSION", "DERIVED_DETECTORS", "EXCLUDED_STATS", "FORMAT", "FORMAT_VERSION",
-    "LeakageUncheckedWarning",
-    "MODELXRAY_DEFAULT_MAP", "READABLE_VERSIONS", "SELECTION_TOLERANCE", "STACKER_VERSION",
-    "TrainingModelError", "calibrate", "candidate_models", "combined_rows", "default_combined",
-    "default_probability", "describe", "detector_probabilities", "features_from_results", "fit",
-    "TARGET_AGREEMENT", "model_results", "row_probability", "scalar_stats", "target_agreement",
+    "LeakageUncheckedWarning", "MODELXRAY_DEFAULT_MAP", "READABLE_VERSIONS",
+    "SELECTION_TOLERANCE", "STACKER_VERSION", "TARGET_AGREEMENT", "TrainingModelError",
+    "calibrate", "candidate_models", "combined_rows", "default_combined",
+    "default_probability", "describe", "detector_probabilities", "features_from_results",
+    "fit", "model_results", "row_probability", "scalar_stats", "target_agreement",
     "trained_on_flag", "with_combined",
 ]
