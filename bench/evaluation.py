@@ -72,11 +72,11 @@ FOOTNOTES = {
 # Written from the figures of the last CPU run (bench/results/evaluation.json); update with them.
 ANALYSIS = """
 - The combined detector beats the best single one on the test round by 0.08 nats (CE 0.285
-  against `weights`' 0.368; ROC-AUC 0.92 against 0.90) and matches it on the shifted round (0.331
+  against `weights`' 0.368; ROC-AUC 0.92 against 0.90) and matches it on the shifted round (0.330
   against the 0.324 of `weights` Platt-scaled on the training round): its nested selection chose
-  `weights` and `target_agreement`, the share of the detectors naming a target that name the
-  most named one (docs/fidelity/combined.md; clean models 0.22-0.44, targeted trojaned ones
-  median 0.56-0.67, in all three rounds). Both miss issue 21's targets (CE <= 0.20, ROC-AUC >=
+  `weights` and `target_agreement`, how many of the detectors naming a target name the most
+  named one (docs/fidelity/combined.md; clean models 2-4, targeted trojaned ones median 5-6,
+  in all three rounds). Both miss issue 21's targets (CE <= 0.20, ROC-AUC >=
   0.95 on the test round). Per-attack cells rest on one model each.
 - Stacking more detectors' scores does not help on these rounds, measured after the fact and
   kept out of the table: a calibrator restricted to the detectors that beat the base rate alone

@@ -270,7 +270,7 @@ def _agreeing_rows(n: int = 60, seed: int = 0) -> pd.DataFrame:
 
 
 def test_target_agreement_is_a_feature_the_selection_can_choose():
-    assert C.target_agreement([3, 3, 3]) == 1.0 and C.target_agreement([1, 2, 3, 1]) == 0.5
+    assert C.target_agreement([3, 3, 3]) == 3 and C.target_agreement([1, 2, 3, 1]) == 2
     assert C.target_agreement([1, 2]) is None  # too few detectors name a target
     scores = _agreeing_rows()
     results = C.model_results(scores)

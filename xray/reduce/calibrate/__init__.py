@@ -9,8 +9,8 @@ Features, per model (`features_from_results`): for every detector the calibrator
 score and its scalar numeric statistics (lists, labels, seeds and settings are left out:
 EXCLUDED_STATS), plus ``<detector>.missing`` = 1 when the detector has no ok, finite score for
 the model, ``log2_num_classes`` (an architecture fact a real scan has) and ``target_agreement``
-(`target_agreement`: of the detectors that name a target class, at least three, the share
-naming the most named one; inferred, not from a paper: a backdoor's target is a class every
+(`target_agreement`: of the detectors that name a target class, at least three, how many name
+the most named one; inferred, not from a paper: a backdoor's target is a class every
 inverting or probing detector finds, a clean model's "targets" scatter). Missing values are
 handled explicitly: the missing indicator is a feature, and a missing value is imputed with its
 training mean (0 after standardisation), so a missing detector contributes only through its

@@ -44,19 +44,22 @@ def scalar_stats(stats: Mapping[str, Any]) -> dict[str, float]:
 
 
 TARGET_AGREEMENT = "target_agreement"
-MIN_TARGETS_TO_AGREE = 3  # with fewer named targets the share says little (1 is always 1.0)
+MIN_TARGETS_TO_AGREE = 3  # with fewer named targets agreement says little
 
 
 def target_agreement(targets: Sequence[int]) -> float | None:
-    """The share of the detectors that name a target class naming the most named one (None
-    below MIN_TARGETS_TO_AGREE). Detectors that each invert or probe the model their own way
-    land on the same class when a backdoor makes it a shortcut; on a clean model they scatter
-    (measured on the evaluation rounds: clean models 0.22-0.44, all-to-one and label-specific
-    trojaned ones median 0.56-0.67; docs/fidelity/combined.md). Scale-free, so it transfers
-    between rounds where the detectors' score scales move."""
+    """How many of the detectors that name a target class name the most named one (None below
+    MIN_TARGETS_TO_AGREE). Detectors that each invert or probe the model their own way land on
+    the same class when a backdoor makes it a shortcut; on a clean model they scatter (measured
+    on the evaluation rounds, 9 or 10 detectors: clean models 2-4, all-to-one and label-specific
+    trojaned ones median 5-6; docs/fidelity/combined.md). It has no scale, so it transfers
+    between rounds where the detectors' score scales move. A count, not a share: a detector
+    that did not finish (trojai-detect's time budget) lowers it instead of inflating the share
+    of the rest (measured with 5 of 12 detectors dropped per test model: CE 0.376 counted,
+    0.387 as a share)."""
     if len(targets) < MIN_TARGETS_TO_AGREE:
         return None
-    return Counter(targets).most_common(1)[0][1] / len(targets)
+    return float(Counter(targets).most_common(1)[0][1])
 
 
 def _predicted_target(result: Mapping[str, Any]) -> int | None:
