@@ -9,15 +9,12 @@ import torch
 import torch.nn as nn
 
 from xray import detectors
-from xray.detectors.base import DeadlinePassed, ScanContext, ScanData
+from xray.detectors.base import DeadlinePassed, ScanContext
 from xray.detectors.btidbf import (UNet, generator_loss, mask_from, pretrain_loss,
                                    unet)
-from xray.io.examples import load_examples
-from xray.io.manifest import read_manifest
-from xray.io.model_loading import load_model
 
 from _detector_checks import (ExpiresAfter, assert_as_found, assert_restored_after_error,
-                             snapshot, untrained_nin)
+                             scan_round, snapshot, untrained_nin)
 
 
 def test_mask_is_tanh_over_two_plus_eps_plus_half():
@@ -117,14 +114,6 @@ def test_deadline_stops_early_and_counts_steps():
         det.score(net, data, ExpiresAfter(1))  # time for require_time only, no step
 
 
-def _scan(record, seed):
-    x, y = load_examples(record)
-    data = ScanData(x=x, y=y, num_classes=record.num_classes, mean=tuple(record.mean),
-                    std=tuple(record.std))
-    return detectors.build("btidbf", preset="small").score(load_model(record), data,
-                                                           ScanContext(seed=seed))
-
-
 def test_negative_control_clean_models_score_below_trojaned(nin_control_round):
     """2 clean and 2 BadNets NiN (5-class 24 px signs), small preset, seeds 1 and 2: every
     trojaned model's top share (the inverted trigger's success rate) above every clean one's,
@@ -134,12 +123,12 @@ def test_negative_control_clean_models_score_below_trojaned(nin_control_round):
     latter with the wrong target): the score is seed-sensitive at this budget, as docs/FIDELITY.md
     "BTI-DBF" records with the EX-RAY round's figures (ROC-AUC 0.92 / 0.85 / 0.77, seeds 0-2)."""
     round_dir, _ = nin_control_round
-    records = read_manifest(str(round_dir / "manifest.csv"))
+    scans = scan_round(round_dir, detectors.build("btidbf", preset="small"), seeds=(1, 2))
     outs = {}
-    for seed in (1, 2):
+    for seed, per_seed in zip((1, 2), (scans[:len(scans) // 2], scans[len(scans) // 2:])):
         rows = []
-        for record in records:
-            out = outs[seed, record.model_id] = _scan(record, seed)
+        for record, out in per_seed:
+            outs[seed, record.model_id] = out
             assert out.stats["steps"] == 124 and not out.stats["stopped_early"]
             rows.append((record.poisoned, record.target, out.target, out.score))
         print(f"btidbf nin control, seed {seed}:", json.dumps(rows))
@@ -148,6 +137,9 @@ def test_negative_control_clean_models_score_below_trojaned(nin_control_round):
         assert len(clean) == 2 and len(trojaned) == 2
         assert max(clean) < min(r[3] for r in trojaned), rows
         assert all(r[1] == r[2] for r in trojaned), rows
+    records = [record for record, _ in scans]
     record = next(r for r in records if r.poisoned)  # same seed, same result
-    first, again = outs[2, record.model_id], _scan(record, 2)
+    [(_, again)] = scan_round(round_dir, detectors.build("btidbf", preset="small"), seed=2,
+                              keep=lambda r: r.model_id == record.model_id)
+    first = outs[2, record.model_id]
     assert (first.score, first.target, first.stats) == (again.score, again.target, again.stats)

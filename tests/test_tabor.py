@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from _detector_checks import scan_round
 from _inversion_fixtures import assert_mask_outlier_control
 
 from xray import detectors, models
@@ -76,18 +77,9 @@ def test_deadline_stops_gracefully_and_a_spent_one_raises():
 
 @pytest.fixture(scope="module")
 def mnist_tabor_scores(mntd_target):
-    """(record, DetectorResult, seconds) of TABOR (small preset, seed 0) on each model of the
-    MNTD target round (shared with test_nc / test_mntd in a session)."""
-    from xray.io.manifest import read_manifest
-
-    tabor = detectors.build("tabor", preset="small")
-    out = []
-    for record in read_manifest(str(mntd_target[0] / "manifest.csv")):
-        model, data = _record_data(record)
-        started = time.perf_counter()
-        result = tabor.score(model, data, ScanContext(seed=0))
-        out.append((record, result, time.perf_counter() - started))
-    return out
+    """[(record, DetectorResult)] of TABOR (small preset, seed 0) on each model of the MNTD
+    target round (shared with test_nc / test_mntd in a session)."""
+    return scan_round(mntd_target[0], detectors.build("tabor", preset="small"))
 
 
 def test_negative_control_clean_models_score_below_trojaned(mnist_tabor_scores):
@@ -95,13 +87,13 @@ def test_negative_control_clean_models_score_below_trojaned(mnist_tabor_scores):
     models; min/median L1 clean 0.555-0.836 vs trojaned 0.193-0.534 (every clean model above
     every trojaned one); anomaly index clean 0.91-3.21 vs trojaned 1.78-4.77, ROC-AUC 0.81;
     about 4 s per model on one thread."""
-    scans = [(r, o) for r, o, _ in mnist_tabor_scores]
+    scans = mnist_tabor_scores
     assert_mask_outlier_control(scans, 0.75, "TABOR")
     assert all(o.stats["stopped_early"] is False for _, o in scans)
 
 
 def test_candidates_and_constant_cost(mnist_tabor_scores):
-    record, result, _ = mnist_tabor_scores[0]
+    record, result = mnist_tabor_scores[0]
     cands = result.artifacts["candidates"]
     assert [c.target for c in cands] == list(range(record.num_classes))
     assert len(result.triggers) == len(cands)
