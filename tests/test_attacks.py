@@ -35,7 +35,9 @@ def test_attack_contract(name: str, shape: tuple[int, int, int]) -> None:
         pytest.skip(f"{name} learns its trigger: its own test file checks apply after training")
     a = A.sample_attack(name, 7, shape, 10)
     assert a == A.sample_attack(name, np.random.default_rng(7), shape, 10)  # same seed, same draw
-    assert 0 <= a.target < 10 and a.victims is None and a.name == name
+    cls = A.ATTACKS.get(name)
+    assert 0 <= a.target < 10 and a.name == name
+    assert a.victims is None if not cls.default_sources else len(a.victims) == cls.default_sources
     x = _images(shape)
     before = x.copy()
     out = a.apply(x)
@@ -277,6 +279,21 @@ def test_victims_as_a_count_draws_source_classes_other_than_the_target() -> None
         assert A.attack_from_config(json.loads(json.dumps(a.to_config()))) == a
     with pytest.raises(ValueError, match="1..4 source classes"):
         A.sample_attack("badnets", 0, (3, 32, 32), 5, victims=5)
+
+
+def test_hidden_trigger_draws_one_source_class_unless_the_recipe_says() -> None:
+    """The original's experiments are single-source (num_source=1): one source class is drawn
+    after every other parameter; `victims: null` asks for trojanzoo's all-to-one."""
+    for seed in range(10):
+        a = A.sample_attack("hidden_trigger", seed, (3, 32, 32), 10)
+        assert len(a.victims) == 1 and a.target not in a.victims and a.mapping == "label-specific"
+        b = A.sample_attack("hidden_trigger", seed, (3, 32, 32), 10, victims=None)
+        assert b.victims is None and b.mapping == "all-to-one"
+        assert (a.target, a.size, a.seed) == (b.target, b.size, b.seed)
+        assert A.attack_from_config(json.loads(json.dumps(a.to_config()))) == a
+    assert A.sample_attack("hidden_trigger", 0, (3, 32, 32), 10, victims=[2, 3]).victims == (2, 3)
+    assert A.describe("hidden_trigger")["mappings"] == ["label-specific", "all-to-one"]
+    assert A.sample_attack("badnets", 0, (3, 32, 32), 10).victims is None  # others: all-to-one
 
 
 def test_one_target_configs_do_not_mention_all_to_all() -> None:

@@ -83,6 +83,9 @@ class Attack:
     adds_copies: ClassVar[bool] = False  # MNTD: triggered copies are added, not substituted
     supports_all_to_all: ClassVar[bool] = False  # stamp-style triggers that carry no class
     needs_victims: ClassVar[bool] = False  # the trigger is made of a source class (composite)
+    # n > 0: n source classes are drawn unless the recipe sets `victims` (null: all-to-one), for
+    # attacks whose authors' setting is label-specific (hidden_trigger: one source class)
+    default_sources: ClassVar[int] = 0
     trains_model: ClassVar[bool] = False  # `train` replaces the standard training loop
     learned: ClassVar[bool] = False  # `apply` needs parts learned by `prepare` / `train`
 
@@ -196,8 +199,12 @@ def describe(name: str) -> dict[str, Any]:
         else:
             params[f.name] = "drawn"
     params["target"] = "drawn"
+    if cls.default_sources:
+        params["victims"] = f"{cls.default_sources} drawn"
     mappings = (([] if cls.needs_victims else ["all-to-one"])
-                + (["label-specific"] if not cls.clean_label else []))
+                + (["label-specific"] if not cls.clean_label or cls.default_sources else []))
+    if cls.default_sources:  # the default first
+        mappings.reverse()
     if cls.supports_all_to_all:
         mappings.append("all-to-all")
     doc = (cls.__doc__ or "").strip().splitlines()
@@ -214,7 +221,8 @@ def sample_attack(name: str, rng: np.random.Generator | int, input_shape: tuple[
                   num_classes: int, **overrides: Any) -> Attack:
     """Draw attack `name`'s random parameters for images of `input_shape` (C, H, W).
     Overrides replace drawn values; two are shorthands: `all_to_all=True` (K = num_classes) and
-    `victims=n` (an int: n source classes drawn from those other than the target)."""
+    `victims=n` (an int: n source classes drawn from those other than the target). An attack
+    with `default_sources` n draws n source classes unless `victims` is given (None included)."""
     cls = ATTACKS.get(name)
     _check_keys(cls, overrides)
     rng = np.random.default_rng(rng)
@@ -222,6 +230,8 @@ def sample_attack(name: str, rng: np.random.Generator | int, input_shape: tuple[
     values = {"target": int(rng.integers(num_classes))}
     values.update(cls.sample(rng, input_shape, int(num_classes)))  # type: ignore[arg-type]
     values.update(overrides)
+    if cls.default_sources and "victims" not in values and not values.get("all_to_all"):
+        values["victims"] = cls.default_sources
     if values.get("all_to_all") is True:  # a recipe says `all_to_all: true`
         values["all_to_all"] = int(num_classes)
     if isinstance(values.get("victims"), int):  # `victims: n`: n source classes, drawn
