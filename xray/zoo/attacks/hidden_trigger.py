@@ -115,6 +115,9 @@ class HiddenTrigger(Attack):
     - the source images and patch locations of the poisons are drawn from `seed` (the
       original: shuffled loaders, unseeded), so the poisons are a function of the attack and the
       selected images;
+    - the poisons replace the target-class images they were made from (the zoo's clean-label
+      poisoning), where the original adds them (ConcatDataset of the clean fine-tuning set and
+      num_poison poisons made from a separate split of target images);
     - the original's triggers are PNG images (trigger_10..19.png), drawn here as a random pattern.
     """
 
