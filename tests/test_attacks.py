@@ -333,5 +333,8 @@ def test_attacks_cli_lists_every_attack_with_mappings() -> None:
     assert listed["sig"]["clean_label"] and "label-specific" not in listed["sig"]["mappings"]
     assert listed["composite"]["mappings"] == ["label-specific"]  # its class A is the source
     assert listed["badnets"]["params"]["size"] == "drawn"
+    # each summary is the docstring's whole first paragraph, never a citation cut at a line end
+    assert all(d["summary"].endswith(".") for d in listed.values()), [
+        d["summary"] for d in listed.values() if not d["summary"].endswith(".")]
     text = CliRunner().invoke(main, ["attacks"]).output
     assert "badnets: BadNets" in text and "mappings: all-to-one" in text

@@ -19,6 +19,7 @@ trigger.safetensors beside the model) and come back with `with_artifacts`.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
@@ -207,8 +208,9 @@ def describe(name: str) -> dict[str, Any]:
         mappings.reverse()
     if cls.supports_all_to_all:
         mappings.append("all-to-all")
-    doc = (cls.__doc__ or "").strip().splitlines()
-    return {"name": name, "summary": doc[0] if doc else "", "params": params,
+    # The docstring's first paragraph, on one line (some wrap their citation over two lines).
+    summary = " ".join(inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0].split())
+    return {"name": name, "summary": summary, "params": params,
             "mappings": mappings, "clean_label": cls.clean_label,
             "trains_model": cls.trains_model, "learned": cls.learned, "module": cls.__module__}
 
