@@ -3,10 +3,6 @@ scan of every model of a round, and the checks that a detector leaves the model 
 (parameters, buffers such as BatchNorm running statistics and counters, every module's train /
 eval mode, no .grad), on success and on error (the detectors that run the model in train()
 mode: BAN, BTI-DBF)."""
-import dataclasses
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
-
 import pytest
 import torch
 
@@ -41,50 +37,27 @@ def untrained_nin(k: int = 3, size: int = 16) -> tuple[torch.nn.Module, ScanData
 def scan_round(round_dir, detector, seed: int = 0, keep=None, seeds=None) -> list:
     """[(manifest record, DetectorResult)] of `detector` on every model of the round at
     `round_dir` (its manifest.csv) for which keep(record) holds (all when keep is None), each
-    with its own examples and ScanContext(seed). seeds: scan every model once per seed instead,
-    seed by seed ([(record, result)] for the first seed, then the next).
+    with its own examples (and normalisation, as a scan gives them) and ScanContext(seed).
+    seeds: scan every model once per seed instead, seed by seed ([(record, result)] for the
+    first seed, then the next).
 
-    The models are scanned two at a time in worker processes of one thread each (as the runner's
-    actors do), the session's pool: the same results as one thread in this process, 1.2-1.4x
-    faster on the suite's 2 vCPUs (abs+exray on the NiN control round: 56 s -> 48 s)."""
+    In this process, one model after the other: scanning two at a time in one-thread worker
+    processes was measured at 56 -> 48 s alone (abs+exray on the NiN control round) but no
+    faster inside the whole suite on its 2 vCPUs, so it was not kept."""
+    from xray.io.examples import load_examples
     from xray.io.manifest import read_manifest
+    from xray.io.model_loading import load_model
 
     records = [r for r in read_manifest(str(round_dir / "manifest.csv"))
                if keep is None or keep(r)]
-    jobs = [(record, s) for s in (seeds if seeds is not None else [seed]) for record in records]
-    # By name and parameters: composed detectors' classes are made at import, not picklable.
-    built = (detector.name, dataclasses.asdict(detector.params))
-    results = _scan_pool().map(_scan_one, [built] * len(jobs), jobs)
-    return [(record, out) for (record, _), out in zip(jobs, results)]
-
-
-def _scan_one(built, job) -> "detectors.DetectorResult":
-    from xray.io.examples import load_examples
-    from xray.io.model_loading import load_model
-
-    (name, params), (record, seed) = built, job
-    detector = detectors.build(name, params)
-    x, y = load_examples(record)
-    data = ScanData(x=x, y=y, num_classes=record.num_classes, mean=tuple(record.mean),
-                    std=tuple(record.std))
-    return detector.score(load_model(record), data, ScanContext(seed=seed))
-
-
-_POOL: list[ProcessPoolExecutor] = []
-
-
-def _scan_pool() -> ProcessPoolExecutor:
-    """Two spawned workers (torch and fork do not mix), started on first use and kept for the
-    session (each start imports torch); conftest shuts them down at the end."""
-    if not _POOL:
-        _POOL.append(ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=torch.set_num_threads, initargs=(1,)))
-    return _POOL[0]
-
-
-def shutdown_scan_pool() -> None:
-    while _POOL:
-        _POOL.pop().shutdown()
+    out = []
+    for s in (seeds if seeds is not None else [seed]):
+        for record in records:
+            x, y = load_examples(record)
+            data = ScanData(x=x, y=y, num_classes=record.num_classes, mean=tuple(record.mean),
+                            std=tuple(record.std))
+            out.append((record, detector.score(load_model(record), data, ScanContext(seed=s))))
+    return out
 
 
 def snapshot(net: torch.nn.Module) -> tuple[dict, dict]:

@@ -103,8 +103,5 @@ def s3_server() -> Iterator[S3Server]:
 def pytest_sessionfinish(session, exitstatus):
     import sys
 
-    from _detector_checks import shutdown_scan_pool
-
-    shutdown_scan_pool()
     if "ray" in sys.modules:
         sys.modules["ray"].shutdown()
