@@ -100,6 +100,48 @@ def test_a_changed_recipe_is_refused_before_any_training(tiny_round, tmp_path):
         build_round(parse_recipe(edited), str(target), workers=1, show_progress=False)
 
 
+def test_models_trained_under_other_attack_defaults_are_refused_or_retrained(tiny_round,
+                                                                            tmp_path):
+    """An attack whose defaults changed since the round was built draws another trigger from
+    the same seed: a written model with the old trigger is refused (AttackChanged, before any
+    training), a recorded failure with the old trigger is trained again and, kept this time,
+    leaves failed/."""
+    import shutil
+
+    from xray.zoo.build import AttackChanged
+
+    round_dir, _ = tiny_round
+    target = tmp_path / "round"
+    shutil.copytree(round_dir, target)
+    badnets = sorted(m for m, c in _configs(target).items() if c["attack"] == "badnets")
+    config_file = target / badnets[0] / "config.json"
+    written = config_file.read_text()
+    config = json.loads(written)
+    config["trigger"]["size"] += 1  # as if badnets had drawn its patch size otherwise
+    config_file.write_text(json.dumps(config))
+    before = sorted(os.listdir(target))
+    with pytest.raises(AttackChanged,
+                       match=rf"{badnets[0]} was trained with another badnets .*size: \d+ -> \d+"):
+        build_round(parse_recipe(TINY_RECIPE), str(target), workers=1, show_progress=False)
+    assert sorted(os.listdir(target)) == before
+    config_file.write_text(written)
+
+    stale = _configs(target)[badnets[1]]
+    stale["trigger"]["size"] += 1
+    shutil.rmtree(target / badnets[1])
+    (target / "failed").mkdir(exist_ok=True)
+    (target / "failed" / f"{badnets[1]}.json").write_text(json.dumps(
+        {"model_id": badnets[1], "reason": "below the floor", "attack": "badnets",
+         "seed": stale["seed"], "trigger": stale["trigger"]}))
+    again = build_round(parse_recipe(TINY_RECIPE), str(target), workers=1, show_progress=False)
+    assert again.trained == 1 and again.skipped == 7 and not again.failed  # the rest skipped
+    assert (target / badnets[1] / "config.json").is_file()
+    assert not (target / "failed" / f"{badnets[1]}.json").exists()
+    assert badnets[1] not in json.loads((target / "round.json").read_text())["failed"]
+    assert build_round(parse_recipe(TINY_RECIPE), str(target), workers=1,
+                       show_progress=False).trained == 0  # nothing stale any more
+
+
 def test_a_device_this_machine_lacks_fails_before_any_training(tmp_path):
     import pytest
     import torch

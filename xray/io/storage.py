@@ -179,6 +179,13 @@ def write_text(uri: str, text: str) -> None:
     atomic_write_bytes(uri, text.encode("utf-8"))
 
 
+def remove(uri: str) -> None:
+    """Delete the file at `uri`; nothing to do when it does not exist."""
+    fs, path = filesystem(uri)
+    if with_retries(lambda: fs.exists(path)):
+        with_retries(lambda: fs.rm_file(path))
+
+
 def makedirs(uri: str) -> None:
     fs, path = filesystem(uri)
     with_retries(lambda: fs.makedirs(path, exist_ok=True))

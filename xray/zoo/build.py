@@ -1,7 +1,9 @@
 """Build a round from a recipe: train the pending models in parallel processes, write each as it
 finishes, then index the round. Re-running the same recipe skips models already written (and
 models already recorded as failed); a round holding models of another version of the recipe is
-refused (RecipeChanged), so an edited recipe never resumes into a mixed round.
+refused (RecipeChanged), so an edited recipe never resumes into a mixed round; so is one whose
+models were trained with triggers this code no longer draws from the same seeds (AttackChanged:
+an attack's defaults changed), while such stale recorded failures are simply trained again.
 
 A group with `stack: K` (K > 1) trains its models K at a time in one vectorised pass
 (xray.zoo.stacked; MNTD shadow sets): pending models of such groups are pooled by
@@ -10,6 +12,7 @@ task. Groups without `stack` (the default) train one model per task, as before."
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -28,7 +31,7 @@ from xray.zoo.attacks import ATTACKS
 from xray.zoo.data import Dataset, load_dataset
 from xray.zoo.recipe import ModelSpec, Recipe, model_seed
 from xray.zoo.stacked import train_stack
-from xray.zoo.train import TrainedModel, resolve_training_device, train_model
+from xray.zoo.train import TrainedModel, drawn_trigger, resolve_training_device, train_model
 
 log = logging.getLogger(__name__)
 
@@ -200,18 +203,70 @@ def check_same_recipe(recipe: Recipe, round_uri: str) -> None:
             "or delete the folder to build it under this recipe")
 
 
+class AttackChanged(RecipeChanged):
+    """A model of the round was trained with another trigger than this code draws from the same
+    recipe and seed: an attack's defaults changed since (a new parameter, another default)."""
+
+
+def _trigger_changes(spec: ModelSpec, recorded: dict[str, Any], input_shape: Any,
+                     num_classes: int) -> list[str]:
+    """How the trigger recorded for `spec`'s model differs from the one drawn now from its
+    recorded seed ("field: recorded -> drawn now"; empty: the same). Fields the draw leaves
+    empty ("") are filled by the attack's preparation (the identity of a learned encoder or
+    surrogate) and not compared."""
+    drawn = drawn_trigger(spec, int(recorded["seed"]), tuple(input_shape), int(num_classes))
+    trigger = recorded.get("trigger")
+    if drawn is None or trigger is None:
+        return [] if drawn == trigger else [f"trigger: {trigger} -> {drawn}"]
+    return [f"{key}: {trigger.get(key, '(absent)')} -> {value}" for key, value in drawn.items()
+            if value != "" and trigger.get(key, "(absent)") != value]
+
+
+def stale_failures(specs: list[ModelSpec], round_uri: str) -> set[str]:
+    """Check the round's models against this code's attacks. A model written with another
+    trigger fails the build (AttackChanged): keeping it would mix two versions of an attack in
+    one round. A recorded failure with another trigger is returned: trained again under the
+    current defaults rather than skipped."""
+    by_id = {s.model_id: s for s in specs}
+    configs = [c for c in round_writer.model_configs(round_uri) if c["model_id"] in by_id]
+    for config in configs:
+        changes = _trigger_changes(by_id[config["model_id"]], config, config["input_shape"],
+                                   config["num_classes"])
+        if changes:
+            raise AttackChanged(
+                f"{round_uri}/{config['model_id']} was trained with another {config.get('attack')} "
+                f"trigger than this xray draws from the same recipe and seed (its defaults "
+                f"changed; {', '.join(changes)}): build into a new --out, or delete the folder "
+                "to build it under this version")
+    if not configs:  # the data's shape is known from a written model only
+        return set()
+    shape, classes = configs[0]["input_shape"], configs[0]["num_classes"]
+    stale = set()
+    for model_id in round_writer.failed_model_ids(round_uri) & set(by_id):
+        failure = json.loads(storage.read_text(
+            storage.join(round_uri, "failed", f"{model_id}.json")))
+        if _trigger_changes(by_id[model_id], failure, shape, classes):
+            log.info("%s: its recorded failure was drawn under other %s defaults: trained again",
+                     model_id, failure.get("attack"))
+            stale.add(model_id)
+    return stale
+
+
 def build_round(recipe: Recipe, round_uri: str, workers: int | None = None,
                 show_progress: bool = True, device: str = "cpu",
                 stacking: str = "auto") -> BuildResult:
     """Train every model of `recipe` not yet in `round_uri`, `workers` processes at a time, on
     `device` ('cpu', 'cuda', 'cuda:N' or 'auto'; every worker shares that device); `stacking`
-    see `use_stacks`. A round holding models of another version of the recipe is refused
-    (RecipeChanged) before anything is trained."""
+    see `use_stacks`. A round holding models of another version of the recipe, or trained with
+    other attack defaults, is refused (RecipeChanged, AttackChanged) before anything is trained;
+    recorded failures drawn under other attack defaults are trained again."""
     stacked = use_stacks(stacking, resolve_training_device(device))  # bad input fails here
     storage.makedirs(round_uri)
     check_same_recipe(recipe, round_uri)
     specs = recipe.model_specs()
-    skip = round_writer.completed_model_ids(round_uri) | round_writer.failed_model_ids(round_uri)
+    retry = stale_failures(specs, round_uri)
+    skip = (round_writer.completed_model_ids(round_uri)
+            | round_writer.failed_model_ids(round_uri)) - retry
     pending = [s for s in specs if s.model_id not in skip]
     tasks = plan_tasks(recipe, pending, stacked)
     workers = max(1, min(workers or os.cpu_count() or 1, len(tasks) or 1))

@@ -95,6 +95,19 @@ def attack_kit(spec: ModelSpec, dataset: Dataset, cache_uri: str | None) -> atta
                                 cache_uri=cache_uri)
 
 
+def drawn_trigger(spec: ModelSpec, seed: int, input_shape: tuple[int, int, int],
+                  num_classes: int) -> dict[str, Any] | None:
+    """The trigger config (`Attack.to_config()`) this code draws for `spec` trained with `seed`
+    (a model's recorded seed: its attempt's), before any learning: what a model's recorded
+    `trigger` must equal unless an attack's defaults changed since it was trained. None for a
+    clean spec."""
+    if not spec.attack:
+        return None
+    attack = attack_lib.sample_attack(spec.attack, np.random.default_rng(seed), input_shape,
+                                      num_classes, **spec.attack_params)
+    return json.loads(json.dumps(attack.to_config()))
+
+
 def training_set(spec: ModelSpec, dataset: Dataset, rng: np.random.Generator,
                  cache_uri: str | None = None
                  ) -> tuple[np.ndarray, np.ndarray, Any | None, int]:
