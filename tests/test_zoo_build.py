@@ -109,6 +109,7 @@ def test_models_trained_under_other_attack_defaults_are_refused_or_retrained(tin
     import shutil
 
     from xray.zoo.build import AttackChanged
+    from xray.zoo.round import write_round_index
 
     round_dir, _ = tiny_round
     target = tmp_path / "round"
@@ -119,11 +120,15 @@ def test_models_trained_under_other_attack_defaults_are_refused_or_retrained(tin
     config = json.loads(written)
     config["trigger"]["size"] += 1  # as if badnets had drawn its patch size otherwise
     config_file.write_text(json.dumps(config))
+    write_round_index(str(target), parse_recipe(TINY_RECIPE))  # METADATA.csv says so too
     before = sorted(os.listdir(target))
-    with pytest.raises(AttackChanged,
-                       match=rf"{badnets[0]} was trained with another badnets .*size: \d+ -> \d+"):
+    stale = rf"{badnets[0]} was trained with another badnets .*size: \d+ -> \d+"
+    with pytest.raises(AttackChanged, match=stale):  # read from METADATA.csv
         build_round(parse_recipe(TINY_RECIPE), str(target), workers=1, show_progress=False)
     assert sorted(os.listdir(target)) == before
+    (target / "METADATA.csv").unlink()  # a build stopped before indexing: from config.json
+    with pytest.raises(AttackChanged, match=stale):
+        build_round(parse_recipe(TINY_RECIPE), str(target), workers=1, show_progress=False)
     config_file.write_text(written)
 
     stale = _configs(target)[badnets[1]]

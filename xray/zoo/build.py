@@ -228,7 +228,7 @@ def stale_failures(specs: list[ModelSpec], round_uri: str) -> set[str]:
     one round. A recorded failure with another trigger is returned: trained again under the
     current defaults rather than skipped."""
     by_id = {s.model_id: s for s in specs}
-    configs = [c for c in round_writer.model_configs(round_uri) if c["model_id"] in by_id]
+    configs = [c for c in round_writer.recorded_triggers(round_uri) if c["model_id"] in by_id]
     for config in configs:
         changes = _trigger_changes(by_id[config["model_id"]], config, config["input_shape"],
                                    config["num_classes"])

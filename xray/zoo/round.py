@@ -188,6 +188,32 @@ def built_from(round_uri: str) -> dict[str, str]:
             for c in model_configs(round_uri) if c.get("recipe_digest")}
 
 
+TRIGGER_KEYS = ("model_id", "attack", "seed", "input_shape", "num_classes", "trigger")
+
+
+def recorded_triggers(round_uri: str) -> list[dict[str, Any]]:
+    """TRIGGER_KEYS of every complete model's config: from METADATA.csv (one read, however
+    large the round or slow its store) for the models the last index holds, from config.json
+    for those written after it (an interrupted build)."""
+    done = completed_model_ids(round_uri)
+    found: dict[str, dict[str, Any]] = {}
+    index = storage.join(round_uri, "METADATA.csv")
+    if storage.exists(index):
+        table = pd.read_csv(io.StringIO(storage.read_text(index)), dtype=str,
+                            keep_default_na=False)
+        for row in table.to_dict("records"):
+            if row["model_id"] in done:
+                found[row["model_id"]] = {
+                    "model_id": row["model_id"], "attack": row["attack"] or None,
+                    "seed": int(row["seed"]), "input_shape": json.loads(row["input_shape"]),
+                    "num_classes": int(row["num_classes"]),
+                    "trigger": json.loads(row["trigger"]) if row["trigger"] else None}
+    for model_id in sorted(done - set(found)):
+        config = json.loads(storage.read_text(storage.join(round_uri, model_id, CONFIG_FILE)))
+        found[model_id] = {k: config.get(k) for k in TRIGGER_KEYS}
+    return [found[m] for m in sorted(found)]
+
+
 def failed_model_ids(round_uri: str) -> set[str]:
     return {n[:-len(".json")] for n in storage.listdir(storage.join(round_uri, "failed"))
             if n.endswith(".json")}
