@@ -3,7 +3,7 @@ finishes, then index the round. Re-running the same recipe skips models already 
 models already recorded as failed); a round holding models of another version of the recipe is
 refused (RecipeChanged), so an edited recipe never resumes into a mixed round; so is one whose
 models were trained with triggers this code no longer draws from the same seeds (AttackChanged:
-an attack's defaults changed), while such stale recorded failures are simply trained again.
+an attack's defaults changed), while such stale recorded failures are deleted and trained again.
 
 A group with `stack: K` (K > 1) trains its models K at a time in one vectorised pass
 (xray.zoo.stacked; MNTD shadow sets): pending models of such groups are pooled by
@@ -259,14 +259,14 @@ def build_round(recipe: Recipe, round_uri: str, workers: int | None = None,
     `device` ('cpu', 'cuda', 'cuda:N' or 'auto'; every worker shares that device); `stacking`
     see `use_stacks`. A round holding models of another version of the recipe, or trained with
     other attack defaults, is refused (RecipeChanged, AttackChanged) before anything is trained;
-    recorded failures drawn under other attack defaults are trained again."""
+    recorded failures drawn under other attack defaults are deleted and trained again."""
     stacked = use_stacks(stacking, resolve_training_device(device))  # bad input fails here
     storage.makedirs(round_uri)
     check_same_recipe(recipe, round_uri)
     specs = recipe.model_specs()
-    retry = stale_failures(specs, round_uri)
-    skip = (round_writer.completed_model_ids(round_uri)
-            | round_writer.failed_model_ids(round_uri)) - retry
+    for model_id in stale_failures(specs, round_uri):  # trained again: kept or failed anew
+        storage.remove(storage.join(round_uri, "failed", f"{model_id}.json"))
+    skip = round_writer.completed_model_ids(round_uri) | round_writer.failed_model_ids(round_uri)
     pending = [s for s in specs if s.model_id not in skip]
     tasks = plan_tasks(recipe, pending, stacked)
     workers = max(1, min(workers or os.cpu_count() or 1, len(tasks) or 1))

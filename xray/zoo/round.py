@@ -118,9 +118,6 @@ def write_model_dir(round_uri: str, trained: TrainedModel, dataset: Dataset, rec
         write_examples(attack.apply(x_src), y_src, storage.join(model_uri, "poisoned_example_data"),
                        prefix="class_{c}_trigger_0_example_{i}.png")
     storage.write_text(storage.join(model_uri, CONFIG_FILE), json.dumps(config, indent=2))
-    # a model trained again (its recorded failure was drawn under other attack defaults) and
-    # kept this time is no longer failed
-    storage.remove(storage.join(round_uri, "failed", f"{spec.model_id}.json"))
     return config
 
 
