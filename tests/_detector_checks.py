@@ -34,12 +34,10 @@ def untrained_nin(k: int = 3, size: int = 16) -> tuple[torch.nn.Module, ScanData
     return net, ScanData(x=x, y=y, num_classes=k, mean=(0.5,), std=(0.25,))
 
 
-def scan_round(round_dir, detector, seed: int = 0, keep=None, seeds=None) -> list:
+def scan_round(round_dir, detector, seed: int = 0, keep=None) -> list:
     """[(manifest record, DetectorResult)] of `detector` on every model of the round at
     `round_dir` (its manifest.csv) for which keep(record) holds (all when keep is None), each
     with its own examples (and normalisation, as a scan gives them) and ScanContext(seed).
-    seeds: scan every model once per seed instead, seed by seed ([(record, result)] for the
-    first seed, then the next).
 
     In this process, one model after the other: scanning two at a time in one-thread worker
     processes was measured at 56 -> 48 s alone (abs+exray on the NiN control round) but no
@@ -51,12 +49,11 @@ def scan_round(round_dir, detector, seed: int = 0, keep=None, seeds=None) -> lis
     records = [r for r in read_manifest(str(round_dir / "manifest.csv"))
                if keep is None or keep(r)]
     out = []
-    for s in (seeds if seeds is not None else [seed]):
-        for record in records:
-            x, y = load_examples(record)
-            data = ScanData(x=x, y=y, num_classes=record.num_classes, mean=tuple(record.mean),
-                            std=tuple(record.std))
-            out.append((record, detector.score(load_model(record), data, ScanContext(seed=s))))
+    for record in records:
+        x, y = load_examples(record)
+        data = ScanData(x=x, y=y, num_classes=record.num_classes, mean=tuple(record.mean),
+                        std=tuple(record.std))
+        out.append((record, detector.score(load_model(record), data, ScanContext(seed=seed))))
     return out
 
 

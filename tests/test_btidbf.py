@@ -123,12 +123,14 @@ def test_negative_control_clean_models_score_below_trojaned(nin_control_round):
     latter with the wrong target): the score is seed-sensitive at this budget, as docs/FIDELITY.md
     "BTI-DBF" records with the EX-RAY round's figures (ROC-AUC 0.92 / 0.85 / 0.77, seeds 0-2)."""
     round_dir, _ = nin_control_round
-    scans = scan_round(round_dir, detectors.build("btidbf", preset="small"), seeds=(1, 2))
+    detector = detectors.build("btidbf", preset="small")
     outs = {}
-    for seed, per_seed in zip((1, 2), (scans[:len(scans) // 2], scans[len(scans) // 2:])):
+    for seed in (1, 2):
         rows = []
-        for record, out in per_seed:
+        for record, out in scan_round(round_dir, detector, seed=seed):
             outs[seed, record.model_id] = out
+            if record.poisoned:
+                probe = record
             assert out.stats["steps"] == 124 and not out.stats["stopped_early"]
             rows.append((record.poisoned, record.target, out.target, out.score))
         print(f"btidbf nin control, seed {seed}:", json.dumps(rows))
@@ -137,9 +139,8 @@ def test_negative_control_clean_models_score_below_trojaned(nin_control_round):
         assert len(clean) == 2 and len(trojaned) == 2
         assert max(clean) < min(r[3] for r in trojaned), rows
         assert all(r[1] == r[2] for r in trojaned), rows
-    records = [record for record, _ in scans]
-    record = next(r for r in records if r.poisoned)  # same seed, same result
-    [(_, again)] = scan_round(round_dir, detectors.build("btidbf", preset="small"), seed=2,
-                              keep=lambda r: r.model_id == record.model_id)
-    first = outs[2, record.model_id]
+    # same seed, same result
+    [(_, again)] = scan_round(round_dir, detector, seed=2,
+                              keep=lambda r: r.model_id == probe.model_id)
+    first = outs[2, probe.model_id]
     assert (first.score, first.target, first.stats) == (again.score, again.target, again.stats)
