@@ -222,11 +222,11 @@ def _trigger_changes(spec: ModelSpec, recorded: dict[str, Any], input_shape: Any
             if value != "" and trigger.get(key, "(absent)") != value]
 
 
-def stale_failures(specs: list[ModelSpec], round_uri: str) -> set[str]:
-    """Check the round's models against this code's attacks. A model written with another
-    trigger fails the build (AttackChanged): keeping it would mix two versions of an attack in
-    one round. A recorded failure with another trigger is returned: trained again under the
-    current defaults rather than skipped."""
+def check_same_attacks(specs: list[ModelSpec], round_uri: str) -> set[str]:
+    """check_same_recipe's twin for the attacks' code: refuse a round holding a model written
+    with another trigger than this code draws (AttackChanged: keeping it would mix two versions
+    of an attack in one round). Returns the recorded failures drawn with another trigger: stale,
+    to be trained again under the current defaults rather than skipped."""
     by_id = {s.model_id: s for s in specs}
     configs = [c for c in round_writer.recorded_triggers(round_uri) if c["model_id"] in by_id]
     for config in configs:
@@ -264,7 +264,7 @@ def build_round(recipe: Recipe, round_uri: str, workers: int | None = None,
     storage.makedirs(round_uri)
     check_same_recipe(recipe, round_uri)
     specs = recipe.model_specs()
-    for model_id in stale_failures(specs, round_uri):  # trained again: kept or failed anew
+    for model_id in check_same_attacks(specs, round_uri):  # trained again: kept or failed anew
         storage.remove(storage.join(round_uri, "failed", f"{model_id}.json"))
     skip = round_writer.completed_model_ids(round_uri) | round_writer.failed_model_ids(round_uri)
     pending = [s for s in specs if s.model_id not in skip]
