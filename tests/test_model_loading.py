@@ -297,3 +297,35 @@ def test_clip_text_cuts_at_a_sentence_or_clause_end():
     assert clip_text("y" * 500, 100) == "y" * 94 + " [...]"
     assert first_line("E: " + sentences + "\ntraceback") == "E: " + sentences
     assert first_line("E: " + sentences * 2).endswith("and more. [...]")
+
+
+def test_fingerprint_follows_the_weights_not_the_inode(tmp_path):
+    """A model file's fingerprint (what a re-scan compares) is its size and mtime locally: a
+    chmod, a rename or a copy that keeps the mtime (cp -p) leave it alone (they change only the
+    ctime, which once counted and made a moved round scan again), a rewrite changes it. On
+    fsspec's memory store, which has no mtime, the creation time still counts."""
+    import shutil
+    import time
+
+    first = tmp_path / "a" / "model.pt"
+    first.parent.mkdir()
+    first.write_bytes(b"weights-1")
+    before = model_fingerprint(str(first))
+    time.sleep(0.01)
+    os.chmod(first, 0o600)
+    assert model_fingerprint(str(first)) == before
+    copy = tmp_path / "b" / "model.pt"
+    shutil.copytree(first.parent, copy.parent)  # copy2: mtimes kept, as cp -p
+    assert model_fingerprint(str(copy)) == before
+    moved = tmp_path / "c"
+    copy.parent.rename(moved)
+    assert model_fingerprint(str(moved / "model.pt")) == before
+    first.write_bytes(b"weights-2")  # same size, new content
+    os.utime(first, (time.time() + 5, time.time() + 5))
+    assert model_fingerprint(str(first)) != before
+
+    storage.write_text("memory://test_fingerprint/model.pt", "w")
+    in_memory = model_fingerprint("memory://test_fingerprint/model.pt")
+    time.sleep(0.01)
+    storage.write_text("memory://test_fingerprint/model.pt", "v")
+    assert model_fingerprint("memory://test_fingerprint/model.pt") != in_memory

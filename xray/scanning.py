@@ -38,11 +38,15 @@ def file_facts(uri: str) -> tuple[str, int]:
     """(fingerprint, size in bytes) of a model file from storage metadata, without reading the
     weights. The fingerprint is the object's ETag / checksum where the store has one, else size
     and modification time: a changed file gets a new one and is scanned again (rewriting
-    identical bytes may too)."""
+    identical bytes may too). The creation time counts only on a store that has nothing else
+    (fsspec's memory filesystem): a local file's "created" is its ctime, which a chmod, a rename
+    or a copy that keeps mtimes (cp -p, rsync -t) changes without touching the weights."""
     fs, path = storage.filesystem(uri)
     info = storage.with_retries(lambda: fs.info(path))
-    keys = ("ETag", "etag", "checksum", "size", "mtime", "LastModified", "created")
+    keys = ("ETag", "etag", "checksum", "size", "mtime", "LastModified")
     ident = {k: str(info[k]) for k in keys if k in info}
+    if set(ident) <= {"size"} and "created" in info:
+        ident["created"] = str(info["created"])
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
     return digest, int(info.get("size") or 0)
 
