@@ -276,7 +276,7 @@ def table(workdir: Path, detectors: list[str]) -> tuple[dict[str, float], dict[s
     per_detector: dict[str, dict[str, Any]] = {}
     for det in detectors:
         train = _per_model(scores["train"], det)
-        if not len(_per_model(scores["test"], det)):
+        if not (scores["test"]["detector"] == det).any():
             continue
         clean_train = train.loc[(train["y"] == 0) & train["score"].notna(), "score"]
         threshold = (M.calibrate_threshold(clean_train.to_numpy(), 0.95).value
@@ -288,7 +288,7 @@ def table(workdir: Path, detectors: list[str]) -> tuple[dict[str, float], dict[s
         except ValueError as e:  # no usable training scores: the cell says why
             per_detector[det] = {"why_no_probability": str(e).splitlines()[0]}
         cells[det] = round_cells(scores["test"], mappings["test"], det, threshold, platt)
-        if len(_per_model(scores["architecture"], det)):
+        if (scores["architecture"]["detector"] == det).any():
             architecture_cells[det] = round_cells(scores["architecture"],
                                                   mappings["architecture"], det, threshold, platt)
         per_detector.setdefault(det, {})["train_threshold"] = threshold

@@ -31,7 +31,10 @@ SELECTION_TOLERANCE = 0.01  # nats of cross-validated CE a richer candidate must
 def _training_frame(scores: pd.DataFrame, detectors: Sequence[str]
                     ) -> tuple[list[str], list[dict[str, float]], np.ndarray]:
     results = model_results(scores[scores["detector"].isin(detectors)])
-    truth = scores.sort_values("finished_at").drop_duplicates("model_id", keep="last")
+    # In model order, not finishing order: the cross-validation folds follow the rows, and the
+    # same scores must give the same calibrator however the actors happened to finish.
+    truth = (scores.sort_values("finished_at").drop_duplicates("model_id", keep="last")
+             .sort_values("model_id", kind="stable"))
     ids, feats, y = [], [], []
     for row in truth.to_dict("records"):
         gt = row.get("gt_poisoned")
