@@ -546,14 +546,14 @@ def main() -> None:
     command = (f".venv/bin/python bench/evaluation.py --workdir {args.workdir} "
                f"--size {args.size}" + (f" --data {args.data}" if args.data else "")
                + ("" if args.detectors == ",".join(DETECTORS)
-                  else f" --detectors {args.detectors}")
-               + (" --tabulate-only" if args.tabulate_only else ""))
+                  else f" --detectors {args.detectors}"))
     tables = ("cells", "architecture_cells", "clean_label_cells")
-    path = record("evaluation", command, figures,
+    path = record("evaluation", command + (" --tabulate-only" if args.tabulate_only else ""),
+                  figures,
                   {k: v for k, v in notes.items() if k not in tables}
                   | {k: json.loads(json.dumps(notes[k], default=float)) for k in tables})
-    # The docs' one line reproduces the whole table (a tabulate-only run reads its scans).
-    Path(args.docs).write_text(markdown(figures, notes, command.replace(" --tabulate-only", "")))
+    # The docs' one line is the command that reproduces the whole table, scans included.
+    Path(args.docs).write_text(markdown(figures, notes, command))
     print(path.read_text()[:2000])
     print(f"table: {args.docs}")
 
