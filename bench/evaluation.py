@@ -101,8 +101,13 @@ ANALYSIS = """
   TRODO's confidence is saturated before its attack (MSP 0.95-0.98 on its near-OOD images), so
   its gain (0.01-0.05) carries little. Issue 21 quotes an
   outside ResNet-18 round where `abs+exray` reached 0.83 and Model X-ray 0.67 (its image size
-  unknown to us); the stem's downsampling at 32 px is the first suspect for the gap, not yet
-  measured at a larger size (4x the training and scan time).
+  unknown to us). Not the split layer's resolution, measured on six models of this recipe
+  (3 clean, BadNets x2, polygon): at `layer2` (4 x 4) instead of `layer3` EX-RAY still prunes
+  every tested trigger; the polygon model's injected triggers (victim 0 -> its target 7, 17-27
+  px against natural ones at the 32.7 px size bound, all REASR 1.0) get s1 0.91-0.95 at
+  `layer2` and 0.99 at `layer3` (> beta 0.8: the channels the trigger moves contain those
+  that tell the target from the victim), so EX-RAY calls them natural at either layer. A
+  larger image size (64 px, 4x the training and scan time) is not measured.
 - Stacking more detectors' scores does not help on these rounds, measured after the fact and
   kept out of the table: a calibrator restricted to the detectors that beat the base rate alone
   in cross-validation on the training round (weights, trodo, mmbd, tabor, nc+exray; before the
