@@ -106,8 +106,10 @@ ANALYSIS = """
   every tested trigger; the polygon model's injected triggers (victim 0 -> its target 7, 17-27
   px against natural ones at the 32.7 px size bound, all REASR 1.0) get s1 0.91-0.95 at
   `layer2` and 0.99 at `layer3` (> beta 0.8: the channels the trigger moves contain those
-  that tell the target from the victim), so EX-RAY calls them natural at either layer. A
-  larger image size (64 px, 4x the training and scan time) is not measured.
+  that tell the target from the victim), so EX-RAY calls them natural at either layer. Nor the
+  image size: at 64 px (one clean and one polygon model of the recipe, `layer3` 4 x 4) ABS
+  again finds REASR 1.0 triggers on both, EX-RAY prunes every tested one, and the polygon
+  model's trigger to its target (119 of the 130 px bound) gets s1 1.00.
 - Stacking more detectors' scores does not help on these rounds, measured after the fact and
   kept out of the table: a calibrator restricted to the detectors that beat the base rate alone
   in cross-validation on the training round (weights, trodo, mmbd, tabor, nc+exray; before the
