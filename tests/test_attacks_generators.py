@@ -43,14 +43,21 @@ def test_lira_trigger_is_linf_bounded() -> None:
 
 def test_input_aware_trains_a_backdoor() -> None:
     # Budget: the reference-size generators (width 16) and 25 mask epochs take minutes on one
-    # core, so the check trains width 8 and 5 mask epochs. Measured on the tiny set (16 epochs):
-    # ASR 0.28 (0.48 at 32 epochs), clean accuracy 1.0, cross-trigger accuracy 0.77: with 10%
-    # backdoor and 10% cross-trigger samples the dynamic trigger needs far more epochs than the
-    # budget allows (the paper trains hundreds), so the floor here is 0.2, not 0.8.
-    trained = assert_attack_trains("input_aware", asr_floor=0.2, width=8, mask_epochs=5)
+    # core, so the check trains width 8 and 5 mask epochs. With 10% backdoor and 10%
+    # cross-trigger samples the dynamic trigger is learnt slowly (the paper trains hundreds of
+    # epochs). Measured on the tiny set, seeds 11 / 12 / 13: ASR 0.01 / 0.00 / 0.02 at 16
+    # epochs, 0.85 / 0.45 / 0.32 at 48 (clean accuracy 1.0), so 48 epochs and a floor of 0.3,
+    # which each of the three seeds passes. The cross-trigger mode at this budget: another
+    # image's trigger sends 0.69 / 0.30 / 0.18 of the source images to the target, at least
+    # 0.14 below the own trigger's ASR (the paper's triggers, trained 100+ epochs, do not
+    # transfer at all).
+    trained = assert_attack_trains("input_aware", asr_floor=0.3, epochs=48, width=8,
+                                   mask_epochs=5)
     d = tiny_dataset()
-    crossed = trained.attack.apply_noise(d.x_test, np.random.default_rng(0))
-    assert (predict(trained.net, crossed) == d.y_test).mean() >= 0.6  # measured 0.77
+    source = d.y_test != trained.attack.target
+    crossed = trained.attack.apply_noise(d.x_test[source], np.random.default_rng(0))
+    crossed_to_target = (predict(trained.net, crossed) == trained.attack.target).mean()
+    assert crossed_to_target <= trained.asr - 0.1, (crossed_to_target, trained.asr)
 
 
 def test_input_aware_trigger_is_input_specific_and_cross_keeps_labels() -> None:
