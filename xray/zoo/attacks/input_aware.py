@@ -258,9 +258,7 @@ class InputAware(Attack):
             # backdoor samples: the first images the mapping flips; cross and clean: the rest of
             # the batch in its (shuffled) order, any class, as the reference's inputs1 slices
             first = batch_source_first(src[idx])
-            rest = torch.ones(len(idx), dtype=torch.bool, device=x.device)
-            rest[first[:n_bd]] = False
-            bd, others = idx[first[:n_bd]], idx[rest]
+            bd, others = idx[first[:n_bd]], idx[first[n_bd:].sort().values]
             cross, clean = others[:n_cross], others[n_cross:]
             donors = partner[n_bd:n_bd + n_cross]  # the reference's inputs2 slice
 
