@@ -63,15 +63,23 @@ class LIRA(Attack):
     The classifier uses the recipe's optimiser and schedule (xray.zoo.optim) in both stages.
     alpha 0.5 and the autoencoder generator are the reference's defaults (every image of a batch
     counts once clean and once triggered, weighted alpha / 1 - alpha: LIRA has no poisoning
-    rate). eps 0.05 on [0, 1] pixels is the authors' README value for MNIST (eps 0.1 on pixels
-    normalised to [-1, 1]); BackdoorBench's 0.01 (on normalised CIFAR pixels, about 0.0025 on
-    [0, 1]) left the tiny 16-epoch check at clean accuracy 0.47 (ASR 0.79) against 0.995 clean:
-    the classifier cannot separate so faint a trigger in a few hundred steps.
+    rate). eps 0.1 on [0, 1] pixels is twice the authors' README value for MNIST (eps 0.1 on
+    pixels normalised to [-1, 1], 0.05 on [0, 1]): in the zoo's 16 epochs the classifier cannot
+    keep so faint a trigger apart from the clean images, and pays in clean accuracy. Measured
+    (mntd_mnist_cnn, 16 epochs, one thread), ASR / clean accuracy against the clean model:
+    - tests' tiny set (5-class 24 px signs; clean 0.995-1.0), seeds 11 / 12 / 13: eps 0.05
+      1.00 / 0.99, 0.81 / 0.90, 0.87 / 0.75; eps 0.1 1.00 / 1.00, 1.00 / 0.985, 0.98 / 0.985;
+    - demo data (10-class 32 px signs; clean 0.984 / 0.988 for seeds 1 / 2), seeds 1 / 2 / 3:
+      eps 0.05 0.87 / 0.81, 0.97 / 0.93, 0.98 / 0.95 (bench/zoo.py's model: 0.84 / 0.70);
+      eps 0.1 1.00 / 0.94, 1.00 / 0.97, 1.00 / 0.96.
+    The reference recipe sets BackdoorBench's 0.01 (on normalised CIFAR pixels, about 0.0025 on
+    [0, 1]), which left the tiny 16-epoch check at clean accuracy 0.47 (ASR 0.79).
 
-    Deviations: the recipe's optimiser and epochs replace the reference's SGD lr 0.01 and
-    100 epochs (budget: a few epochs on CPU); lr_atk 1e-3, ten times the reference's 1e-4,
-    because G gets a few hundred steps here instead of tens of thousands (at 1e-4 and eps 0.05
-    the tiny check reached clean accuracy 0.82, ASR 0.83); images whose side is not a multiple
+    Deviations: eps twice the authors' (above); the recipe's optimiser and epochs replace the
+    reference's SGD lr 0.01 and 100 epochs (budget: a few epochs on CPU); lr_atk 1e-3, ten
+    times the reference's 1e-4, because G gets a few hundred steps here instead of tens of
+    thousands (at 1e-4 and eps 0.05 the tiny check reached clean accuracy 0.82, ASR 0.83;
+    on the demo data 0.53 / 0.71 clean for seeds 1 / 2); images whose side is not a multiple
     of 16 are padded (border replicated) for G and its output cropped back; no random crop /
     rotation augmentation (the zoo trains without augmentation); the generator step's loss does
     not leak into the classifier's gradient (in the reference it accumulates into the
@@ -85,7 +93,7 @@ class LIRA(Attack):
     trains_model: ClassVar[bool] = True
     learned: ClassVar[bool] = True
 
-    eps: float = 0.05
+    eps: float = 0.1
     alpha: float = 0.5
     lr_atk: float = 1e-3
     stage1_share: float = 1 / 6
