@@ -3,8 +3,10 @@ import json
 import os
 
 import pytest
+import yaml
 
 from xray.io.manifest import read_manifest, read_round_dir
+from xray.results.lease import LEASE_FILE, OutputLease
 from xray.zoo.build import build_round
 from xray.zoo.describe import describe_round
 from xray.zoo.recipe import RECIPES_DIR, load_recipe, parse_recipe
@@ -72,8 +74,39 @@ def test_rerun_skips_and_half_written_dir_is_redone(tiny_round, tmp_path):
     again = build_round(parse_recipe(TINY_RECIPE), str(copy), workers=1, show_progress=False)
     assert again.trained == 1 and again.skipped == 7
     assert (copy / victim / "config.json").is_file()
+    assert not (copy / LEASE_FILE).exists()  # released with the build
     text = describe_round(str(copy))
     assert "badnets" in text and "clean" in text
+
+
+def test_a_second_build_into_the_same_round_is_refused(tiny_round, tmp_path):
+    """While a build holds the round's lease, another `xray zoo build` into it says so in one
+    line and trains nothing; once the lease is released, the same command resumes."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from xray.cli import main
+
+    round_dir, _ = tiny_round
+    copy = tmp_path / "round"
+    shutil.copytree(round_dir, copy)
+    victim = sorted(d for d in os.listdir(copy) if d.startswith("id-"))[0]
+    (copy / victim / "config.json").unlink()
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(TINY_RECIPE))
+    command = ["zoo", "build", "--recipe", str(recipe), "--out", str(copy), "--quiet",
+               "--workers", "1"]
+    with OutputLease(str(copy), "zoo-build-first", command="xray zoo build"):
+        refused = CliRunner().invoke(main, command)
+    assert refused.exit_code == 1, refused.output
+    assert "another xray zoo build is writing to this folder (run zoo-build-first" in \
+        refused.output
+    assert not (copy / victim / "config.json").exists()
+    resumed = CliRunner().invoke(main, command)
+    assert resumed.exit_code == 0, resumed.output
+    assert "(1 trained now, 7 already there, 0 failed)" in resumed.output
+    assert not (copy / LEASE_FILE).exists()
 
 
 def test_a_changed_recipe_is_refused_before_any_training(tiny_round, tmp_path):

@@ -5,8 +5,9 @@
         lease.check()                               # raises LeaseLost if it was taken over
 
 Two drivers scanning into the same folder both plan from the same scored set and do all the
-work twice. The lease makes the second one refuse, naming the holder and when its lease
-expires, before it plans anything.
+work twice; two `xray zoo build`s into the same round both train every pending model and write
+the same model folders. The lease makes the second one refuse, naming the holder and when its
+lease expires, before it plans anything.
 
 Taking it is an exclusive create (open mode "xb"): O_EXCL on local disks, a conditional PUT
 (If-None-Match: *) on S3 (s3fs), so of two drivers starting together exactly one wins. A
@@ -59,9 +60,15 @@ def _pid_alive(pid: int) -> bool:
 
 
 class OutputLease:
-    def __init__(self, out_uri: str, run_id: str, *, ttl: float = DEFAULT_TTL_S) -> None:
+    """`command` and `conflict` word the refusal: who holds the folder, what two writers would
+    do (the scan's by default)."""
+
+    def __init__(self, out_uri: str, run_id: str, *, ttl: float = DEFAULT_TTL_S,
+                 command: str = "xray scan",
+                 conflict: str = "two drivers would scan every model twice") -> None:
         self.uri = storage.join(out_uri, LEASE_FILE)
         self.run_id, self.ttl = run_id, float(ttl)
+        self.command, self.conflict = command, conflict
         self.token = uuid.uuid4().hex
         self.fs, self.path = storage.filesystem(self.uri)
         self._stop = threading.Event()
@@ -120,9 +127,9 @@ class OutputLease:
             if reason is None:
                 age = time.time() - float(held["renewed_at"])
                 raise LeaseHeld(
-                    f"{self.uri}: another xray scan is writing to this folder (run "
+                    f"{self.uri}: another {self.command} is writing to this folder (run "
                     f"{held.get('run_id')}, {held.get('host')} pid {held.get('pid')}, renewed "
-                    f"{age:.0f} s ago): two drivers would scan every model twice. Wait for it "
+                    f"{age:.0f} s ago): {self.conflict}. Wait for it "
                     f"to finish; if it died, its lease expires in "
                     f"{max(0.0, float(held.get('ttl_s', self.ttl)) - age):.0f} s.")
             try:

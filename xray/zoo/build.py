@@ -16,6 +16,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import uuid
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from functools import lru_cache
@@ -26,6 +27,7 @@ import torch
 from xray.io import storage
 from xray.io.records import ModelRecord
 from xray.progress import Progress
+from xray.results.lease import OutputLease
 from xray.zoo import round as round_writer
 from xray.zoo.attacks import ATTACKS
 from xray.zoo.data import Dataset, load_dataset
@@ -259,9 +261,22 @@ def build_round(recipe: Recipe, round_uri: str, workers: int | None = None,
     `device` ('cpu', 'cuda', 'cuda:N' or 'auto'; every worker shares that device); `stacking`
     see `use_stacks`. A round holding models of another version of the recipe, or trained with
     other attack defaults, is refused (RecipeChanged, AttackChanged) before anything is trained;
-    recorded failures drawn under other attack defaults are deleted and trained again."""
+    recorded failures drawn under other attack defaults are deleted and trained again. Another
+    build writing to `round_uri` (its lease, xray.results.lease) is refused with LeaseHeld
+    before anything is read or trained."""
     stacked = use_stacks(stacking, resolve_training_device(device))  # bad input fails here
     storage.makedirs(round_uri)
+    run_id = f"zoo-build-{recipe.name}-{uuid.uuid4().hex[:6]}"
+    with OutputLease(round_uri, run_id, command="xray zoo build",
+                     conflict="two builds would train the same models into the same folders"
+                     ) as lease:
+        return _build_holding_lease(lease, recipe, round_uri, workers, show_progress, device,
+                                    stacked)
+
+
+def _build_holding_lease(lease: OutputLease, recipe: Recipe, round_uri: str,
+                         workers: int | None, show_progress: bool, device: str,
+                         stacked: bool) -> BuildResult:
     check_same_recipe(recipe, round_uri)
     specs = recipe.model_specs()
     for model_id in check_same_attacks(specs, round_uri):  # trained again: kept or failed anew
@@ -283,16 +298,23 @@ def build_round(recipe: Recipe, round_uri: str, workers: int | None = None,
             futures = {pool.submit(_run_task, recipe, stacked, t, round_uri, device): t
                        for stacked, t in tasks}
             not_done = set(futures)
-            while not_done:
-                finished, not_done = wait(not_done, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    # a crash in a worker is a bug: let it surface
-                    for outcome in future.result():
-                        optimising += outcome["seconds_optimising"]
-                        in_workers += outcome["seconds"]
-                        if not outcome["ok"]:
-                            failed.append(outcome)
-                        bar.update(ok=outcome["ok"])
+            try:
+                while not_done:
+                    finished, not_done = wait(not_done, return_when=FIRST_COMPLETED)
+                    lease.check()  # taken over: stop before writing beside the new holder
+                    for future in finished:
+                        # a crash in a worker is a bug: let it surface
+                        for outcome in future.result():
+                            optimising += outcome["seconds_optimising"]
+                            in_workers += outcome["seconds"]
+                            if not outcome["ok"]:
+                                failed.append(outcome)
+                            bar.update(ok=outcome["ok"])
+            except BaseException:
+                # the pool's exit would run every queued task first: the running ones end
+                # whole (a model folder is complete or redone on resume), no new one starts
+                pool.shutdown(cancel_futures=True)
+                raise
     records = round_writer.write_round_index(round_uri, recipe)
     return BuildResult(round_uri=round_uri, records=records, trained=len(pending) - len(failed),
                        skipped=len(specs) - len(pending), failed=failed,

@@ -239,8 +239,7 @@ def record_from_config(round_uri: str, config: dict[str, Any]) -> ModelRecord:
 
 def write_round_index(round_uri: str, recipe: Recipe) -> list[ModelRecord]:
     """METADATA.csv, manifest.csv, recipe.yaml and round.json from the complete model dirs."""
-    configs = [json.loads(storage.read_text(storage.join(round_uri, mid, CONFIG_FILE)))
-               for mid in sorted(completed_model_ids(round_uri))]
+    configs = model_configs(round_uri)
     metadata = pd.DataFrame([{k: (json.dumps(v) if isinstance(v, (dict, list)) else v)
                               for k, v in c.items()} for c in configs])
     buf = io.StringIO()
