@@ -24,6 +24,11 @@ seconds_per_model_{nc,abs,karm}: each scanner's small preset (the defaults) on `
 models of the round (evenly spaced, clean and trojaned), mean wall-clock seconds of
 `score(model, data, ctx)` per model.
 
+filter_pool_speedup_{32,224}: ABS's filter features (x, max-pool, -max-pool, avg-pool, window
+filter_pool_size(side): 15 px at 32, 111 at 224, stride 1) as core.filter_features computes them
+(each pool a column pass then a row pass) against torch's 2-D pools of the same window on the
+same images (the computation before 2026-12-07), best of REPEATS; 200 images at 32 px, 8 at 224.
+
 Threads: 1 by default: the box is shared (2 cores, other engineers' jobs); one thread gives
 steadier figures. The 1-minute load average before and after is recorded.
 """
@@ -113,6 +118,32 @@ class _FreeModel(torch.nn.Module):
         return x.flatten(1)[:, :self.classes] * 10
 
 
+def filter_pool_speedup(side: int, images: int) -> float:
+    """Seconds of the 2-D pools over those of core.filter_features (see the docstring)."""
+    import torch.nn.functional as F
+
+    from xray.detectors.inversion.core import filter_features, filter_pool_size
+
+    pool = filter_pool_size(side)
+    pad = pool // 2
+    x = torch.rand(images, 3, side, side, generator=torch.Generator().manual_seed(side))
+
+    def two_d() -> torch.Tensor:
+        mx = F.max_pool2d(x, pool, stride=1, padding=pad)
+        return torch.cat([x, mx, -mx, F.avg_pool2d(x, pool, stride=1, padding=pad)], dim=1)
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(REPEATS):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    torch.testing.assert_close(filter_features(x, pool), two_d(), rtol=0, atol=1e-5)
+    return best(two_d) / best(lambda: filter_features(x, pool))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--round", default=None)
@@ -136,6 +167,8 @@ def main() -> None:
     figures = speedup(model, data)
     free = speedup(_FreeModel(data.num_classes), data)
     figures["speedup_batched_free_model"] = free["speedup_batched"]
+    figures["filter_pool_speedup_32"] = filter_pool_speedup(32, 200)
+    figures["filter_pool_speedup_224"] = filter_pool_speedup(224, 8)
     step = max(1, len(records) // args.models)
     chosen = records[::step][:args.models]
     for name in ("nc", "abs", "karm"):

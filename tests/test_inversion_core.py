@@ -152,6 +152,26 @@ def test_patch_candidate_apply_binarises_and_rows_round_trip():
     torch.testing.assert_close(back.apply(x), out)
 
 
+@pytest.mark.parametrize("side,pool", [(24, 11), (32, 15), (16, 31), (8, 1)])
+def test_filter_features_are_the_two_dimensional_pools(side, pool):
+    """The separable pools give the 2-D pools' maxima exactly and their averages to float
+    rounding, with and without the padding counted, whatever the window against the image."""
+    import torch.nn.functional as F
+
+    from xray.detectors.inversion.core import filter_features
+
+    x = torch.floor(torch.rand(3, 3, side, side, generator=torch.Generator().manual_seed(side))
+                    * 6) / 6  # flat patches: ties in every window
+    pad = pool // 2
+    for count_pad in (True, False):
+        feats = filter_features(x, pool, count_pad)
+        mx = F.max_pool2d(x, pool, stride=1, padding=pad)
+        av = F.avg_pool2d(x, pool, stride=1, padding=pad, count_include_pad=count_pad)
+        assert torch.equal(feats[:, :3], x) and torch.equal(feats[:, 3:6], mx)
+        assert torch.equal(feats[:, 6:9], -mx)
+        torch.testing.assert_close(feats[:, 9:], av, rtol=0, atol=1e-6)
+
+
 def test_filter_identity_kernel_is_identity_and_pool_scales():
     x, _ = _data(3)
     kernel = torch.zeros(12, 3)

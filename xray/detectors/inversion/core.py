@@ -76,10 +76,19 @@ def filter_features(x: torch.Tensor, pool: int, count_include_pad: bool = True
     padding pool // 2 so the maps keep their size; the avg-pool counts the zero padding at the
     border (torch's default count_include_pad=True, which the ref keeps). False counts only real
     pixels (what rows written before this option was stored used).
+
+    Both pools are computed as a column pass then a row pass (a k x k window is a k x 1 window
+    of 1 x k windows; the pixel count of a window, padding left out, is the product of the two
+    passes' counts): 2k reads per pixel instead of k^2, the same maxima exactly, averages to
+    ~1e-6 (another summation order). The ref's window is 111 px at 224: there the 2-D pools took
+    ~17 s per 8 images on one core, the separable ones 0.4 s; at 32 px (15 px) 2-3x faster.
     """
     pad = pool // 2
-    mx = F.max_pool2d(x, pool, stride=1, padding=pad)
-    av = F.avg_pool2d(x, pool, stride=1, padding=pad, count_include_pad=count_include_pad)
+    mx = F.max_pool2d(F.max_pool2d(x, (pool, 1), stride=1, padding=(pad, 0)),
+                      (1, pool), stride=1, padding=(0, pad))
+    av = F.avg_pool2d(F.avg_pool2d(x, (pool, 1), stride=1, padding=(pad, 0),
+                                   count_include_pad=count_include_pad),
+                      (1, pool), stride=1, padding=(0, pad), count_include_pad=count_include_pad)
     return torch.cat([x, mx, -mx, av], dim=1)
 
 
