@@ -192,8 +192,11 @@ def makedirs(uri: str) -> None:
 
 
 def listdir(uri: str) -> list[str]:
-    """Base names of the entries directly under `uri` (empty when it does not exist)."""
+    """Base names of the entries directly under `uri` (empty when it does not exist), as the
+    store holds them now: other processes write there too (zoo build workers, other drivers),
+    so a listing this process cached earlier (s3fs keeps one per prefix) is dropped first."""
     fs, path = filesystem(uri)
+    fs.invalidate_cache(path)
     if not with_retries(lambda: fs.exists(path)):
         return []
     return sorted(posixpath.basename(p.rstrip("/"))
