@@ -40,6 +40,15 @@ def test_round_written_to_s3_reads_back(s3_server):
     # Re-running against object storage skips what is there.
     again = build_round(parse_recipe(S3_RECIPE), round_uri, workers=1, show_progress=False)
     assert again.trained == 0 and again.skipped == 2
+    # A build stopped before a model was started resumes, and indexes that model too (a worker
+    # writes its folder after the driver's first listing of the round).
+    fs, path = storage.filesystem(storage.join(round_uri, "id-00000001"))
+    fs.rm(path, recursive=True)
+    resumed = build_round(parse_recipe(S3_RECIPE), round_uri, workers=1, show_progress=False)
+    assert resumed.trained == 1 and resumed.skipped == 1
+    assert [r.model_id for r in resumed.records] == ["id-00000000", "id-00000001"]
+    assert [r.model_id for r in read_manifest(storage.join(round_uri, "manifest.csv"))] == [
+        "id-00000000", "id-00000001"]
 
 
 def test_scan_from_s3_with_outputs_on_s3(s3_server, ray_local):
