@@ -102,6 +102,7 @@ def zoo_build(recipe: str, out: str, workers: int | None, device: str, stacking:
     """Train the models of a recipe and write them as a TrojAI-style round.
 
     Models already written in OUT are skipped, so an interrupted build resumes where it stopped.
+    While a build runs, OUT/_lease.json names it and a second build into OUT refuses.
     """
     from xray.zoo.build import build_round
 
