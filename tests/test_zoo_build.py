@@ -61,15 +61,20 @@ def test_manifest_reads_back_same_rows(tiny_round):
         assert os.path.samefile(a.uri, c.uri) and os.path.samefile(b.uri, c.uri)
 
 
-def test_rerun_skips_and_half_written_dir_is_redone(tiny_round, tmp_path):
-    round_dir, _ = tiny_round
-    # Work on a copy so other tests keep the pristine round.
+def _copy_with_one_model_unfinished(tiny_round, tmp_path):
+    """(copy of the tiny round, its first model's id) with that model's config.json removed, as
+    if the build died before its last write; a copy, so other tests keep the pristine round."""
     import shutil
 
     copy = tmp_path / "round"
-    shutil.copytree(round_dir, copy)
+    shutil.copytree(tiny_round[0], copy)
     victim = sorted(d for d in os.listdir(copy) if d.startswith("id-"))[0]
-    (copy / victim / "config.json").unlink()  # as if the build died before the last write
+    (copy / victim / "config.json").unlink()
+    return copy, victim
+
+
+def test_rerun_skips_and_half_written_dir_is_redone(tiny_round, tmp_path):
+    copy, victim = _copy_with_one_model_unfinished(tiny_round, tmp_path)
     assert victim not in {r.model_id for r in read_round_dir(str(copy))}
     again = build_round(parse_recipe(TINY_RECIPE), str(copy), workers=1, show_progress=False)
     assert again.trained == 1 and again.skipped == 7
@@ -82,17 +87,11 @@ def test_rerun_skips_and_half_written_dir_is_redone(tiny_round, tmp_path):
 def test_a_second_build_into_the_same_round_is_refused(tiny_round, tmp_path):
     """While a build holds the round's lease, another `xray zoo build` into it says so in one
     line and trains nothing; once the lease is released, the same command resumes."""
-    import shutil
-
     from click.testing import CliRunner
 
     from xray.cli import main
 
-    round_dir, _ = tiny_round
-    copy = tmp_path / "round"
-    shutil.copytree(round_dir, copy)
-    victim = sorted(d for d in os.listdir(copy) if d.startswith("id-"))[0]
-    (copy / victim / "config.json").unlink()
+    copy, victim = _copy_with_one_model_unfinished(tiny_round, tmp_path)
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(TINY_RECIPE))
     command = ["zoo", "build", "--recipe", str(recipe), "--out", str(copy), "--quiet",
