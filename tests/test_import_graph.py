@@ -157,3 +157,39 @@ def test_only_the_runner_imports_ray():
                 offenders.append(f"{path.relative_to(ROOT.parent)}:{line} imports {name}")
     assert not offenders, ("Ray stays in xray/runner and jobs/; imported elsewhere:\n  "
                            + "\n  ".join(sorted(set(offenders))))
+
+
+STARTUP_PROBE = """
+import sys
+import numpy as np
+import xray.runner.scan_run  # what a scan actor imports
+from xray import detectors, models
+from xray.detectors.inversion.abs import reference_batch_size
+from xray.io.examples import preprocess
+from xray.models import layers
+
+built = [detectors.build(name) for name in detectors.available()]
+cnn = models.create("mntd_mnist_cnn", 10, (1, 28, 28))
+layers.split_model(cnn)
+reference_batch_size(cnn)
+preprocess(np.zeros((8, 8, 3), dtype=np.uint8), {})
+print(len(built), "torchvision" in sys.modules, "scipy.stats" in sys.modules)
+resnet = models.create("resnet18", 10, (3, 32, 32))  # imports torchvision, as it must
+print(layers.split_model(resnet)[2], reference_batch_size(resnet))
+"""
+
+
+def test_a_scan_of_in_project_nets_imports_no_torchvision():
+    """torchvision pulls in torch._dynamo (~1.6 s a process) and scipy.stats ~0.5 s: every scan
+    actor, zoo worker and CLI run paid both before a detector did any work. Importing the scan
+    path, building every detector and splitting an in-project net imports neither; a torchvision
+    net still gets its own layer plan and ABS's reference batch size for ResNets."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", STARTUP_PROBE], capture_output=True, text=True,
+                         timeout=300, check=True).stdout.split("\n")
+    n_detectors, torchvision_imported, scipy_stats_imported = out[0].split()
+    assert int(n_detectors) > 10
+    assert (torchvision_imported, scipy_stats_imported) == ("False", "False"), out
+    assert out[1] == "layer3 15", out

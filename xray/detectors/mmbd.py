@@ -52,7 +52,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats as sps
 
 from xray.detectors._registry import register
 from xray.detectors.base import (DetectorResult, ScanContext, ScanData, eval_mode,
@@ -162,6 +161,8 @@ def null_test(r: list[float], alpha: float = 0.05) -> dict[str, Any]:
                            "max_margin": float(values[target]), "fit_error": None,
                            "gamma_shape": None, "gamma_loc": None, "gamma_scale": None}
     p_value = 1.0
+    from scipy import stats as sps  # here: scipy.stats costs every scan actor ~0.5 s to import
+
     try:
         if len(null) < 3:
             raise ValueError(f"{len(null)} null statistics; a 3-parameter gamma fit needs >= 3")

@@ -86,7 +86,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torchvision.transforms.functional as TF
 
 from xray.detectors._registry import register
 from xray.detectors.base import (DetectorResult, NoUsableExamples, ScanContext, ScanData,
@@ -194,6 +193,10 @@ def jitter(patch: torch.Tensor, s: float, g: torch.Generator) -> torch.Tensor:
     hue leave one channel alone, as PIL and torchvision do)."""
     if not s:
         return patch
+    # Imported here, not with the module: every scan actor builds every detector, and
+    # torchvision costs a process ~1.6 s.
+    import torchvision.transforms.functional as TF
+
     order = torch.randperm(4, generator=g).tolist()
     b, c, sat = (_uniform(g, max(0.0, 1 - s), 1 + s) for _ in range(3))
     hue = _uniform(g, -s, s)

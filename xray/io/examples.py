@@ -21,7 +21,6 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image
 
 from xray.io import storage
@@ -75,6 +74,9 @@ def preprocess(image: np.ndarray, preprocessing: Mapping[str, Any]) -> torch.Ten
     if p["channel_order"] == "BGR" and x.shape[0] == 3:
         x = x.flip(0)
     if p["center_crop"] is not None:
+        # Imported here: torchvision costs a process ~1.6 s, and most rounds never crop.
+        import torchvision.transforms.functional as TF
+
         x = TF.center_crop(x, [p["center_crop"], p["center_crop"]])
     x = x.to(torch.float32)
     if p["scale"] == "unit":

@@ -37,12 +37,14 @@ caller may keep h's output and feed mixes of it to g repeatedly.
 """
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 import torch.nn as nn
-import torchvision.models as tvm
 
 from xray.models import nets
 from xray.models.normalize import Normalize, Normalized
+from xray.models.registry import imported_torchvision_models
 
 POSITIONS = ("middle", "second_last", "last")
 
@@ -93,20 +95,15 @@ def _conv_block_ends(stages: list[tuple[str, nn.Module]], prefix: str) -> list[i
     return [nxt - 1 for nxt in convs[1:]] + [inside[-1]] if convs else []
 
 
-def plan(net: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[int]]:
-    """(stages, block_ends): stages compose to net's forward; block_ends index the main blocks."""
+def _torchvision_plan(net: nn.Module, tvm: ModuleType
+                      ) -> tuple[list[tuple[str, nn.Module]], list[int]] | None:
+    """plan() of the torchvision classes named here, None for any other net."""
     flat = nn.Flatten(1)
     if isinstance(net, tvm.ResNet):
         stages = [(n, getattr(net, n)) for n in ("conv1", "bn1", "relu", "maxpool", "layer1",
                                                   "layer2", "layer3", "layer4", "avgpool")]
         stages += [("<flatten>", flat), ("fc", net.fc)]
         return stages, [4, 5, 6, 7]
-    if isinstance(net, nets.PreActResNet):
-        stages = [(n, getattr(net, n)) for n in ("conv1", "layer1", "layer2", "layer3", "layer4",
-                                                  "bn")]
-        stages += [("<relu>", nn.ReLU()), ("avgpool", net.avgpool), ("<flatten>", flat),
-                   ("linear", net.linear)]
-        return stages, [1, 2, 3, 4]
     if isinstance(net, tvm.VGG):
         stages = _children("features", net.features)
         blocks = _indices(stages, nn.BatchNorm2d) or _indices(stages, nn.Conv2d)
@@ -158,6 +155,22 @@ def plan(net: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[int]]:
         blocks = _indices(stages, tvm.squeezenet.Fire)
         stages += [("classifier", net.classifier), ("<flatten>", flat)]
         return stages, blocks
+    return None
+
+
+def plan(net: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[int]]:
+    """(stages, block_ends): stages compose to net's forward; block_ends index the main blocks."""
+    tvm = imported_torchvision_models()  # None: net is no torchvision class
+    found = _torchvision_plan(net, tvm) if tvm is not None else None
+    if found is not None:
+        return found
+    flat = nn.Flatten(1)
+    if isinstance(net, nets.PreActResNet):
+        stages = [(n, getattr(net, n)) for n in ("conv1", "layer1", "layer2", "layer3", "layer4",
+                                                  "bn")]
+        stages += [("<relu>", nn.ReLU()), ("avgpool", net.avgpool), ("<flatten>", flat),
+                   ("linear", net.linear)]
+        return stages, [1, 2, 3, 4]
     if isinstance(net, (nets.MNTDMnistCNN, nets.MNTDCifarCNN)):
         stages = _children("features", net.features) + _children("classifier", net.classifier)
         return stages, _conv_block_ends(stages, "features")

@@ -8,10 +8,11 @@ built freshly initialised and offline: its weights come from the model file, nev
 from __future__ import annotations
 
 import fnmatch
+import sys
+from types import ModuleType
 from typing import Any, Callable
 
 import torch.nn as nn
-import torchvision.models as tvm
 
 from xray._registry import Registry, did_you_mean
 
@@ -27,7 +28,23 @@ TIMM_PREFIX = "timm:"
 TIMM_INSTALL = "pip install 'xray[timm]'"
 
 
+def _tvm() -> ModuleType:
+    # Imported on first use: torchvision pulls in torch._dynamo (~1.6 s a process), which a
+    # scan actor or a zoo worker of in-project nets never needs.
+    import torchvision.models
+
+    return torchvision.models
+
+
+def imported_torchvision_models() -> ModuleType | None:
+    """torchvision.models if this process has imported it, else None. No torchvision network
+    exists before it is imported, so `isinstance(net, <torchvision class>)` checks can be
+    skipped when this is None instead of importing torchvision to answer False."""
+    return sys.modules.get("torchvision.models")
+
+
 def _torchvision_name(name: str) -> str | None:
+    tvm = _tvm()
     bare = name[len(_TORCHVISION_PREFIX):] if name.startswith(_TORCHVISION_PREFIX) else name
     if bare in tvm.list_models(module=tvm):
         return bare
@@ -64,6 +81,7 @@ def unknown_reason(name: str) -> str | None:
         return _timm_problem(timm, name[len(TIMM_PREFIX):])
     if name in ARCHITECTURES or _torchvision_name(name) is not None:
         return None
+    tvm = _tvm()
     hint = did_you_mean(name, ARCHITECTURES.available() + tvm.list_models(module=tvm)) or ";"
     return (f"unknown architecture {name!r}{hint} in-project: "
             f"{', '.join(ARCHITECTURES.available())}, or any torchvision classifier "
@@ -76,6 +94,7 @@ def is_known(name: str) -> bool:
 
 def available(pattern: str = "*") -> list[str]:
     """In-project, torchvision and (when installed) timm names matching a wildcard pattern."""
+    tvm = _tvm()
     names = [_TORCHVISION_PREFIX + n for n in tvm.list_models(module=tvm)]
     try:
         names += [TIMM_PREFIX + n for n in _timm().list_models()]
@@ -113,5 +132,5 @@ def create(name: str, num_classes: int, input_shape: tuple[int, int, int]) -> nn
     if input_shape[0] != 3:
         raise ValueError(f"torchvision architecture {tv_name!r} expects 3 input channels, "
                          f"got input_shape {input_shape}")
-    return tvm.get_model(tv_name, weights=None, num_classes=int(num_classes),
+    return _tvm().get_model(tv_name, weights=None, num_classes=int(num_classes),
                          **_TORCHVISION_EXTRA.get(tv_name, {}))

@@ -125,7 +125,6 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.models as tvm
 
 from xray.detectors import register
 from xray.detectors.base import (DetectorResult, NoUsableExamples, ScanContext, ScanData,
@@ -134,7 +133,7 @@ from xray.detectors.inversion.core import (MS_SSIM_WEIGHTS, BatchedAdam, Trigger
                                            apply_filter, filter_pool_size,
                                            identity_kernel_logits, mask_size, measure_reasr,
                                            ms_ssim)
-from xray.models import layers
+from xray.models import imported_torchvision_models, layers
 
 REFERENCE_AREA = 224 * 224
 REF_BATCH = 60  # ref config['re_batch_size']; // 4 for ResNet, DenseNet, VGG
@@ -147,7 +146,9 @@ def _split(model: torch.nn.Module, position: str):
 def reference_batch_size(model: torch.nn.Module) -> int:
     """The ref's re_batch_size: 60, or 60 // 4 for ResNet / DenseNet / VGG (by class name)."""
     net = getattr(model, "net", model)
-    return REF_BATCH // 4 if isinstance(net, (tvm.ResNet, tvm.DenseNet, tvm.VGG)) else REF_BATCH
+    tvm = imported_torchvision_models()  # None: net is no torchvision class
+    deep = tvm is not None and isinstance(net, (tvm.ResNet, tvm.DenseNet, tvm.VGG))
+    return REF_BATCH // 4 if deep else REF_BATCH
 
 
 # ----------------------------------------------------------------------------- filter / SSIM
@@ -320,7 +321,8 @@ def inner_features(model: torch.nn.Module, h: torch.nn.Module, g: torch.nn.Modul
     BatchNorm output + the identity (downsample output or block input), the block's pre-ReLU sum,
     read with forward hooks as the ref does. kind "output": a = h(x)."""
     block = None
-    if pre_relu:
+    tvm = imported_torchvision_models()  # None: no torchvision block in the model
+    if pre_relu and tvm is not None:
         try:
             layer = model.get_submodule(layer_name)
         except AttributeError:
@@ -334,6 +336,7 @@ def inner_features(model: torch.nn.Module, h: torch.nn.Module, g: torch.nn.Modul
             return a, g(a)
         return plain, "output"
 
+    assert tvm is not None  # block is one of its classes
     bn = block.bn3 if isinstance(block, tvm.resnet.Bottleneck) else block.bn2
     captured: dict[str, torch.Tensor] = {}
 
