@@ -320,7 +320,7 @@ def inner_features(model: torch.nn.Module, h: torch.nn.Module, g: torch.nn.Modul
     kind "resnet_pre_relu": the layer is a torchvision ResNet stage; a = its last block's last
     BatchNorm output + the identity (downsample output or block input), the block's pre-ReLU sum,
     read with forward hooks as the ref does. kind "output": a = h(x)."""
-    block = None
+    block = bn = None
     tvm = imported_torchvision_models()  # None: no torchvision block in the model
     if pre_relu and tvm is not None:
         try:
@@ -330,14 +330,13 @@ def inner_features(model: torch.nn.Module, h: torch.nn.Module, g: torch.nn.Modul
         if isinstance(layer, torch.nn.Sequential) and len(layer) and isinstance(
                 layer[-1], (tvm.resnet.BasicBlock, tvm.resnet.Bottleneck)):
             block = layer[-1]
+            bn = block.bn3 if isinstance(block, tvm.resnet.Bottleneck) else block.bn2
     if block is None:
         def plain(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             a = h(x)
             return a, g(a)
         return plain, "output"
 
-    assert tvm is not None  # block is one of its classes
-    bn = block.bn3 if isinstance(block, tvm.resnet.Bottleneck) else block.bn2
     captured: dict[str, torch.Tensor] = {}
 
     def fn(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
