@@ -12,7 +12,7 @@ import torch
 
 from xray import detectors, models
 from xray.detectors.ban import NoBatchNorm
-from xray.detectors.base import DeadlinePassed, ScanContext, ScanData
+from xray.detectors.base import DeadlinePassed, NotApplicable, ScanContext, ScanData
 from xray.io.model_loading import Normalized
 
 # Detectors that cannot be built from defaults alone, and why (checked in their own tests).
@@ -25,7 +25,7 @@ OPTIMISING = {"nc", "abs", "karm", "nc+exray", "abs+exray", "karm+exray", "mmbd"
 # Detectors that need a trained artifact: the session fixture giving one for _tiny()'s net.
 ARTIFACT_FIXTURES = {"mntd": "mntd_contract_artifact"}  # tests/_mntd_fixtures.py
 # Detectors that apply only to some architectures: (a registered architecture they apply to,
-# their named "not applicable" error, a ValueError). They must refuse _tiny()'s default net
+# their named "not applicable" error, a NotApplicable). They must refuse _tiny()'s default net
 # with that error, and the rest of the contract runs on a tiny net of the given architecture,
 # so every check still applies to them. BAN perturbs BatchNorm layers; the MNTD CNN has none.
 NOT_APPLICABLE_ON_DEFAULT = {"ban": ("nin", NoBatchNorm)}
@@ -80,7 +80,7 @@ def test_detector_contract(name, request):
     net, data = _tiny()
     if name in NOT_APPLICABLE_ON_DEFAULT:
         arch, error = NOT_APPLICABLE_ON_DEFAULT[name]
-        assert issubclass(error, ValueError)
+        assert issubclass(error, NotApplicable)  # a not_applicable row in a scan
         with pytest.raises(error, match="not applicable"):
             detector.score(net, data, ScanContext(seed=3))
         net, data = _tiny(arch)

@@ -2,6 +2,7 @@
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from xray.config import parse_config
@@ -157,3 +158,46 @@ def test_a_storage_outage_is_retryable_not_a_verdict(tiny_round, tmp_path, unrea
     keys = [(d.name, d.version, config.detector_hash(d)) for d in detectors]
     again = plan([unreachable, missing], str(tmp_path / "out"), keys)
     assert [p.record.model_id for p in again] == [unreachable.model_id]
+
+
+def test_a_detector_that_does_not_apply_is_an_answer_not_an_error(tiny_round, ray_local,
+                                                                   tmp_path):
+    """BAN on the tiny round's MNTD CNNs (no BatchNorm), beside `weights`: every BAN row is a
+    final `not_applicable` row carrying the reason without a traceback, the run counts no model
+    as failed (the CLI says how many rows did not apply), the next run, --retry-errors or not,
+    plans nothing, and the summary and the report count those rows apart from errors."""
+    from click.testing import CliRunner
+
+    from xray.cli import main
+
+    round_dir, _ = tiny_round
+    manifest, out = str(round_dir / "manifest.csv"), tmp_path / "out"
+    records = read_manifest(manifest)
+    scan = ["scan", "--manifest", manifest, "--out", str(out), "--detectors", "ban,weights",
+            "--preset", "small", "--quiet"]
+    first = CliRunner().invoke(main, scan)
+    assert first.exit_code == 0, first.output
+    assert (f"scanned (0 already scored), 0 with errors, {len(records)} detector rows not "
+            "applicable") in first.output, first.output
+    scores = read_table(str(out), "scores")
+    ban, weights = scores[scores["detector"] == "ban"], scores[scores["detector"] == "weights"]
+    assert len(ban) == len(weights) == len(records)
+    assert set(ban["status"]) == {"not_applicable"} and set(weights["status"]) == {"ok"}
+    assert ban["score"].isna().all()
+    for error in ban["error"]:
+        assert error.startswith("NoBatchNorm: ban: not applicable to") and "File " not in error
+
+    for retry in ([], ["--retry-errors"]):
+        again = CliRunner().invoke(main, scan + retry)
+        assert again.exit_code == 0, again.output
+        assert f"0 of {len(records)} models scanned ({len(records)} already scored)" in \
+            again.output, again.output
+
+    report = CliRunner().invoke(main, ["report", str(out)])
+    assert report.exit_code == 0, report.output
+    summary = pd.read_parquet(out / "summary" / "summary.parquet")
+    row = summary[(summary["detector"] == "ban") & (summary["group_by"] == "all")].iloc[0]
+    assert (row["n_not_applicable"], row["n_error"], row["n_ok"]) == (len(records), 0, 0)
+    html = (out / "report.html").read_text()
+    assert f"ban: not_applicable {len(records)}" in html
+    assert 'id="errors-table"' not in html  # nothing failed, so no error rows to list

@@ -137,7 +137,8 @@ def score(model_or_uri: Any, examples: Any = None, detectors: Detectors = None,
     """Score one model with the detectors, in this process (no Ray, nothing written): the rows
     a scan would write to the scores table, one per detector, as a DataFrame (status, score,
     predicted_target, stats_json, seconds, ...). A detector that fails gives a row with
-    status "error" and its error text, as in a scan.
+    status "error" and its error text ("not_applicable" and the reason for one that does not
+    apply to the model, such as BAN without BatchNorm), as in a scan.
 
     model_or_uri, examples:
     * an `nn.Module` and examples (x, y): x float (N, C, H, W) in [0, 1], y class labels. The

@@ -248,8 +248,10 @@ def scan(manifest: str, out: str, detectors: list[str] | None, config_uri: str |
 def _run_line(summary: Any) -> str:
     return (f"{summary.run_id}: {summary.models_scanned} of {summary.models_total} models "
             f"scanned ({summary.models_total - summary.models_planned} already scored), "
-            f"{summary.failures} with errors, {summary.seconds:.1f} s "
-            f"(idle tail {summary.idle_tail_seconds:.1f} s)")
+            f"{summary.failures} with errors, "
+            + (f"{summary.not_applicable} detector rows not applicable, "
+               if summary.not_applicable else "")
+            + f"{summary.seconds:.1f} s (idle tail {summary.idle_tail_seconds:.1f} s)")
 
 
 @main.command()

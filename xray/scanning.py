@@ -4,8 +4,9 @@
     rows = scan_loaded(record, model, data, detectors, config)   # a model already in memory
 
 A model that cannot be read or loaded, or a detector that raises, becomes a `status="error"`
-row carrying the error text; nothing here ever stops a run. Detectors see the model, the clean
-examples and the architecture facts: never the record's ground truth.
+row carrying the error text (`not_applicable` when the detector does not apply to the model,
+`timeout` past its time: `status_of_error`); nothing here ever stops a run. Detectors see the
+model, the clean examples and the architecture facts: never the record's ground truth.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from xray.config import ScanConfig
-from xray.detectors.base import DeadlinePassed, ScanContext, ScanData
+from xray.detectors.base import DeadlinePassed, NotApplicable, ScanContext, ScanData
 from xray.io.examples import load_examples
 from xray.io import storage
 from xray.io.model_loading import check_model_file, load_model
@@ -108,6 +109,8 @@ def trigger_rows(record: ModelRecord, digest: str, detector: Any, config_hash: s
 
 
 def _error_text(err: BaseException) -> str:
+    if isinstance(err, NotApplicable):  # an answer, not a failure: no traceback to read
+        return f"{type(err).__name__}: {err}"
     return f"{type(err).__name__}: {err}\n" + "".join(traceback.format_tb(err.__traceback__)[-3:])
 
 
@@ -128,11 +131,15 @@ def stop_margin(time_limit: float) -> float:
     return min(30.0, max(1.0, 0.1 * time_limit))
 
 
-def _status_of(err: BaseException) -> str:
-    """timeout: the model's time ran out; retryable: the storage failed for a reason that may
-    pass (xray.io.storage.is_transient), so the next run scans it again; error: final."""
+def status_of_error(err: BaseException) -> str:
+    """The row status of a model or detector that raised `err`. timeout: the model's time ran
+    out; not_applicable: the detector does not apply to this model (final, not a failure);
+    retryable: the storage failed for a reason that may pass (xray.io.storage.is_transient), so
+    the next run scans it again; error: final."""
     if isinstance(err, DeadlinePassed):
         return "timeout"
+    if isinstance(err, NotApplicable):
+        return "not_applicable"
     return "retryable" if storage.is_transient(err) else "error"
 
 
@@ -252,10 +259,10 @@ def _run_detectors(records: Sequence[ModelRecord], loaded: list[tuple[int, Any, 
                     results[k] = (score_one(detector, k, model, data),
                                   time.perf_counter() - t0)
                 except Exception as err:
-                    log.warning("detector %s failed on %s: %s", detector.name,
-                                record.model_id, err)
+                    log.log(logging.INFO if isinstance(err, NotApplicable) else logging.WARNING,
+                            "detector %s on %s: %s", detector.name, record.model_id, err)
                     out["scores"].append(score_row(
-                        record, digests[k], detector, hashes[detector.name], _status_of(err),
+                        record, digests[k], detector, hashes[detector.name], status_of_error(err),
                         run_id=run_id, error=_error_text(err),
                         seconds=time.perf_counter() - t0, worker=worker))
                     continue
@@ -274,6 +281,6 @@ def _run_detectors(records: Sequence[ModelRecord], loaded: list[tuple[int, Any, 
 def _error_rows(record: ModelRecord, digest: str, detectors: Sequence[Any],
                 hashes: dict[str, str], err: BaseException, run_id: str,
                 worker: str) -> list[dict[str, Any]]:
-    text, status = _error_text(err), _status_of(err)
+    text, status = _error_text(err), status_of_error(err)
     return [score_row(record, digest, d, hashes[d.name], status, run_id=run_id, error=text,
                       worker=worker) for d in detectors]

@@ -22,9 +22,10 @@ which is what the harness reads (ref: trojai-test-harness; docs/algorithms/troja
   appending each detector's result to S/progress.jsonl as it finishes. TrojAI's model.pt files
   are whole-module pickles (they run code when loaded): they load only with --allow-pickle
   (the container entrypoint passes it: the container is the sandbox).
-* S/xray-detect.json says what ran: per configured detector its status (ok; error or timeout
-  with the reason; timeout also for a detector the budget never reached), score, seconds and
-  stats (the optimising detectors' `steps` among them), and how the probability came about.
+* S/xray-detect.json says what ran: per configured detector its status (ok; error, timeout or
+  not_applicable with the reason; timeout also for a detector the budget never reached),
+  score, seconds and stats (the optimising detectors' `steps` among them), and how the
+  probability came about.
 * Temporary files go to S only: the job file and the progress file, and the worker runs with
   TMPDIR / TMP / TEMP, XDG_CACHE_HOME, MPLCONFIGDIR and TORCH_HOME pointing into S.
 * --time-budget (default 600 s, the harness's per-model allowance) is counted from the start of
@@ -406,10 +407,10 @@ def worker(job_path: str) -> int:
         import torch  # worker-only, as in `_record`
 
         from xray.config import parse_config
-        from xray.detectors.base import DeadlinePassed, ScanContext, ScanData
+        from xray.detectors.base import ScanContext, ScanData
         from xray.io.examples import load_examples
         from xray.io.model_loading import load_model, model_digest
-        from xray.scanning import resolve_device, stop_margin
+        from xray.scanning import resolve_device, status_of_error, stop_margin
 
         config = parse_config(job["config"], source="trojai-detect config")
         device = resolve_device(job["device"] or config.device)
@@ -438,7 +439,7 @@ def worker(job_path: str) -> int:
             result = detector.score(model, data, ctx)
         except Exception as err:
             _emit(progress, {"event": "detector_error", "detector": detector.name,
-                             "status": "timeout" if isinstance(err, DeadlinePassed) else "error",
+                             "status": status_of_error(err),
                              "seconds": time.perf_counter() - started,
                              "message": f"{detector.name}: {type(err).__name__}: {err}"})
             continue

@@ -46,9 +46,10 @@ Deviations from the reference code, each on purpose:
   - The mask's shape is read in eval() mode; the reference runs one train-mode forward of
     uniform noise (128 images) for it, which moves the running statistics one step (momentum
     0.1) towards noise statistics before 200 real batches wash it out (0.9^200).
-  - Models without BatchNorm (with affine parameters) raise NoBatchNorm (a ValueError): BAN's
-    noise has nothing to act on. The reference replaces every BatchNorm2d; here every
-    torch BatchNorm (1d/2d/3d, SyncBatchNorm) with affine parameters is perturbed.
+  - Models without BatchNorm (with affine parameters) raise NoBatchNorm (NotApplicable: a
+    `not_applicable` row in a scan): BAN's noise has nothing to act on. The reference replaces
+    every BatchNorm2d; here every torch BatchNorm (1d/2d/3d, SyncBatchNorm) with affine
+    parameters is perturbed.
   - The model's deadline (ctx.deadline) is checked before every optimisation step; when it
     passes, optimisation stops and step 3 runs with what there is (a cut in step 1 leaves the
     noise at zero: stats["noise_steps"] says 0); stats["stopped_early"] says so. No step at all
@@ -74,12 +75,12 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from xray.detectors._registry import register
-from xray.detectors.base import (DetectorResult, ScanContext, ScanData, preserved,
+from xray.detectors.base import (DetectorResult, NotApplicable, ScanContext, ScanData, preserved,
                                  require_steps)
 from xray.models.layers import split_model
 
 
-class NoBatchNorm(ValueError):
+class NoBatchNorm(NotApplicable):
     """BAN is not applicable: the model has no BatchNorm layer with affine parameters."""
 
 

@@ -67,6 +67,14 @@ class ScanData:
         return denormalize(z, *self._stats(z))
 
 
+class NotApplicable(ValueError):
+    """The detector's method does not apply to this model (BAN: no BatchNorm layer; weights: no
+    final classification layer of the class count; MNTD: a meta-classifier trained for another
+    input shape or class count). Not a failure of the scan: scan_model records a final
+    `not_applicable` row carrying this message (no traceback), which runs do not count as errors
+    and do not retry. The message names what was looked for."""
+
+
 class DetectorDidNoWork(RuntimeError):
     """A detector could not take a single step of its work, so it has no verdict to give.
 

@@ -28,7 +28,8 @@ Artifact (one directory, beside the shadow round by default: <shadow>/mntd_meta/
   meta.json          format, key {input_shape, num_classes, mean, std}, query init, training
                      settings, best epoch, validation AUC per epoch, the shadow round's identity
 It is keyed by (input shape, class count, normalisation): scanning a model with another input
-shape or class count fails with a clear error; a different normalisation is only recorded
+shape or class count raises NotApplicable (a `not_applicable` row saying which shape and class
+count the artifact takes); a different normalisation is only recorded
 (stats["normalisation_matches"]): queries live in pixel space [0, 1]-ish, which every model
 takes here (normalisation is folded into the loaded model), so they still apply.
 
@@ -88,7 +89,7 @@ from typing import Any
 import torch
 
 from xray.detectors._registry import register
-from xray.detectors.base import DetectorResult, ScanContext, ScanData
+from xray.detectors.base import DetectorResult, NotApplicable, ScanContext, ScanData
 from xray.detectors.mntd_meta import (MetaClassifier, in_mode, load_artifact, per_channel,
                                       query_training_mode, save_artifact)
 
@@ -137,7 +138,7 @@ class MNTD:
         key = self.artifact.key
         shape = [int(s) for s in data.x.shape[1:]]
         if shape != list(key["input_shape"]) or int(data.num_classes) != key["num_classes"]:
-            raise ValueError(
+            raise NotApplicable(
                 f"mntd artifact {self.params.artifact!r} was trained for input shape "
                 f"{tuple(key['input_shape'])} and {key['num_classes']} classes; this model has "
                 f"input shape {tuple(shape)} and {data.num_classes} classes: train a "

@@ -11,7 +11,7 @@ What it computes (per model, K = data.num_classes; data.x and data.y are not use
      nn.Linear with out_features == K, or an nn.Conv2d with a 1 x 1 kernel, groups 1 and
      out_channels == K (NiN's and SqueezeNet's classifier, which feeds a global pool; the pool
      itself is not checked). TorchScript modules count by their original class name. None ->
-     NoClassificationLayer (a ValueError naming what was searched and the widths found).
+     NoClassificationLayer (NotApplicable, naming what was searched and the widths found).
      W = its weight as a K x d matrix (float64 copy), b = its bias (zeros when it has none).
   2. Per class c, these statistics of its row W_c and bias b_c (each with the direction a
      backdoor target is expected to move, decided before measuring: "up" = larger):
@@ -68,7 +68,7 @@ from typing import Any
 import torch
 
 from xray.detectors._registry import register
-from xray.detectors.base import DetectorResult, ScanContext, ScanData
+from xray.detectors.base import DetectorResult, NotApplicable, ScanContext, ScanData
 
 # statistic -> +1 when a backdoor target is expected to have a larger value, -1 a smaller one
 DIRECTIONS: dict[str, int] = {"mean": 1, "positive": 1, "norm": 1, "max": 1, "bias": 1,
@@ -76,7 +76,7 @@ DIRECTIONS: dict[str, int] = {"mean": 1, "positive": 1, "norm": 1, "max": 1, "bi
 LIST_CLASSES = 64  # per-class raw values go into stats up to this many classes
 
 
-class NoClassificationLayer(ValueError):
+class NoClassificationLayer(NotApplicable):
     """The model has no final Linear (or 1 x 1 Conv2d) whose output width is the class count."""
 
 

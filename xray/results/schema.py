@@ -8,10 +8,12 @@ detectors never see them.
 import pyarrow as pa
 
 SCHEMA_VERSION = "1"
-# ok: scored; error: final failure (bad file, detector error); timeout: past the time limit;
-# crashed: the worker died every attempt; retryable: a storage failure that may pass (a
-# network blip): the next run scans it again, as timeout and crashed rows.
-STATUSES = ("ok", "error", "timeout", "crashed", "retryable")
+# ok: scored; error: final failure (bad file, detector error); not_applicable: final, the
+# detector does not apply to this model (BAN on a model without BatchNorm; the error column
+# says why), not a failure; timeout: past the time limit; crashed: the worker died every
+# attempt; retryable: a storage failure that may pass (a network blip): the next run scans it
+# again, as timeout and crashed rows.
+STATUSES = ("ok", "error", "not_applicable", "timeout", "crashed", "retryable")
 SCORE_KEY = ["model_id", "model_digest", "detector", "detector_version", "config_hash"]
 
 SCORES = pa.schema(

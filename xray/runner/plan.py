@@ -10,8 +10,9 @@ from xray.results.sink import read_table
 from xray.scanning import file_facts
 
 # Outcomes that are final for a (model, detector, config): scanning again would give the same.
-# `timeout`, `crashed` and `retryable` rows are retried on the next run.
-FINAL_STATUSES = ("ok", "error")
+# `timeout`, `crashed` and `retryable` rows are retried on the next run, `error` rows too with
+# retry_errors; `not_applicable` never (the model's architecture does not change).
+FINAL_STATUSES = ("ok", "error", "not_applicable")
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ def plan(records: Sequence[ModelRecord], out_uri: str,
          retry_errors: bool = False) -> list[PlannedModel]:
     """Models that still lack a final row for one of `detector_keys` (name, version, hash)."""
     facts = fingerprints(records)
-    done_statuses = ("ok",) if retry_errors else FINAL_STATUSES
+    done_statuses = ("ok", "not_applicable") if retry_errors else FINAL_STATUSES
     existing = read_table(out_uri, "scores")
     done: set[tuple[Any, ...]] = set()
     if len(existing):

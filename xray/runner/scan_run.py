@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 # torch and builds the detectors) before that model is charged anyway; and how long the driver
 # waits for an actor to say what it is doing.
 START_GRACE_S = 120.0
+# Row statuses that are an answer, not a failure: a score, or "this detector does not apply".
+ANSWERED = ("ok", "not_applicable")
 STATUS_TIMEOUT_S = 2.0
 
 
@@ -67,14 +69,19 @@ class RunSummary:
         """idle_tail_seconds over schedule_seconds (0 when nothing was scheduled)."""
         return self.idle_tail_seconds / self.schedule_seconds if self.schedule_seconds else 0.0
 
+    @property
+    def not_applicable(self) -> int:
+        """Rows of detectors that do not apply to their model (not failures)."""
+        return self.status_counts.get("not_applicable", 0)
+
     def record(self, rows: list[dict[str, Any]]) -> None:
-        """Account one model's rows."""
+        """Account one model's rows: it failed when a row is neither ok nor not_applicable."""
         self.models_scanned += 1
         self.rows += len(rows)
         failed = False
         for row in rows:
             self.status_counts[row["status"]] = self.status_counts.get(row["status"], 0) + 1
-            failed |= row["status"] != "ok"
+            failed |= row["status"] not in ANSWERED
         node = (rows[0]["worker"] if rows else "").split(":")[0] or "driver"
         self.failures_by_node.setdefault(node, 0)
         if failed:
@@ -260,7 +267,7 @@ def _scan_holding_lease(lease: OutputLease, records: list[Any], built: list[Any]
                     summary.record(result["scores"])
                     summary.actor_seconds += result.get("actor_seconds", 0.0)
                     by_node = summary.failures_by_node
-                    bar.update(ok=all(r["status"] == "ok" for r in result["scores"]),
+                    bar.update(ok=all(r["status"] in ANSWERED for r in result["scores"]),
                                **({"failures_by_node": by_node} if len(by_node) > 1 else {}))
                     if on_result:
                         on_result(result)

@@ -252,7 +252,10 @@ def coverage_rows(units: Sequence[Unit]) -> tuple[list[dict[str, str]], list[dic
 
 
 def error_rows(scores: pd.DataFrame) -> tuple[list[dict[str, Any]], int, list[dict[str, str]]]:
-    bad = scores[scores["status"] != "ok"].sort_values(["detector", "model_id"], kind="stable")
+    """The failed rows (capped; not_applicable ones are answers, counted in by_status and the
+    coverage table only), how many were left out, and per detector its rows per status."""
+    bad = scores[~scores["status"].isin(("ok", "not_applicable"))].sort_values(
+        ["detector", "model_id"], kind="stable")
     rows = []
     for _, r in bad.head(MAX_ROWS).iterrows():
         error = r["error"] if isinstance(r["error"], str) else ""

@@ -17,8 +17,8 @@ MAX_FPR = 0.05
 SUMMARY_COLUMNS = [
     "detector", "detector_version", "config_hash", "group_by", "group",
     "n", "n_poisoned", "n_clean", "n_unlabelled",
-    "n_ok", "n_missing", "n_error", "n_timeout", "n_crashed", "n_not_scored", "n_bad_score",
-    "coverage",
+    "n_ok", "n_missing", "n_error", "n_not_applicable", "n_timeout", "n_crashed", "n_not_scored",
+    "n_bad_score", "coverage",
     "threshold", "threshold_source", "threshold_n_clean", "n_flagged", "TP", "FP", "FN", "TN",
     "accuracy",
     "best_threshold", "best_accuracy",
@@ -30,9 +30,9 @@ SUMMARY_COLUMNS = [
 ]
 
 _INT_COLUMNS = [
-    "n", "n_poisoned", "n_clean", "n_unlabelled", "n_ok", "n_missing", "n_error", "n_timeout",
-    "n_crashed", "n_not_scored", "n_bad_score", "threshold_n_clean", "n_flagged", "TP", "FP",
-    "FN", "TN",
+    "n", "n_poisoned", "n_clean", "n_unlabelled", "n_ok", "n_missing", "n_error",
+    "n_not_applicable", "n_timeout", "n_crashed", "n_not_scored", "n_bad_score",
+    "threshold_n_clean", "n_flagged", "TP", "FP", "FN", "TN",
     "n_superseded", "n_training_models",
 ]
 
@@ -75,6 +75,7 @@ def _group_row(
         n_ok=int(usable.sum()),
         n_missing=int((~usable).sum()),
         n_error=int((status == "error").sum()),
+        n_not_applicable=int((status == "not_applicable").sum()),
         n_timeout=int((status == "timeout").sum()),
         n_crashed=int((status == "crashed").sum()),
         n_not_scored=int(pd.isna(sub["status"]).sum()),

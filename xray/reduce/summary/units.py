@@ -83,9 +83,9 @@ def verdicts(per_model: pd.DataFrame, threshold: float) -> pd.Series:
     """The one verdict rule, per model of a unit's per-model frame (`unit_frames`):
     "trojaned" (score >= threshold) or "clean" for a usable score, "no threshold" when the unit
     has none; a model without a usable score gets no verdict but why: its status ("error",
-    "timeout", "crashed"), "bad score" (status ok, score not finite) or "not scored" (no row of
-    this unit). Only "trojaned" / "clean" are verdicts: metrics, flips and drill-downs ignore
-    the rest."""
+    "not_applicable", "timeout", "crashed"), "bad score" (status ok, score not finite) or "not
+    scored" (no row of this unit). Only "trojaned" / "clean" are verdicts: metrics, flips and
+    drill-downs ignore the rest."""
     usable = per_model["usable"].to_numpy(dtype=bool)
     score = per_model["score"].to_numpy(dtype=float)
     status = per_model["status"]
