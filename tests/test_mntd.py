@@ -141,13 +141,26 @@ def test_mismatched_model_is_a_clear_error(mntd_meta):
 
 
 def test_missing_artifact_errors(tmp_path):
+    """An artifact that is not there, or none given, is refused when the config is read (one
+    line naming where the detector was asked for), never once per scanned model."""
+    from click.testing import CliRunner
+
+    from xray.cli import main
+    from xray.config import parse_config
+
     with pytest.raises(FileNotFoundError, match="xray mntd train"):
         detectors.build("mntd", {"artifact": str(tmp_path / "nothing")})
-    det = detectors.build("mntd")
     with pytest.raises(ValueError, match="needs params.artifact"):
-        det.score(Normalized(models.create("mntd_mnist_cnn", 5, (3, 24, 24))),
-                  ScanData(x=torch.rand(2, 3, 24, 24), y=torch.zeros(2, dtype=torch.int64),
-                           num_classes=5), ScanContext())
+        detectors.build("mntd")
+    with pytest.raises(ValueError, match=r"^scan.yaml: detectors.mntd: mntd needs params.artif"):
+        parse_config({"detectors": {"mntd": {"preset": "small"}}}, source="scan.yaml")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("model_id,uri,format,architecture,num_classes,input_shape\n"
+                        "m0,m0.pt,safetensors,mntd_mnist_cnn,5,3x24x24\n")
+    result = CliRunner().invoke(main, ["scan", "--manifest", str(manifest), "--out",
+                                       str(tmp_path / "out"), "--detectors", "mntd"])
+    assert result.exit_code != 0 and "--detectors: mntd needs params.artifact" in result.output
+    assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
 def test_cli_mntd_train(mntd_shadow, tmp_path):

@@ -219,7 +219,8 @@ def parse_config(raw: dict[str, Any] | None, source: str = "<config>",
                             tuple(sorted((entry.get("params") or {}).items())))
         try:
             spec.build()
-        except KeyError as err:  # named where it came from: the file's entry or --detectors
+        except (KeyError, ValueError) as err:  # named where it came from: the file's entry or
+            # --detectors (an unknown name, preset or parameter; a value the detector refuses)
             where = f"{source}: detectors.{name}" if name in settings else "--detectors"
             raise ValueError(f"{where}: {err.args[0]}") from None
         specs.append(spec)

@@ -128,13 +128,13 @@ class MNTD:
 
     def __init__(self, params: Params | None = None) -> None:
         self.params = params or Params()
-        # The one storage read of this detector, once, here (see the module docstring).
-        self.artifact = load_artifact(self.params.artifact) if self.params.artifact else None
-
-    def score(self, model: torch.nn.Module, data: ScanData, ctx: ScanContext) -> DetectorResult:
-        if self.artifact is None:
+        if not self.params.artifact:  # refused when the config is read, not once per model
             raise ValueError("mntd needs params.artifact: a meta-classifier built with "
                              "`xray mntd train --shadow ROUND --out DIR`")
+        # The one storage read of this detector, once, here (see the module docstring).
+        self.artifact = load_artifact(self.params.artifact)
+
+    def score(self, model: torch.nn.Module, data: ScanData, ctx: ScanContext) -> DetectorResult:
         key = self.artifact.key
         shape = [int(s) for s in data.x.shape[1:]]
         if shape != list(key["input_shape"]) or int(data.num_classes) != key["num_classes"]:
