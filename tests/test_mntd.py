@@ -154,6 +154,9 @@ def test_missing_artifact_errors(tmp_path):
         detectors.build("mntd")
     with pytest.raises(ValueError, match=r"^scan.yaml: detectors.mntd: mntd needs params.artif"):
         parse_config({"detectors": {"mntd": {"preset": "small"}}}, source="scan.yaml")
+    # a run recorded before this refusal stays readable (explain and report read its config)
+    stored = parse_config({"detectors": {"mntd": {}, "modelxray": {}}}, stored=True)
+    assert [d.name for d in stored.detectors] == ["mntd", "modelxray"]
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("model_id,uri,format,architecture,num_classes,input_shape\n"
                         "m0,m0.pt,safetensors,mntd_mnist_cnn,5,3x24x24\n")

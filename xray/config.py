@@ -217,12 +217,15 @@ def parse_config(raw: dict[str, Any] | None, source: str = "<config>",
                              f"(valid: preset, params)")
         spec = DetectorSpec(name, entry.get("preset"),
                             tuple(sorted((entry.get("params") or {}).items())))
+        where = f"{source}: detectors.{name}" if name in settings else "--detectors"
         try:
             spec.build()
-        except (KeyError, ValueError) as err:  # named where it came from: the file's entry or
-            # --detectors (an unknown name, preset or parameter; a value the detector refuses)
-            where = f"{source}: detectors.{name}" if name in settings else "--detectors"
+        except KeyError as err:  # an unknown name, preset or parameter, named where it came from
             raise ValueError(f"{where}: {err.args[0]}") from None
+        except ValueError as err:  # a value the detector refuses (mntd without an artifact);
+            # a run recorded before the detector refused it stays readable (explain, report)
+            if not stored:
+                raise ValueError(f"{where}: {err.args[0]}") from None
         specs.append(spec)
     stages = parse_stages(raw.get("stages"), [s.name for s in specs], source)
     return ScanConfig(
