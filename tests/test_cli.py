@@ -84,7 +84,7 @@ def test_root_confines_the_manifest_before_anything_runs(tiny_round, tmp_path):
 def test_unknown_detector_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(main, ["scan", "--manifest", "x.csv", "--out", str(tmp_path),
                                        "--detectors", "nope"])
-    assert result.exit_code == 1 and "unknown detector 'nope'" in result.output
+    assert result.exit_code == 1 and "unknown detector 'nope'; available: abs," in result.output
 
 
 def test_help_imports_no_heavy_library():

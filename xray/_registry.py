@@ -37,7 +37,7 @@ class Registry(Generic[T]):
             return self._entries[name]
         except KeyError:
             hint = did_you_mean(name, self._entries)
-            raise KeyError(f"unknown {self.kind} {name!r}{hint} available: "
+            raise KeyError(f"unknown {self.kind} {name!r}{hint or ';'} available: "
                            f"{', '.join(sorted(self._entries))}") from None
 
     def __contains__(self, name: object) -> bool:
