@@ -14,6 +14,8 @@ SCHEMA_VERSION = "1"
 # attempt; retryable: a storage failure that may pass (a network blip): the next run scans it
 # again, as timeout and crashed rows.
 STATUSES = ("ok", "error", "not_applicable", "timeout", "crashed", "retryable")
+# The statuses that are an answer, not a failure: a score, or "this detector does not apply".
+ANSWERED_STATUSES = ("ok", "not_applicable")
 SCORE_KEY = ["model_id", "model_digest", "detector", "detector_version", "config_hash"]
 
 SCORES = pa.schema(

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from xray.io.records import ModelRecord
+from xray.results.schema import ANSWERED_STATUSES
 from xray.results.sink import read_table
 from xray.scanning import file_facts
 
@@ -42,7 +43,7 @@ def plan(records: Sequence[ModelRecord], out_uri: str,
          retry_errors: bool = False) -> list[PlannedModel]:
     """Models that still lack a final row for one of `detector_keys` (name, version, hash)."""
     facts = fingerprints(records)
-    done_statuses = ("ok", "not_applicable") if retry_errors else FINAL_STATUSES
+    done_statuses = ANSWERED_STATUSES if retry_errors else FINAL_STATUSES
     existing = read_table(out_uri, "scores")
     done: set[tuple[Any, ...]] = set()
     if len(existing):

@@ -31,6 +31,7 @@ from xray.io.manifest import manifest_digest, read_manifest
 from xray.progress import Progress
 from xray.results.lease import OutputLease
 from xray.results.locations import manifest_columns
+from xray.results.schema import ANSWERED_STATUSES
 from xray.results.sink import ParquetSink, write_part
 from xray.runner.plan import PlannedModel, plan
 from xray.scanning import scan_stack, score_row
@@ -40,8 +41,6 @@ log = logging.getLogger(__name__)
 # torch and builds the detectors) before that model is charged anyway; and how long the driver
 # waits for an actor to say what it is doing.
 START_GRACE_S = 120.0
-# Row statuses that are an answer, not a failure: a score, or "this detector does not apply".
-ANSWERED = ("ok", "not_applicable")
 STATUS_TIMEOUT_S = 2.0
 
 
@@ -81,7 +80,7 @@ class RunSummary:
         failed = False
         for row in rows:
             self.status_counts[row["status"]] = self.status_counts.get(row["status"], 0) + 1
-            failed |= row["status"] not in ANSWERED
+            failed |= row["status"] not in ANSWERED_STATUSES
         node = (rows[0]["worker"] if rows else "").split(":")[0] or "driver"
         self.failures_by_node.setdefault(node, 0)
         if failed:
@@ -267,7 +266,7 @@ def _scan_holding_lease(lease: OutputLease, records: list[Any], built: list[Any]
                     summary.record(result["scores"])
                     summary.actor_seconds += result.get("actor_seconds", 0.0)
                     by_node = summary.failures_by_node
-                    bar.update(ok=all(r["status"] in ANSWERED for r in result["scores"]),
+                    bar.update(ok=all(r["status"] in ANSWERED_STATUSES for r in result["scores"]),
                                **({"failures_by_node": by_node} if len(by_node) > 1 else {}))
                     if on_result:
                         on_result(result)

@@ -15,6 +15,7 @@ from xray.reduce.calibrate.features import CASCADE
 from xray.reduce.formatting import first_line, fmt, is_missing
 from xray.reduce.summary import unit_frames, verdicts
 from xray.results import locations
+from xray.results.schema import ANSWERED_STATUSES
 from xray.results.sink import json_object, read_runs
 
 MAX_ROWS = 5000  # per-model and error tables; the rest is counted, not shown
@@ -254,7 +255,7 @@ def coverage_rows(units: Sequence[Unit]) -> tuple[list[dict[str, str]], list[dic
 def error_rows(scores: pd.DataFrame) -> tuple[list[dict[str, Any]], int, list[dict[str, str]]]:
     """The failed rows (capped; not_applicable ones are answers, counted in by_status and the
     coverage table only), how many were left out, and per detector its rows per status."""
-    bad = scores[~scores["status"].isin(("ok", "not_applicable"))].sort_values(
+    bad = scores[~scores["status"].isin(ANSWERED_STATUSES)].sort_values(
         ["detector", "model_id"], kind="stable")
     rows = []
     for _, r in bad.head(MAX_ROWS).iterrows():
