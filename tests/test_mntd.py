@@ -181,6 +181,28 @@ def test_cli_mntd_train(mntd_shadow, tmp_path):
     assert bad.exit_code == 1 and "Traceback" not in bad.output
 
 
+def test_a_shadow_set_without_benign_models_is_refused_saying_so(tiny_round, tmp_path):
+    """The tiny round with its clean models taken out of the manifest: `xray mntd train` names
+    what the shadow set lacks (numpy's "a cannot be empty" came out before)."""
+    import shutil
+
+    shadow = tmp_path / "shadow"
+    shutil.copytree(tiny_round[0], shadow)
+    with open(shadow / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(shadow / "manifest.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(r for r in rows if r["poisoned"] == "true")
+    n_trojaned = sum(r["poisoned"] == "true" for r in rows)
+    res = CliRunner().invoke(main, ["mntd", "train", "--shadow", str(shadow), "--quiet"])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert "MNTD's training shadow models must hold benign and trojaned ones; they hold 0 " \
+        "benign" in res.output and f"(of 0 benign and {n_trojaned} trojaned in the round)" in \
+        res.output, res.output
+    assert not (shadow / "mntd_meta").exists()
+
+
 def test_scan_runs_mntd_and_mmbd_through_the_runner(mntd_target, mntd_meta, ray_local, tmp_path):
     from xray.results.sink import read_table
 

@@ -61,6 +61,8 @@ def _split(shadow_uri: str, records: list[Any], val_fraction: float, seed: int) 
     is_val = np.zeros(len(records), dtype=bool)
     for value in (False, True):
         idx = np.flatnonzero(labels == value)
+        if len(idx) == 0:  # train_meta_classifier says what is missing
+            continue
         n = int(round(val_fraction * len(idx)))
         is_val[rng.choice(idx, size=min(max(n, 1), len(idx) - 1), replace=False)] = True
     return is_val.tolist()
@@ -231,6 +233,14 @@ def train_meta_classifier(shadow_uri: str, out_uri: str | None = None, *, epochs
     input_shape, num_classes, mean, std = keys.pop()
     is_val = _split(shadow_uri, records, val_fraction, seed)
     labels = [int(bool(r.poisoned)) for r in records]
+    for part, name in ((False, "training"), (True, "validation")):
+        in_part = [y for y, v in zip(labels, is_val) if v == part]
+        if set(in_part) != {0, 1}:
+            raise ValueError(
+                f"{shadow_uri}: MNTD's {name} shadow models must hold benign and trojaned ones; "
+                f"they hold {in_part.count(0)} benign and {in_part.count(1)} trojaned (of "
+                f"{labels.count(0)} benign and {labels.count(1)} trojaned in the round): build a "
+                "shadow set with both, as recipe mntd_shadow does")
     n_val = sum(is_val)
     if query_mean is None or query_std is None:
         measured = measure_query_init(records)
