@@ -196,6 +196,32 @@ def test_a_device_this_machine_lacks_fails_before_any_training(tmp_path):
     assert result.exit_code == 1 and "training device 'gpu'" in result.output
 
 
+@pytest.mark.parametrize("group, message", [
+    ({"count": 1, "atack": "bpp"}, "groups[1]: unknown key 'atack'; valid: ['architecture',"),
+    ({"count": 1, "attack": "bppp"}, "groups[1]: unknown attack 'bppp'; did you mean 'bpp'?"),
+    ({"count": 1, "attack": "bpp", "attack_params": {"bitz": 2}},
+     "groups[1]: attack 'bpp' has no parameter bitz; valid: target, victims, all_to_all, bits"),
+    ({"count": 1, "attack": "bpp", "training": {"epoch": 3}},
+     "groups[1].training: unknown key 'epoch'"),
+    ({"count": 1, "attack_params": {"bits": 2}}, "groups[1]: attack_params without an attack"),
+])
+def test_a_typo_in_a_recipe_group_is_refused_before_anything_is_written(tmp_path, group,
+                                                                          message):
+    """A mistyped group key used to train clean models in silence; a mistyped attack or attack
+    parameter failed only when that group's turn came, after other models had trained."""
+    from click.testing import CliRunner
+
+    from xray.cli import main
+
+    recipe = {**TINY_RECIPE, "groups": [TINY_RECIPE["groups"][0], group]}
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(main, ["zoo", "build", "--recipe", str(path), "--out",
+                                       str(tmp_path / "round"), "--quiet"])
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert not (tmp_path / "round").exists()
+
+
 def test_learned_triggers_are_saved_beside_the_model_and_rebuilt(tmp_path_factory):
     """A round with a jointly trained trigger generator (lira) and a learned image bank
     (composite): trigger.safetensors is written, the config names it, and the attack

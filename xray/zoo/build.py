@@ -29,6 +29,7 @@ from xray.io.records import ModelRecord
 from xray.progress import Progress
 from xray.results.lease import OutputLease
 from xray.zoo import round as round_writer
+from xray.zoo import attacks
 from xray.zoo.attacks import ATTACKS
 from xray.zoo.data import Dataset, load_dataset
 from xray.zoo.recipe import ModelSpec, Recipe, model_seed
@@ -254,6 +255,18 @@ def check_same_attacks(specs: list[ModelSpec], round_uri: str) -> set[str]:
     return stale
 
 
+def check_attacks(recipe: Recipe) -> None:
+    """Every group's attack exists and takes the parameters it is given: a ValueError naming
+    the recipe and group before anything is written or trained (not halfway through a build)."""
+    for i, group in enumerate(recipe.groups):
+        if group.get("attack") is None:
+            continue
+        try:
+            attacks.check_params(str(group["attack"]), dict(group.get("attack_params") or {}))
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"recipe {recipe.name}: groups[{i}]: {err.args[0]}") from None
+
+
 def build_round(recipe: Recipe, round_uri: str, workers: int | None = None,
                 show_progress: bool = True, device: str = "cpu",
                 stacking: str = "auto") -> BuildResult:
@@ -265,6 +278,7 @@ def build_round(recipe: Recipe, round_uri: str, workers: int | None = None,
     build writing to `round_uri` (its lease, xray.results.lease) is refused with LeaseHeld
     before anything is read or trained."""
     stacked = use_stacks(stacking, resolve_training_device(device))  # bad input fails here
+    check_attacks(recipe)
     storage.makedirs(round_uri)
     run_id = f"zoo-build-{recipe.name}-{uuid.uuid4().hex[:6]}"
     with OutputLease(round_uri, run_id, command="xray zoo build",

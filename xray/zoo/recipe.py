@@ -140,6 +140,27 @@ _RECIPE_KEYS = {"name", "seed", "dataset", "architecture", "training", "groups",
                 "weights_format"}
 
 
+_GROUP_KEYS = {"count", "attack", "attack_params", "poison_rate", "training", "architecture",
+               "split", "stack"}
+
+
+def _check_group(group: dict[str, Any], where: str) -> None:
+    """A group's keys, training overrides and split (a typo such as `atack:` would otherwise
+    train clean models); its attack and attack parameters are checked by the build
+    (xray.zoo.build.check_attacks: the attack modules depend on this one)."""
+    unknown = sorted(set(group) - _GROUP_KEYS)
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r}; valid: {sorted(_GROUP_KEYS)}")
+    if group.get("attack_params") and group.get("attack") is None:
+        raise ValueError(f"{where}: attack_params without an attack")
+    valid = {f.name for f in dataclasses.fields(TrainingRecipe)}
+    unknown = sorted(set(group.get("training") or {}) - valid)
+    if unknown:
+        raise ValueError(f"{where}.training: unknown key {unknown[0]!r}; valid: {sorted(valid)}")
+    if group.get("split", "train") not in ("train", "validation"):
+        raise ValueError(f"{where}: split {group['split']!r}; expected 'train' or 'validation'")
+
+
 def parse_recipe(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
     unknown = sorted(set(raw) - _RECIPE_KEYS)
     if unknown:
@@ -147,6 +168,8 @@ def parse_recipe(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
     for key in ("name", "dataset", "architecture", "groups"):
         if key not in raw:
             raise ValueError(f"{source}: missing key {key!r}")
+    for i, group in enumerate(raw["groups"]):
+        _check_group(dict(group), f"{source}: groups[{i}]")
     dataset = raw["dataset"]
     if isinstance(dataset, str):
         dataset = {"name": dataset}

@@ -29,8 +29,8 @@ Importing this package registers every attack; every name below is importable fr
 (`xray.zoo.attacks.BadNets`).
 """
 from xray.zoo.attacks.base import (ATTACKS, Attack, AttackKit, NeedsPreparation,
-                                   attack_from_config, available, describe, register,
-                                   sample_attack)
+                                   attack_from_config, available, check_params, describe,
+                                   register, sample_attack)
 from xray.zoo.attacks.poisoning import poison, trigger_test_set
 from xray.zoo.attacks.badnets import BadNets
 from xray.zoo.attacks.polygon import Polygon
@@ -54,7 +54,7 @@ from xray.zoo.attacks.ssba import SSBA
 from xray.zoo.attacks.trojannn import TrojanNN
 
 __all__ = ["ATTACKS", "Attack", "AttackKit", "NeedsPreparation", "attack_from_config",
-           "available", "describe", "register", "sample_attack",
+           "available", "check_params", "describe", "register", "sample_attack",
            "poison", "trigger_test_set", "BadNets", "Polygon", "FILTER_TYPES",
            "GREY_FILTER_TYPES", "Filter", "Blended", "WaNet", "SIG", "BPP", "LowFrequency",
            "Jumbo", "MntdBlend", "MntdPatch", "Blind", "ExrayAdaptive", "Composite",

@@ -215,6 +215,12 @@ def describe(name: str) -> dict[str, Any]:
             "trains_model": cls.trains_model, "learned": cls.learned, "module": cls.__module__}
 
 
+def check_params(name: str, params: dict[str, Any]) -> None:
+    """KeyError when there is no attack `name`, TypeError when it takes no parameter of that
+    name (both naming the valid ones): what a recipe is checked against before anything trains."""
+    _check_keys(ATTACKS.get(name), params)
+
+
 def all_to_all_attacks() -> list[str]:
     return [n for n in ATTACKS.available() if ATTACKS.get(n).supports_all_to_all]
 
