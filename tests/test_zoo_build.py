@@ -271,3 +271,29 @@ def test_every_shipped_recipe_plans_and_draws_its_attacks(name):
             drawn[key] = sample_attack(spec.attack, np.random.default_rng(spec.seed),
                                        (3, 32, 32), classes, **spec.attack_params)
     assert all(0 <= a.target < classes for a in drawn.values())
+
+
+@pytest.mark.parametrize("update, message", [
+    ({"groups": [{"count": -1}]}, "t.yaml: groups[0]: count -1; expected a whole number >= 0"),
+    ({"groups": [{"count": "x"}]}, "t.yaml: groups[0]: count 'x'; expected a whole number"),
+    ({"groups": [{"count": 1, "attack": "badnets", "poison_rate": 2.0}]},
+     "t.yaml: groups[0]: poison_rate 2.0; expected a number in (0, 1]"),
+    ({"groups": {"count": 1}}, "t.yaml: groups: expected a list of groups"),
+    ({"groups": ["badnets"]}, "t.yaml: groups[0]: expected a mapping"),
+    ({"asr_floor": 1.5}, "t.yaml: asr_floor 1.5; expected a number in [0, 1]"),
+    ({"max_attempts": 0}, "t.yaml: max_attempts 0; expected a whole number >= 1"),
+    ({"training": {"preset": "small", "epochs": -3}},
+     "t.yaml: training: epochs -3; expected a whole number >= 1"),
+    ({"training": {"preset": "small", "lr": "2e-3"}},
+     "t.yaml: training: lr '2e-3'; expected a number > 0 (YAML reads a number without a dot"),
+    ({"training": {"preset": "small", "optimizer": "adamw"}},
+     "t.yaml: training: optimizer 'adamw'; expected 'sgd' or 'adam'"),
+    ({"groups": [{"count": 1, "training": {"batch_size": 0}}]},
+     "t.yaml: groups[0].training: batch_size 0; expected a whole number >= 1"),
+])
+def test_a_recipe_value_out_of_range_is_refused_naming_the_field(update, message):
+    """Each of these was accepted (a negative count built nothing, a poison rate of 2 or a
+    negative epoch count trained anyway, a text lr failed inside torch mid-build)."""
+    with pytest.raises(ValueError) as err:
+        parse_recipe({**TINY_RECIPE, **update}, source="t.yaml")
+    assert str(err.value).startswith(message), str(err.value)

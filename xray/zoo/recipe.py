@@ -49,6 +49,39 @@ class TrainingRecipe:
     epochs: int = 50
     schedule: str = "cosine"  # cosine | constant
 
+    def __post_init__(self) -> None:
+        checks = [("optimizer", self.optimizer in ("sgd", "adam"), "'sgd' or 'adam'"),
+                  ("schedule", self.schedule in ("cosine", "constant"), "'cosine' or 'constant'"),
+                  ("lr", _number(self.lr) and self.lr > 0, "a number > 0"),
+                  ("momentum", _number(self.momentum) and 0 <= self.momentum < 1, "in [0, 1)"),
+                  ("weight_decay", _number(self.weight_decay) and self.weight_decay >= 0,
+                   "a number >= 0"),
+                  ("batch_size", _whole(self.batch_size) and self.batch_size >= 1,
+                   "a whole number >= 1"),
+                  ("epochs", _whole(self.epochs) and self.epochs >= 1, "a whole number >= 1")]
+        for name, ok, expected in checks:
+            if not ok:
+                value = getattr(self, name)
+                hint = (" (YAML reads a number without a dot, such as 2e-3, as text: write "
+                        "2.0e-3)" if isinstance(value, str) and _parses_as_number(value) else "")
+                raise ValueError(f"training: {name} {value!r}; expected {expected}{hint}")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parses_as_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
 
 TRAINING_PRESETS: dict[str, dict[str, Any]] = {
     "reference": {},
@@ -144,19 +177,32 @@ _GROUP_KEYS = {"count", "attack", "attack_params", "poison_rate", "training", "a
                "split", "stack"}
 
 
-def _check_group(group: dict[str, Any], where: str) -> None:
-    """A group's keys, training overrides and split (a typo such as `atack:` would otherwise
-    train clean models); its attack and attack parameters are checked by the build
+def _check_group(group: Any, training: TrainingRecipe, where: str) -> None:
+    """A group's keys and values, training overrides and split (a typo such as `atack:` would
+    otherwise train clean models); its attack and attack parameters are checked by the build
     (xray.zoo.build.check_attacks: the attack modules depend on this one)."""
+    if not isinstance(group, dict):
+        raise ValueError(f"{where}: expected a mapping such as {{count: 4, attack: badnets}}, "
+                         f"got {group!r}")
     unknown = sorted(set(group) - _GROUP_KEYS)
     if unknown:
         raise ValueError(f"{where}: unknown key {unknown[0]!r}; valid: {sorted(_GROUP_KEYS)}")
     if group.get("attack_params") and group.get("attack") is None:
         raise ValueError(f"{where}: attack_params without an attack")
+    count = group.get("count", 1)
+    if not _whole(count) or count < 0:
+        raise ValueError(f"{where}: count {count!r}; expected a whole number >= 0")
+    rate = group.get("poison_rate")
+    if rate is not None and not (_number(rate) and 0 < rate <= 1):
+        raise ValueError(f"{where}: poison_rate {rate!r}; expected a number in (0, 1]")
     valid = {f.name for f in dataclasses.fields(TrainingRecipe)}
     unknown = sorted(set(group.get("training") or {}) - valid)
     if unknown:
         raise ValueError(f"{where}.training: unknown key {unknown[0]!r}; valid: {sorted(valid)}")
+    try:
+        dataclasses.replace(training, **(group.get("training") or {}))
+    except ValueError as err:
+        raise ValueError(f"{where}.{err.args[0]}") from None
     if group.get("split", "train") not in ("train", "validation"):
         raise ValueError(f"{where}: split {group['split']!r}; expected 'train' or 'validation'")
 
@@ -168,8 +214,24 @@ def parse_recipe(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
     for key in ("name", "dataset", "architecture", "groups"):
         if key not in raw:
             raise ValueError(f"{source}: missing key {key!r}")
+    try:
+        training = training_recipe(raw.get("training"))
+    except ValueError as err:
+        raise ValueError(f"{source}: {err.args[0]}") from None
+    if not isinstance(raw["groups"], list) or not raw["groups"]:
+        raise ValueError(f"{source}: groups: expected a list of groups such as "
+                         f"[{{count: 4}}, {{count: 4, attack: badnets}}], got {raw['groups']!r}")
     for i, group in enumerate(raw["groups"]):
-        _check_group(dict(group), f"{source}: groups[{i}]")
+        _check_group(group, training, f"{source}: groups[{i}]")
+    for key, low, high in (("asr_floor", 0, 1), ("max_attempts", 1, None),
+                           ("examples_per_class", 1, None),
+                           ("poisoned_examples_per_class", 0, None)):
+        value = raw.get(key)
+        whole = key != "asr_floor"
+        if value is not None and not ((_whole(value) if whole else _number(value))
+                                      and value >= low and (high is None or value <= high)):
+            expected = f"a whole number >= {low}" if whole else f"a number in [{low}, {high}]"
+            raise ValueError(f"{source}: {key} {value!r}; expected {expected}")
     dataset = raw["dataset"]
     if isinstance(dataset, str):
         dataset = {"name": dataset}
@@ -179,7 +241,7 @@ def parse_recipe(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
         dataset=str(dataset["name"]),
         dataset_params=dict(dataset.get("params", {})),
         architecture=str(raw["architecture"]),
-        training=training_recipe(raw.get("training")),
+        training=training,
         groups=tuple(dict(g) for g in raw["groups"]),
         asr_floor=float(raw.get("asr_floor", 0.8)),
         max_attempts=int(raw.get("max_attempts", 2)),
