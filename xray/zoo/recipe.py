@@ -98,11 +98,15 @@ def training_recipe(spec: dict[str, Any] | None) -> TrainingRecipe:
     preset = spec.pop("preset", "reference")
     if preset not in TRAINING_PRESETS:
         raise ValueError(f"unknown training preset {preset!r}; presets: {sorted(TRAINING_PRESETS)}")
+    _check_training_keys(spec, "training")
+    return dataclasses.replace(TrainingRecipe(), **{**TRAINING_PRESETS[preset], **spec})
+
+
+def _check_training_keys(spec: dict[str, Any], where: str) -> None:
     valid = {f.name for f in dataclasses.fields(TrainingRecipe)}
     unknown = sorted(set(spec) - valid)
     if unknown:
-        raise ValueError(f"training: unknown key {unknown[0]!r}; valid: {sorted(valid)}")
-    return dataclasses.replace(TrainingRecipe(), **{**TRAINING_PRESETS[preset], **spec})
+        raise ValueError(f"{where}: unknown key {unknown[0]!r}; valid: {sorted(valid)}")
 
 
 @dataclass(frozen=True)
@@ -195,10 +199,7 @@ def _check_group(group: Any, training: TrainingRecipe, where: str) -> None:
     rate = group.get("poison_rate")
     if rate is not None and not (_number(rate) and 0 < rate <= 1):
         raise ValueError(f"{where}: poison_rate {rate!r}; expected a number in (0, 1]")
-    valid = {f.name for f in dataclasses.fields(TrainingRecipe)}
-    unknown = sorted(set(group.get("training") or {}) - valid)
-    if unknown:
-        raise ValueError(f"{where}.training: unknown key {unknown[0]!r}; valid: {sorted(valid)}")
+    _check_training_keys(group.get("training") or {}, f"{where}.training")
     try:
         dataclasses.replace(training, **(group.get("training") or {}))
     except ValueError as err:
