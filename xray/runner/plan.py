@@ -13,7 +13,7 @@ from xray.scanning import file_facts
 # Outcomes that are final for a (model, detector, config): scanning again would give the same.
 # `timeout`, `crashed` and `retryable` rows are retried on the next run, `error` rows too with
 # retry_errors; `not_applicable` never (the model's architecture does not change).
-FINAL_STATUSES = ("ok", "error", "not_applicable")
+FINAL_STATUSES = (*ANSWERED_STATUSES, "error")
 
 
 @dataclass(frozen=True)

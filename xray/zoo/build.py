@@ -29,8 +29,7 @@ from xray.io.records import ModelRecord
 from xray.progress import Progress
 from xray.results.lease import OutputLease
 from xray.zoo import round as round_writer
-from xray.zoo import attacks
-from xray.zoo.attacks import ATTACKS
+from xray.zoo.attacks import ATTACKS, check_params
 from xray.zoo.data import Dataset, load_dataset
 from xray.zoo.recipe import ModelSpec, Recipe, model_seed
 from xray.zoo.stacked import train_stack
@@ -262,7 +261,7 @@ def check_attacks(recipe: Recipe) -> None:
         if group.get("attack") is None:
             continue
         try:
-            attacks.check_params(str(group["attack"]), dict(group.get("attack_params") or {}))
+            check_params(str(group["attack"]), dict(group.get("attack_params") or {}))
         except (KeyError, TypeError) as err:
             raise ValueError(f"recipe {recipe.name}: groups[{i}]: {err.args[0]}") from None
 
