@@ -102,6 +102,12 @@ def test_modelxray_separates_clean_from_badnets(scanned):
 
 
 def test_corrupt_model_gives_error_row_others_scored(tiny_round, ray_local, tmp_path):
+    """A corrupt model file: an error row for it, the others scored, and `xray scan` says under
+    its run line which model and detector failed, with the error's first line."""
+    from click.testing import CliRunner
+
+    from xray.cli import main
+
     round_dir, _ = tiny_round
     copy = tmp_path / "round"
     shutil.copytree(round_dir, copy)
@@ -110,10 +116,18 @@ def test_corrupt_model_gives_error_row_others_scored(tiny_round, ray_local, tmp_
     with open(broken.uri, "wb") as f:
         f.write(b"this is not a safetensors file")
     out = tmp_path / "out"
-    run_scan(str(copy / "manifest.csv"), str(out), CONFIG, show_progress=False)
+    result = CliRunner().invoke(main, ["scan", "--manifest", str(copy / "manifest.csv"),
+                                       "--out", str(out), "--detectors", "modelxray",
+                                       "--preset", "small", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "1 with errors" in result.output, result.output
     scores = read_table(str(out), "scores").set_index("model_id")
     assert scores.loc[broken.model_id, "status"] == "error"
-    assert scores.loc[broken.model_id, "error"]
+    error = scores.loc[broken.model_id, "error"]
+    assert error and "Traceback" not in error.splitlines()[0]
+    assert (f"  {broken.model_id} modelxray (error): {error.splitlines()[0]}"
+            in result.output), result.output
+    assert f"tracebacks: `xray report {out}`" in result.output
     others = scores.drop(index=broken.model_id)
     assert len(others) == len(records) - 1 and (others["status"] == "ok").all()
     assert np.isfinite(others["score"].to_numpy(dtype=float)).all()

@@ -235,13 +235,16 @@ def scan(manifest: str, out: str, detectors: list[str] | None, config_uri: str |
             click.echo(f"stage {stage.number} ({', '.join(stage.detectors)}): "
                        + _run_line(stage.run) + f"; {stage.detector_seconds:.1f} detector-"
                        f"seconds; {stage.went_on} went on")
+            _echo_errors(stage.run, out)
         decided = collections.Counter(cascade.decided_at.values())
         click.echo(f"cascade: {len(cascade.decided_at)} models decided ("
                    + ", ".join(f"{decided[s.number]} at stage {s.number}"
                                for s in cascade.stages)
                    + f"), {cascade.detector_seconds:.1f} detector-seconds")
     else:
-        click.echo(f"run {_run_line(run_scan(manifest, out, config, **options))}")
+        summary = run_scan(manifest, out, config, **options)
+        click.echo(f"run {_run_line(summary)}")
+        _echo_errors(summary, out)
     click.echo(format_table(refresh_summary(out)))
 
 
@@ -252,6 +255,19 @@ def _run_line(summary: Any) -> str:
             + (f"{summary.not_applicable} detector rows not applicable, "
                if summary.not_applicable else "")
             + f"{summary.seconds:.1f} s (idle tail {summary.idle_tail_seconds:.1f} s)")
+
+
+def _echo_errors(summary: Any, out: str) -> None:
+    """What failed, under the run line: the first failed rows' first error line each, and where
+    the rest and the tracebacks are (an error row per model and detector is in the scores)."""
+    from xray.reduce.formatting import first_line
+
+    for model_id, detector, status, error in summary.first_errors:
+        click.echo(f"  {model_id} {detector} ({status}): {first_line(error, 300) or '-'}", err=True)
+    if summary.first_errors:
+        more = summary.failed_rows - len(summary.first_errors)
+        click.echo(f"  {f'{more} more failed rows; ' if more > 0 else ''}tracebacks: "
+                   f"`xray report {out}` (errors section)", err=True)
 
 
 @main.command()

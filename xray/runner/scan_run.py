@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 # waits for an actor to say what it is doing.
 START_GRACE_S = 120.0
 STATUS_TIMEOUT_S = 2.0
+SHOWN_ERRORS = 5  # failed rows a RunSummary keeps for the CLI
 
 
 @dataclass
@@ -62,11 +63,20 @@ class RunSummary:
     # result: the run's straggler tail, which the longest-first plan keeps short
     idle_tail_seconds: float = 0.0
     num_actors: int = 0
+    # the first failed rows (model_id, detector, status, error text), for the CLI to show what
+    # failed without a trip to the report; every failed row is in the scores table
+    first_errors: list[tuple[str, str, str, str]] = field(default_factory=list)
 
     @property
     def idle_tail_share(self) -> float:
         """idle_tail_seconds over schedule_seconds (0 when nothing was scheduled)."""
         return self.idle_tail_seconds / self.schedule_seconds if self.schedule_seconds else 0.0
+
+    @property
+    def failed_rows(self) -> int:
+        """Rows that failed (neither ok nor not_applicable)."""
+        return sum(n for status, n in self.status_counts.items()
+                   if status not in ANSWERED_STATUSES)
 
     @property
     def not_applicable(self) -> int:
@@ -80,7 +90,11 @@ class RunSummary:
         failed = False
         for row in rows:
             self.status_counts[row["status"]] = self.status_counts.get(row["status"], 0) + 1
-            failed |= row["status"] not in ANSWERED_STATUSES
+            if row["status"] not in ANSWERED_STATUSES:
+                failed = True
+                if len(self.first_errors) < SHOWN_ERRORS:
+                    self.first_errors.append((row["model_id"], row["detector"], row["status"],
+                                              row.get("error") or ""))
         node = (rows[0]["worker"] if rows else "").split(":")[0] or "driver"
         self.failures_by_node.setdefault(node, 0)
         if failed:
