@@ -4,9 +4,14 @@ Imported by conftest.py. The tiny round trains in seconds per model on 2 cores.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import pickle
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from xray.zoo.data import FASHION_MNIST_ROOT
 
@@ -34,14 +39,29 @@ TINY_RECIPE = {
 
 def build_test_round(tmp_path_factory, recipe: dict, name: str, **build_kwargs):
     """(round directory, BuildResult) of `recipe`, really trained (2 workers) in a fresh
-    session temp folder `name`; build_kwargs go to build_round."""
+    session temp folder `name`; build_kwargs go to build_round.
+
+    Under pytest-xdist (`make test` runs two workers) the workers share each round: the first
+    to ask builds it in the run's common temp folder under a file lock, the other waits for it
+    and reads the same files (tests copy a round before changing it)."""
     from xray.zoo.build import build_round
     from xray.zoo.recipe import parse_recipe
 
-    out = tmp_path_factory.mktemp(name) / "round"
-    result = build_round(parse_recipe(recipe), str(out), workers=2, show_progress=False,
-                         **build_kwargs)
-    return out, result
+    def build(out: Path):
+        return build_round(parse_recipe(recipe), str(out), workers=2, show_progress=False,
+                           **build_kwargs)
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        out = tmp_path_factory.mktemp(name) / "round"
+        return out, build(out)
+    key = hashlib.sha256(json.dumps([recipe, build_kwargs], sort_keys=True).encode()).hexdigest()
+    shared = tmp_path_factory.getbasetemp().parent / "shared-rounds" / f"{name}-{key[:12]}"
+    shared.mkdir(parents=True, exist_ok=True)
+    done = shared / "build-result.pickle"
+    with FileLock(str(shared / "build.lock")):
+        if not done.exists():
+            done.write_bytes(pickle.dumps(build(shared / "round")))
+    return shared / "round", pickle.loads(done.read_bytes())
 
 
 @pytest.fixture(scope="session")

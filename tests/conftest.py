@@ -1,6 +1,7 @@
 """Shared fixtures. `s3_server`: an S3-compatible server (moto) on loopback for the session."""
 from __future__ import annotations
 
+import os
 import socket
 from typing import Iterator, NamedTuple
 
@@ -30,6 +31,18 @@ SLOW_FIXTURES = {"ray_local", "ray_head", "two_nodes", "scanned", "scanned_tiny"
 # driver subprocess that must start its own). They run last, so the local instance that the
 # other Ray tests share starts once instead of again after each of them (~6 s a start).
 RAY_SHUTDOWN_FIXTURES = {"two_nodes", "no_ray_in_this_process"}
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test`: two workers on the 2 cores), each worker gets one torch
+    thread (two workers with two threads each only contend) and a Ray temp folder of its own
+    (two local Ray instances side by side; a short path: Ray's sockets live under it)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        import torch
+
+        torch.set_num_threads(1)
+        os.environ["RAY_TMPDIR"] = f"/tmp/ray-{worker}"
 
 
 def pytest_collection_modifyitems(config, items):
