@@ -81,6 +81,24 @@ def test_root_confines_the_manifest_before_anything_runs(tiny_round, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_an_output_path_through_a_file_is_one_clear_line(tiny_round, tmp_path):
+    """--out naming a file (or a folder under one): one line naming the path, no traceback,
+    nothing written; found giving `xray zoo build` a file."""
+    round_dir, _ = tiny_round
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    for command, out in ((["zoo", "build", "--recipe", "demo"], a_file),
+                         (["scan", "--manifest", str(round_dir), "--detectors", "weights"], a_file),
+                         (["scan", "--manifest", str(round_dir), "--detectors", "weights"],
+                          a_file / "sub")):
+        result = CliRunner().invoke(main, [*command, "--out", str(out)])
+        assert result.exit_code == 1, result.output
+        assert f"Error: {out}: " in result.output, result.output
+        assert "(a file where a folder is needed)" in result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert a_file.read_text() == "not a folder" and sorted(tmp_path.iterdir()) == [a_file]
+
+
 def test_unknown_detector_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(main, ["scan", "--manifest", "x.csv", "--out", str(tmp_path),
                                        "--detectors", "nope"])

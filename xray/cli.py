@@ -34,7 +34,8 @@ class UserError(click.ClickException):
 def _fail_cleanly(fn):
     """Turn expected errors into one line on stderr and exit 1 (no traceback). A bad manifest
     (xray.io.manifest.ManifestError), config or calibrator raises a ValueError; an output folder
-    another driver writes to, LeaseHeld; storage that keeps failing, a transient error."""
+    another driver writes to, LeaseHeld; a path of the wrong kind (--out naming a file) or not
+    writable, an OSError naming it; storage that keeps failing, a transient error."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -42,6 +43,11 @@ def _fail_cleanly(fn):
         except (FileNotFoundError, ValueError, KeyError, LeaseHeld, LeaseLost) as err:
             message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
             raise UserError(str(message)) from err
+        except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
+            # a path the user gave is of the wrong kind or not theirs (--out naming a file)
+            hint = (" (a file where a folder is needed)"
+                    if isinstance(err, (FileExistsError, NotADirectoryError)) else "")
+            raise UserError(f"{err.filename}: {err.strerror}{hint}") from err
         except Exception as err:
             if not storage.is_transient(err):
                 raise
