@@ -37,31 +37,39 @@ TINY_RECIPE = {
 }
 
 
+def once_per_run(tmp_path_factory, name: str, key: object, compute):
+    """compute(folder) -> value, once per test run: `folder` is a fresh temp folder for files the
+    value names. Without pytest-xdist, a plain call. Under it (`make test` runs two workers),
+    the first worker to ask computes it in the run's common temp folder under a file lock and
+    pickles the value; the other waits and reads it. So two workers never both train a round or
+    both run a detector over one (tests copy shared files before changing them). `key` (plain
+    JSON data) tells apart computations that share a name."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return compute(tmp_path_factory.mktemp(name))
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    shared = tmp_path_factory.getbasetemp().parent / "once-per-run" / f"{name}-{digest}"
+    shared.mkdir(parents=True, exist_ok=True)
+    done = shared / "value.pickle"
+    with FileLock(str(shared / "compute.lock")):
+        if not done.exists():
+            (shared / "files").mkdir(exist_ok=True)
+            done.write_bytes(pickle.dumps(compute(shared / "files")))
+    return pickle.loads(done.read_bytes())
+
+
 def build_test_round(tmp_path_factory, recipe: dict, name: str, **build_kwargs):
     """(round directory, BuildResult) of `recipe`, really trained (2 workers) in a fresh
-    session temp folder `name`; build_kwargs go to build_round.
-
-    Under pytest-xdist (`make test` runs two workers) the workers share each round: the first
-    to ask builds it in the run's common temp folder under a file lock, the other waits for it
-    and reads the same files (tests copy a round before changing it)."""
+    session temp folder `name` (built once per run: once_per_run); build_kwargs go to
+    build_round."""
     from xray.zoo.build import build_round
     from xray.zoo.recipe import parse_recipe
 
-    def build(out: Path):
-        return build_round(parse_recipe(recipe), str(out), workers=2, show_progress=False,
-                           **build_kwargs)
+    def build(folder: Path):
+        result = build_round(parse_recipe(recipe), str(folder / "round"), workers=2,
+                             show_progress=False, **build_kwargs)
+        return folder / "round", result
 
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        out = tmp_path_factory.mktemp(name) / "round"
-        return out, build(out)
-    key = hashlib.sha256(json.dumps([recipe, build_kwargs], sort_keys=True).encode()).hexdigest()
-    shared = tmp_path_factory.getbasetemp().parent / "shared-rounds" / f"{name}-{key[:12]}"
-    shared.mkdir(parents=True, exist_ok=True)
-    done = shared / "build-result.pickle"
-    with FileLock(str(shared / "build.lock")):
-        if not done.exists():
-            done.write_bytes(pickle.dumps(build(shared / "round")))
-    return shared / "round", pickle.loads(done.read_bytes())
+    return once_per_run(tmp_path_factory, name, [recipe, build_kwargs], build)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import copy
 import pytest
 
 from _detector_checks import scan_round
-from _fixtures import TINY_RECIPE, build_test_round
+from _fixtures import TINY_RECIPE, build_test_round, once_per_run
 
 INVERSION_RECIPE = copy.deepcopy(TINY_RECIPE)
 INVERSION_RECIPE.update(name="inversion", seed=11, groups=[
@@ -72,31 +72,36 @@ def nin_control_round(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def nin_karm_scans(nin_control_round):
+def nin_karm_scans(nin_control_round, tmp_path_factory):
     """[(record, DetectorResult)] of karm+exray (small preset, seed 0) on every model of
-    NIN_CONTROL_RECIPE (2 clean, 2 BadNets); `upstream_result` gives K-Arm's own result."""
+    NIN_CONTROL_RECIPE (2 clean, 2 BadNets); `upstream_result` gives K-Arm's own result.
+    Computed once per run (once_per_run)."""
     from xray import detectors
 
     round_dir, _ = nin_control_round
-    return scan_round(round_dir, detectors.build("karm+exray", preset="small"))
+    return once_per_run(tmp_path_factory, "nin-karm-scans", str(round_dir), lambda _: scan_round(
+        round_dir, detectors.build("karm+exray", preset="small")))
 
 
 @pytest.fixture(scope="session")
-def mnist_composed_scans(mntd_target):
+def mnist_composed_scans(mntd_target, tmp_path_factory):
     """scans(name) -> [(record, DetectorResult)] of the composed scanner `name` ("nc+exray",
     "abs+exray", "karm+exray"; small presets, seed 0) on every model of the MNTD target round
     (MNIST, 10 labels: 6 clean, 3 BadNets, 3 MNTD-M), computed once per session.
 
     A composed result also carries its upstream's (`upstream_result`): the vanilla scanner ran
     with the same parameters on the same data, so the vanilla negative controls (test_nc,
-    test_abs) and the composed ones (test_composed) share one optimisation per model."""
+    test_abs) and the composed ones (test_composed) share one optimisation per model, also
+    across pytest-xdist workers (once_per_run)."""
     from xray import detectors
 
     cache: dict[str, list] = {}
 
     def scans(name: str) -> list:
         if name not in cache:
-            cache[name] = scan_round(mntd_target[0], detectors.build(name, preset="small"))
+            cache[name] = once_per_run(
+                tmp_path_factory, f"mnist-{name}", [str(mntd_target[0]), name],
+                lambda _: scan_round(mntd_target[0], detectors.build(name, preset="small")))
         return cache[name]
 
     return scans

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import pytest
 
-from _fixtures import build_test_round
+from _fixtures import build_test_round, once_per_run
 
 # Defender split: 600 MNIST images (the reference uses 2% of the training set, 1,200). Budget:
 # Adam at a constant lr, 8 epochs of batch 50. The reference trains 100 epochs at lr 1e-3,
@@ -75,13 +75,15 @@ def mntd_target(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def mntd_meta(mntd_shadow):
-    """MetaTrainResult of the meta-classifier trained on `mntd_shadow` (artifact beside it)."""
+def mntd_meta(mntd_shadow, tmp_path_factory):
+    """MetaTrainResult of the meta-classifier trained on `mntd_shadow` (artifact beside it),
+    once per run (the artifact is written into the shared round: once_per_run)."""
     from xray.zoo.mntd import train_meta_classifier
 
     round_dir, _ = mntd_shadow
-    return train_meta_classifier(str(round_dir), epochs=10, seed=0, threads=1,
-                                 show_progress=False)
+    return once_per_run(tmp_path_factory, "mntd-meta", str(round_dir), lambda _: (
+        train_meta_classifier(str(round_dir), epochs=10, seed=0, threads=1,
+                              show_progress=False)))
 
 
 CONTRACT_SHADOW_RECIPE = {
