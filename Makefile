@@ -41,10 +41,11 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/xray demo
 
-# Two pytest-xdist workers, one torch thread each, sharing each trained round (the first worker
-# to need one builds it under a file lock: tests/_fixtures.py): 15.1 min against 17.1 min for one
-# process on the 2 vCPUs (2026-12-07, 750 passed). Tests are handed out as workers free up
-# (worksteal): their lengths differ by 1000x.
+# Two pytest-xdist workers, one torch thread each, sharing each trained round and shared scan (the
+# first worker to need one computes it under a file lock: once_per_run in tests/_fixtures.py):
+# make test 14 m 18 s against 17 m 05 s for one process on the 2 vCPUs (2026-12-07, 751 passed;
+# three workers were no faster). Tests are handed out as workers free up (worksteal): their
+# lengths differ by 1000x.
 test: $(STAMP) system-deps lint
 	$(BIN)/python -m pytest -q -n 2 --dist worksteal
 
