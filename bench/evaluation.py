@@ -56,10 +56,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import build_and_scan, record, xray_cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SPLITS = ("train", "test", "shifted", "architecture")
 ARCHITECTURE = "architecture"  # the optional split (--architecture-round)
+SPLITS = ("train", "test", "shifted", ARCHITECTURE)
 # The rounds the combined detector (fitted on "train") is scored on.
-HELD_OUT = ("test", "shifted", "architecture")
+HELD_OUT = ("test", "shifted", ARCHITECTURE)
 # The clean-label attacks' own round (CPU size only): they implant only where the target class is
 # hard to learn (docs/algorithms/zoo.md), which no class of the signs is; at the reference size
 # (CIFAR-10) they are in the three rounds themselves.
@@ -225,7 +225,7 @@ def recipe_file(workdir: Path, split: str, size: str, data_dir: str | None) -> P
     raw = yaml.safe_load(source.read_text())
     out = workdir / f"evaluation_{split}_reference.yaml"
     out.write_text(yaml.safe_dump(reference_size(
-        raw, data_dir, raw["architecture"] if split == "architecture" else "preact_resnet18")))
+        raw, data_dir, raw["architecture"] if split == ARCHITECTURE else "preact_resnet18")))
     return out
 
 
@@ -330,8 +330,8 @@ def table(workdir: Path, detectors: list[str], splits: tuple[str, ...] = SPLITS
             per_detector[det] = {"why_no_probability": str(e).splitlines()[0]}
         cells[det] = round_cells(scores["test"], mappings["test"], det, threshold, platt)
         if ARCHITECTURE in scores and (scores[ARCHITECTURE]["detector"] == det).any():
-            architecture_cells[det] = round_cells(scores["architecture"],
-                                                  mappings["architecture"], det, threshold, platt)
+            architecture_cells[det] = round_cells(scores[ARCHITECTURE], mappings[ARCHITECTURE],
+                                                  det, threshold, platt)
         per_detector.setdefault(det, {})["train_threshold"] = threshold
 
     figures: dict[str, float] = {}
