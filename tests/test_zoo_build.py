@@ -84,6 +84,19 @@ def test_rerun_skips_and_half_written_dir_is_redone(tiny_round, tmp_path):
     assert "badnets" in text and "clean" in text
 
 
+def test_describe_tells_a_missing_folder_from_an_empty_round(tmp_path):
+    """A mistyped round path is an error naming it, not "no complete model directories"."""
+    from click.testing import CliRunner
+
+    from xray.cli import main
+
+    missing = CliRunner().invoke(main, ["zoo", "describe", str(tmp_path / "nope")])
+    assert missing.exit_code == 1 and "Traceback" not in missing.output, missing.output
+    assert f"Error: {tmp_path / 'nope'}: no such round folder" in missing.output
+    empty = CliRunner().invoke(main, ["zoo", "describe", str(tmp_path)])
+    assert empty.exit_code == 0 and "no complete model directories (0 failed)" in empty.output
+
+
 def test_a_second_build_into_the_same_round_is_refused(tiny_round, tmp_path):
     """While a build holds the round's lease, another `xray zoo build` into it says so in one
     line and trains nothing; once the lease is released, the same command resumes."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from xray.io import storage
 from xray.zoo.round import failed_model_ids, model_configs
 
 
@@ -24,6 +25,10 @@ def round_table(round_uri: str) -> pd.DataFrame:
 
 
 def describe_round(round_uri: str) -> str:
+    """The round's counts per attack, mapping and architecture with clean accuracy and ASR; a
+    FileNotFoundError when there is no folder at `round_uri` (a typo is not an empty round)."""
+    if not storage.exists(round_uri):
+        raise FileNotFoundError(f"{round_uri}: no such round folder")
     table = round_table(round_uri)
     failed = failed_model_ids(round_uri)
     if table.empty:
