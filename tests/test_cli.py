@@ -188,6 +188,31 @@ def test_friendly_errors_for_a_missing_config_a_typo_and_an_unknown_preset(tmp_p
     assert "reference" in preset.output and "small" in preset.output
 
 
+@pytest.mark.parametrize("option, value", [
+    ("--actors", "0"), ("--stack", "0"), ("--time-limit", "0"), ("--time-limit", "-5"),
+    ("--max-retries", "-1"), ("--cpus-per-actor", "0"), ("--gpus-per-actor", "-1"),
+    ("--flush-seconds", "-1")])
+def test_scan_refuses_out_of_range_numbers_before_anything_runs(option, value, tmp_path):
+    """Found trying them: --actors 0 hung with no actor to take a model, --time-limit -5 timed
+    every model out, the others were taken silently."""
+    result = CliRunner().invoke(main, ["scan", "--manifest", "x.csv", "--out",
+                                       str(tmp_path / "o"), "--detectors", "weights",
+                                       option, value])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{option}': " in result.output, result.output
+    assert "is not in the range" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_config_time_limit_must_be_positive(tmp_path):
+    from xray.config import parse_config
+
+    for bad in (0, -1.5, "10", True):
+        with pytest.raises(ValueError, match="model_time_limit_s must be a positive number"):
+            parse_config({"model_time_limit_s": bad}, source="c.yaml")
+    assert parse_config({"model_time_limit_s": 2}).model_time_limit_s == 2
+
+
 def test_every_command_with_a_progress_bar_takes_quiet():
     """A command whose body asks for a progress bar (show_progress=...) takes --quiet."""
     import inspect

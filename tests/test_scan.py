@@ -133,6 +133,13 @@ def test_corrupt_model_gives_error_row_others_scored(tiny_round, ray_local, tmp_
     assert np.isfinite(others["score"].to_numpy(dtype=float)).all()
 
 
+def test_zero_actors_is_refused_not_a_hang(tmp_path):
+    """run_scan with num_actors=0 waited forever for an actor to take a model."""
+    with pytest.raises(ValueError, match="num_actors must be at least 1"):
+        run_scan(str(tmp_path / "m.csv"), str(tmp_path / "out"), CONFIG, num_actors=0)
+    assert not (tmp_path / "out").exists()
+
+
 def test_stacked_scan_gives_the_same_scores(scanned, tmp_path):
     """Same-architecture stacks (one vmapped Model X-ray pass) score exactly as one by one."""
     round_dir, out, _ = scanned

@@ -155,7 +155,8 @@ def mntd() -> None:
               "validation loss (auc_loss); the first best AUC (auc: the reference); the last.")
 @click.option("--threads", type=int, default=None,
               help="torch threads while training (default: torch's; 1 is fastest for small CNNs).")
-@click.option("--time-limit", type=float, default=None, metavar="SECONDS",
+@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="SECONDS",
               help="Stop training after this long with the best epoch so far (recorded in the "
               "artifact as stopped_early).")
 @cli_args.QUIET
@@ -187,19 +188,22 @@ def mntd_train(shadow: str, out: str | None, epochs: int, repeats: int, seed: in
 @cli_args.PRESET
 @cli_args.ADDRESS
 @cli_args.ACTORS
-@click.option("--cpus-per-actor", type=float, default=1.0, show_default=True,
+@click.option("--cpus-per-actor", type=click.FloatRange(min=0, min_open=True), default=1.0,
+              show_default=True,
               help="CPUs each actor requests (also its torch thread count).")
-@click.option("--gpus-per-actor", type=float, default=0.0, show_default=True,
+@click.option("--gpus-per-actor", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="GPUs each actor requests (fractions allowed).")
 @cli_args.STACK
 @cli_args.ALLOW_PICKLE
 @click.option("--retry-errors", is_flag=True, help="Scan again models whose last row is an error.")
-@click.option("--time-limit", type=float, default=None, metavar="SECONDS",
+@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="SECONDS",
               help="Per-model time limit; a model past it gets a `timeout` row (default: none).")
-@click.option("--max-retries", type=int, default=2, show_default=True,
+@click.option("--max-retries", type=click.IntRange(min=0), default=2, show_default=True,
               help="Times a model is retried on another actor when its worker process dies, "
                    "before it is recorded as `crashed`.")
-@click.option("--flush-seconds", type=float, default=10.0, show_default=True,
+@click.option("--flush-seconds", type=click.FloatRange(min=0), default=10.0,
+              show_default=True,
               help="Rows are written to Parquet at least this often (what an interrupted "
                    "driver can lose; re-running the command scans it again).")
 @click.option("--root", default=None, metavar="URI",

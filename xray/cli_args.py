@@ -84,9 +84,10 @@ ADDRESS = click.option("--address", default=None, metavar="ADDR",
                        help="Ray cluster address (e.g. ray://head:10001 or auto); default: "
                             "RAY_ADDRESS (set inside `ray job submit`), else a local Ray "
                             "instance.")
-ACTORS = click.option("--actors", type=int, default=None,
+ACTORS = click.option("--actors", type=click.IntRange(min=1), default=None,
                       help="Number of scan actors (default: fill the cluster's CPUs / GPUs).")
-STACK = click.option("--stack", "stack_size", type=int, default=1, show_default=True,
+STACK = click.option("--stack", "stack_size", type=click.IntRange(min=1), default=1,
+                     show_default=True,
                      help="Send up to this many models of one architecture to an actor "
                           "together; Model X-ray scores a stack in one vmapped pass (use 8-32 "
                           "on GPUs).")

@@ -228,6 +228,12 @@ def parse_config(raw: dict[str, Any] | None, source: str = "<config>",
                 raise ValueError(f"{where}: {err.args[0]}") from None
         specs.append(spec)
     stages = parse_stages(raw.get("stages"), [s.name for s in specs], source)
+    limit = raw.get("model_time_limit_s")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float))
+                              or not limit > 0):
+        # a limit of 0 or below would time out every model before it starts
+        raise ValueError(f"{source}: model_time_limit_s must be a positive number of seconds "
+                         f"(--time-limit), not {limit!r}")
     return ScanConfig(
         detectors=tuple(specs), seed=int(raw.get("seed", 0)), stages=stages,
         examples_per_class=raw.get("examples_per_class"),

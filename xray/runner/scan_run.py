@@ -217,6 +217,9 @@ def run_scan(manifest_uri: str, out_uri: str, config: ScanConfig, *, address: st
     manifest with a model or examples URI outside it (ManifestError naming row and field).
     `model_ids`: scan only these models of the manifest (a cascade's later stages)."""
     started = time.monotonic()
+    if num_actors is not None and num_actors < 1:  # no actor would ever take a model: a hang
+        raise ValueError(f"num_actors must be at least 1 (or None: fill the cluster), not "
+                         f"{num_actors}")
     if address:
         check_reachable(address)  # before anything is written to out_uri
     records = read_manifest(manifest_uri, root=root)
