@@ -188,16 +188,23 @@ def test_friendly_errors_for_a_missing_config_a_typo_and_an_unknown_preset(tmp_p
     assert "reference" in preset.output and "small" in preset.output
 
 
-@pytest.mark.parametrize("option, value", [
-    ("--actors", "0"), ("--stack", "0"), ("--time-limit", "0"), ("--time-limit", "-5"),
-    ("--max-retries", "-1"), ("--cpus-per-actor", "0"), ("--gpus-per-actor", "-1"),
-    ("--flush-seconds", "-1")])
-def test_scan_refuses_out_of_range_numbers_before_anything_runs(option, value, tmp_path):
-    """Found trying them: --actors 0 hung with no actor to take a model, --time-limit -5 timed
-    every model out, the others were taken silently."""
-    result = CliRunner().invoke(main, ["scan", "--manifest", "x.csv", "--out",
-                                       str(tmp_path / "o"), "--detectors", "weights",
-                                       option, value])
+SCAN = ["scan", "--manifest", "x.csv", "--detectors", "weights"]
+
+
+@pytest.mark.parametrize("command, option, value", [
+    (SCAN, "--actors", "0"), (SCAN, "--stack", "0"), (SCAN, "--time-limit", "0"),
+    (SCAN, "--time-limit", "-5"), (SCAN, "--max-retries", "-1"),
+    (SCAN, "--cpus-per-actor", "0"), (SCAN, "--gpus-per-actor", "-1"),
+    (SCAN, "--flush-seconds", "-1"), (["zoo", "build", "--recipe", "demo"], "--workers", "0"),
+    (["mntd", "train", "--shadow", "x"], "--epochs", "0"),
+    (["mntd", "train", "--shadow", "x"], "--time-limit", "-1"),
+    (["report", "x"], "--max-drilldown", "-1"), (["explain", "x", "m"], "--planes", "0")])
+def test_out_of_range_numbers_are_refused_before_anything_runs(command, option, value,
+                                                                  tmp_path):
+    """Found trying them: scan --actors 0 hung with no actor to take a model, --time-limit -5
+    timed every model out, zoo build --workers 0 trained on, the others were taken silently."""
+    out = [] if command[0] in ("report", "explain") else ["--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(main, [*command, *out, option, value])
     assert result.exit_code == 2, result.output
     assert f"Invalid value for '{option}': " in result.output, result.output
     assert "is not in the range" in result.output

@@ -142,9 +142,9 @@ def mntd() -> None:
               help="Shadow round directory (built with `xray zoo build --recipe mntd_shadow`).")
 @click.option("--out", default=None, metavar="URI",
               help="Artifact directory to write (default: <shadow>/mntd_meta).")
-@click.option("--epochs", type=int, default=10, show_default=True,
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True,
               help="Query-tuning epochs (each a pass over the training shadow models).")
-@click.option("--repeats", type=int, default=1, show_default=True,
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
               help="Fresh meta-classifiers to train; the best validation AUC is kept.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the queries, the classifier and the epoch permutations.")
@@ -153,7 +153,7 @@ def mntd() -> None:
 @click.option("--select", type=click.Choice(["auc_loss", "auc", "last"]), default="auc_loss",
               show_default=True, help="Epoch kept: best validation AUC, ties broken by lower "
               "validation loss (auc_loss); the first best AUC (auc: the reference); the last.")
-@click.option("--threads", type=int, default=None,
+@click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch threads while training (default: torch's; 1 is fastest for small CNNs).")
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None,
               metavar="SECONDS",
@@ -285,12 +285,12 @@ def _echo_errors(summary: Any, out: str) -> None:
 @click.option("--run", "run_id", default=None, help="Only this run (default: all runs in OUT).")
 @click.option("--html", "html_path", default=None, metavar="FILE",
               help="Where to write the HTML report (default: OUT/report.html).")
-@click.option("--max-drilldown", type=int, default=20, show_default=True,
+@click.option("--max-drilldown", type=click.IntRange(min=0), default=20, show_default=True,
               help="Models with a drill-down section (flagged or misclassified ones, "
                    "misclassified first; 0 = none).")
 @click.option("--model", "models", multiple=True, metavar="MODEL_ID",
               help="Drill into this model whatever its verdicts (repeatable).")
-@click.option("--planes", type=int, default=3, show_default=True,
+@click.option("--planes", type=click.IntRange(min=0), default=3, show_default=True,
               help="Model X-ray planes re-run and drawn per drill-down model (0 = none).")
 @cli_args.THRESHOLDS
 @cli_args.QUIET
@@ -359,7 +359,8 @@ def compare(run_a: str, run_b: str, tolerances_uri: str | None, fmt: str,
 @click.argument("model_id")
 @click.option("--png", default=None, metavar="FILE",
               help="Where to write the picture (default: OUT/explain/<model_id>-modelxray.png).")
-@click.option("--planes", type=int, default=4, show_default=True, help="Planes to draw.")
+@click.option("--planes", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Planes to draw.")
 @_fail_cleanly
 def explain(out: str, model_id: str, png: str | None, planes: int) -> None:
     """Draw a scanned model's decision-boundary planes (Model X-ray) as a PNG."""

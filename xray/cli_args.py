@@ -106,7 +106,7 @@ def manifest(required: bool, how: str) -> Decorator:
                         help=f"Manifest (CSV, JSONL, Parquet, YAML) or a round directory; {how}.")
 
 
-WORKERS = click.option("--workers", type=int, default=None,
+WORKERS = click.option("--workers", type=click.IntRange(min=1), default=None,
                        help="Training processes in parallel (default: one per CPU core).")
 
 # ---------------------------------------------------------------- reading results
