@@ -229,9 +229,10 @@ def parse_config(raw: dict[str, Any] | None, source: str = "<config>",
         specs.append(spec)
     stages = parse_stages(raw.get("stages"), [s.name for s in specs], source)
     limit = raw.get("model_time_limit_s")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float))
-                              or not limit > 0):
-        # a limit of 0 or below would time out every model before it starts
+    if not stored and limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0):
+        # a limit of 0 or below would time out every model before it starts (a run recorded
+        # with one before this check stays readable)
         raise ValueError(f"{source}: model_time_limit_s must be a positive number of seconds "
                          f"(--time-limit), not {limit!r}")
     return ScanConfig(
