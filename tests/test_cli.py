@@ -211,7 +211,7 @@ def test_out_of_range_numbers_are_refused_before_anything_runs(command, option, 
     assert not (tmp_path / "o").exists()
 
 
-def test_a_config_time_limit_must_be_positive(tmp_path):
+def test_a_config_time_limit_must_be_positive():
     from xray.config import parse_config
 
     for bad in (0, -1.5, "10", True):
