@@ -301,13 +301,42 @@ def round_cells(scores: pd.DataFrame, mappings: pd.Series, det: str, threshold: 
     return out
 
 
+def combined_figures(scores: pd.DataFrame, detectors: list[str], calibrator: Any,
+                     platts: dict[str, Any]) -> dict[str, Any]:
+    """The combined detector on one held-out round: its harness cross-entropy (and 95%
+    interval), ROC-AUC (and stratified bootstrap 95% interval), and the paired difference of
+    its cross-entropy from that of the round's best single detector (each Platt-scaled on the
+    training round; missing probabilities count 0.5, as in the harness)."""
+    from xray.reduce import metrics as M
+    from xray.reduce.calibrate import combined_rows
+    from xray.reduce.harness import fill_missing
+
+    truth = (scores.drop_duplicates("model_id").set_index("model_id")["gt_poisoned"]
+             .astype(float))
+    y = truth.to_numpy()
+
+    def probabilities(rows: pd.DataFrame, calibrator: Any) -> np.ndarray:
+        p = combined_rows(rows, calibrator).set_index("model_id")["score"]
+        return fill_missing(p.reindex(truth.index).to_numpy(float))
+
+    p = probabilities(scores[scores["detector"].isin(detectors)], calibrator)
+    singles = {d: probabilities(scores[scores["detector"] == d], platts[d])
+               for d in detectors if d in platts and (scores["detector"] == d).any()}
+    best = min(singles, key=lambda d: M.cross_entropy(y, singles[d]).value)
+    ce, difference = M.cross_entropy(y, p), M.cross_entropy_difference(y, p, singles[best])
+    return {"models": int(len(truth)), "cross_entropy": ce.value, "cross_entropy_ci95": ce.ci95,
+            "roc_auc": M.roc_auc(y, p).value, "roc_auc_interval": M.roc_auc_interval(y, p),
+            "best_single": best, "best_single_cross_entropy": M.cross_entropy(
+                y, singles[best]).value,
+            "minus_best_single": difference.value, "minus_best_single_ci95": difference.ci95}
+
+
 def table(workdir: Path, detectors: list[str], splits: tuple[str, ...] = SPLITS
           ) -> tuple[dict[str, float], dict[str, Any]]:
     """The figures and notes of the rounds `splits` (train, test and shifted always; the
     architecture round when asked for and scanned)."""
     from xray.reduce import metrics as M
-    from xray.reduce.calibrate import Calibrator, combined_rows, fit
-    from xray.reduce.harness import harness_scores
+    from xray.reduce.calibrate import Calibrator, fit
     from xray.results.sink import read_table
 
     scores = {s: read_table(str(workdir / s / "out"), "scores") for s in splits}
@@ -315,6 +344,7 @@ def table(workdir: Path, detectors: list[str], splits: tuple[str, ...] = SPLITS
     cells: dict[str, dict[str, dict[str, Any]]] = {}
     architecture_cells: dict[str, dict[str, dict[str, Any]]] = {}
     per_detector: dict[str, dict[str, Any]] = {}
+    platts: dict[str, Any] = {}  # detector -> its Platt scaling fitted on the training round
     for det in detectors:
         train = _per_model(scores["train"], det)
         if not (scores["test"]["detector"] == det).any():
@@ -326,6 +356,7 @@ def table(workdir: Path, detectors: list[str], splits: tuple[str, ...] = SPLITS
         try:
             platt = fit(scores["train"][scores["train"]["detector"] == det], detectors=[det],
                         model=det)
+            platts[det] = platt
         except ValueError as e:  # no usable training scores: the cell says why
             per_detector[det] = {"why_no_probability": str(e).splitlines()[0]}
         cells[det] = round_cells(scores["test"], mappings["test"], det, threshold, platt)
@@ -340,20 +371,16 @@ def table(workdir: Path, detectors: list[str], splits: tuple[str, ...] = SPLITS
     xray_cli("calibrate", str(workdir / "train" / "out"), "--detectors", ",".join(usable_dets),
              "--train-run", "all", "--artifact", combined_uri)
     calibrator = Calibrator.load(combined_uri)
-    combined = {}
-    for split in (s for s in HELD_OUT if s in scores):
-        rows = combined_rows(scores[split][scores[split]["detector"].isin(usable_dets)],
-                             calibrator).set_index("model_id")
-        truth = (scores[split].drop_duplicates("model_id").set_index("model_id")["gt_poisoned"]
-                 .astype(float))
-        h = harness_scores(truth.to_numpy(), rows["score"].reindex(truth.index).to_numpy(float))
-        combined[split] = {"cross_entropy": h.cross_entropy, "roc_auc": h.roc_auc,
-                           "models": int(len(truth))}
+    combined = {split: combined_figures(scores[split], usable_dets, calibrator, platts)
+                for split in HELD_OUT if split in scores}
     best = min(usable_dets, key=lambda d: cells[d]["all"]["cross_entropy"])
     figures.update({
         "combined_test_cross_entropy": combined["test"]["cross_entropy"],
         "combined_test_roc_auc": combined["test"]["roc_auc"],
         "best_single_test_cross_entropy": cells[best]["all"]["cross_entropy"],
+        "combined_test_cross_entropy_ci95": combined["test"]["cross_entropy_ci95"],
+        "combined_minus_best_single_test_cross_entropy":
+            combined["test"]["minus_best_single"],
         "combined_shifted_cross_entropy": combined["shifted"]["cross_entropy"],
         "combined_shifted_roc_auc": combined["shifted"]["roc_auc"],
         "attacks_covered": float(len({a for d in cells for a in cells[d]
@@ -409,6 +436,17 @@ def clean_label_table(workdir: Path, detectors: list[str]
 def _fmt(value: Any) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) \
         else f"{value:.2f}"
+
+
+def _signed(value: Any) -> str:
+    return _fmt(value) if _fmt(value) == "-" else f"{value:+.2f}"
+
+
+def _interval(value: Any, half_width: Any) -> str:
+    """"low-high" of value +- half_width, or "-" where either is missing."""
+    if "-" in (_fmt(value), _fmt(half_width)):
+        return "-"
+    return f"{_fmt(value - half_width)} to {_fmt(value + half_width)}"
 
 
 def _cell_text(cells: dict, det: str, attack: str, metric: str,
@@ -514,15 +552,26 @@ def markdown(figures: dict[str, float], notes: dict[str, Any], command: str) -> 
              "\"own round\": a clean-label attack, which implants in none of these sign "
              "models, measured in a round of its own (its section below).",
              "", "## Combined detector", "",
-             "| round | cross-entropy | ROC-AUC |", "| --- | --- | --- |"]
+             "| round | cross-entropy (95% interval) | ROC-AUC (95% bootstrap interval) | "
+             "best single detector there (its CE) | combined minus best single CE (95% interval) |",
+             "| --- | --- | --- | --- | --- |"]
     for split in (s for s in HELD_OUT if s in notes["combined"]):
         c = notes["combined"][split]
-        lines.append(f"| {split} ({c['models']} models) | {_fmt(c['cross_entropy'])} | "
-                     f"{_fmt(c['roc_auc'])} |")
-    lines += ["", f"Best single detector on the test round by cross-entropy: "
-              f"`{notes['best_single']}` ({_fmt(figures['best_single_test_cross_entropy'])}); "
-              f"the combined calibrator (fitted on the training round, nested model selection) "
-              f"chose `{notes['combined_chose']}`.", ""]
+        low, high = c.get("roc_auc_interval", (math.nan, math.nan))
+        lines.append(
+            f"| {split} ({c['models']} models) | {_fmt(c['cross_entropy'])} "
+            f"({_interval(c['cross_entropy'], c.get('cross_entropy_ci95'))}) | "
+            f"{_fmt(c['roc_auc'])} ({_fmt(low)} to {_fmt(high)}) | "
+            f"`{c.get('best_single', '-')}` ({_fmt(c.get('best_single_cross_entropy'))}) | "
+            f"{_signed(c.get('minus_best_single'))} "
+            f"({_interval(c.get('minus_best_single'), c.get('minus_best_single_ci95'))}) |")
+    lines += ["", "The combined calibrator (fitted on the training round, nested model selection) "
+              f"chose `{notes['combined_chose']}`. Single detectors are Platt-scaled on the "
+              "training round too. Intervals: the harness's 1.96 standard errors of the "
+              "per-model cross-entropy (of the per-model difference, paired, for the last "
+              "column: negative means the combined detector is better); ROC-AUC's are "
+              "percentiles of 2000 bootstrap resamples drawing the trojaned and the clean "
+              "models apart.", ""]
     for metric, title in (("roc_auc", "ROC-AUC (that attack's models against every clean one; "
                                       "published figure in brackets)"),
                           ("tpr_at_5fpr", "TPR at 5% FPR"),

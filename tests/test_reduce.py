@@ -473,3 +473,31 @@ def test_report_is_self_contained(tmp_path):
     assert "<th>probability</th>" in html  # beside each score in the drill-down
     other = render_report(str(tmp_path), run_id="B", html_path=str(tmp_path / "b.html"))
     assert "RuntimeError" not in (tmp_path / "b.html").read_text() and other.endswith("b.html")
+
+
+def test_cross_entropy_difference_is_paired():
+    y = np.array([1, 1, 0, 0])
+    a, b = np.array([0.9, 0.8, 0.2, 0.1]), np.array([0.6, 0.5, 0.5, 0.4])
+    d = M.cross_entropy_difference(y, a, b)
+    assert d.value == pytest.approx(M.cross_entropy(y, a).value - M.cross_entropy(y, b).value)
+    assert d.value < 0 and 0 < d.ci95 < M.cross_entropy(y, b).ci95 + M.cross_entropy(y, a).ci95
+    assert M.cross_entropy_difference(y, a, a) == (0.0, 0.0, None)
+    assert "NaN" in M.cross_entropy_difference(y, a, [0.5, np.nan, 0.5, 0.5]).reason
+
+
+def test_roc_auc_interval_brackets_the_auc_and_narrows_with_more_models():
+    rng = np.random.default_rng(3)
+
+    def sample(n):
+        y = np.r_[np.ones(n), np.zeros(n)]
+        return y, np.r_[rng.normal(1.0, 1.0, n), rng.normal(0.0, 1.0, n)]
+
+    y, s = sample(20)
+    low, high = M.roc_auc_interval(y, s)
+    assert low < M.roc_auc(y, s).value < high
+    assert M.roc_auc_interval(y, s) == (low, high)  # deterministic for a seed
+    big_low, big_high = M.roc_auc_interval(*sample(400))
+    assert big_high - big_low < (high - low) / 2
+    assert M.roc_auc_interval([1, 0, 1], [0.9, 0.1, 0.8]) == (1.0, 1.0)  # separated
+    assert M.roc_auc_interval([1, 0], [0.5, 0.5]) == (0.5, 0.5)  # one tie counts a half
+    assert all(math.isnan(v) for v in M.roc_auc_interval([1, 1], [0.2, 0.3]))

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 from scipy.special import expit
+from scipy.stats import rankdata
 from sklearn.metrics import accuracy_score, auc, confusion_matrix, roc_auc_score, roc_curve
 
 # Clipping of the TrojAI harness (actor_executor/metrics.py): CE is finite even for p = 0 or 1.
@@ -217,6 +218,49 @@ def cross_entropy(y_true, probability, *, missing: float | None = None) -> Cross
     p = np.clip(p, CE_EPS, 1.0 - CE_EPS)
     ce = -(y * np.log(p) + (1.0 - y) * np.log(1.0 - p))
     return CrossEntropy(float(np.mean(ce)), float(1.96 * np.std(ce) / np.sqrt(ce.size)))
+
+
+def cross_entropy_difference(y_true, probability_a, probability_b) -> CrossEntropy:
+    """How much lower detector a's harness cross-entropy is than b's on the same models, paired:
+    value = mean over models of CE_i(a) - CE_i(b) (negative: a is better), ci95 = 1.96 *
+    std / sqrt(n) of those per-model differences (the interval `cross_entropy` gives one
+    detector, here for the difference, which is narrower than either's when their mistakes fall
+    on the same models). NaN probabilities give NaN with a reason, as in `cross_entropy`."""
+    y = _labels(y_true)
+    pa, pb = _floats(probability_a), _floats(probability_b)
+    _check_lengths(y, pa)
+    _check_lengths(y, pb)
+    reason = (_label_problem(y) or _nan_problem(pa, "probabilities")
+              or _nan_problem(pb, "probabilities"))
+    if reason:
+        return CrossEntropy(NAN, NAN, reason)
+
+    def per_model(p: np.ndarray) -> np.ndarray:
+        p = np.clip(p, CE_EPS, 1.0 - CE_EPS)
+        return -(y * np.log(p) + (1.0 - y) * np.log(1.0 - p))
+
+    d = per_model(pa) - per_model(pb)
+    return CrossEntropy(float(np.mean(d)), float(1.96 * np.std(d) / np.sqrt(d.size)))
+
+
+def roc_auc_interval(y_true, scores, *, resamples: int = 2000, seed: int = 0
+                     ) -> tuple[float, float]:
+    """95% percentile bootstrap interval of `roc_auc`, resampling the trojaned and the clean
+    models apart (so every resample has both classes and the class counts of the input).
+    (nan, nan) where `roc_auc` is undefined. Deterministic for a seed."""
+    y, s = _labels(y_true), _floats(scores)
+    _check_lengths(y, s)
+    if _label_problem(y) or _one_class(y) or _nan_problem(s, "scores"):
+        return NAN, NAN
+    rng = np.random.default_rng(seed)
+    pos, neg = s[y == 1], s[y == 0]
+    both = np.concatenate([pos[rng.integers(0, pos.size, (resamples, pos.size))],
+                           neg[rng.integers(0, neg.size, (resamples, neg.size))]], axis=1)
+    # Mann-Whitney: AUC from the trojaned models' mean ranks (ties count one half)
+    ranks = rankdata(both, axis=1)[:, :pos.size]
+    aucs = (ranks.sum(axis=1) - pos.size * (pos.size + 1) / 2) / (pos.size * neg.size)
+    low, high = np.percentile(aucs, [2.5, 97.5])
+    return float(low), float(high)
 
 
 def brier(y_true, probability, *, missing: float | None = None) -> Metric:
