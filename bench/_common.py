@@ -79,12 +79,13 @@ def exray_round(round_dir: Path = EXRAY_ROUND) -> Path:
 
 def xray_cli(*args: str) -> str:
     """`python -m xray.cli ARGS` (the command line a user runs); its stdout. A failure ends the
-    bench with the command and the end of its stderr, not only its exit status."""
+    bench with the command and the ends of its stdout and stderr, not only its exit status
+    (`xray scan` lists its failed rows on stdout; stderr may hold only Ray's warnings)."""
     done = subprocess.run([sys.executable, "-m", "xray.cli", *args], capture_output=True,
                           text=True)
     if done.returncode:
         raise SystemExit(f"xray {' '.join(args)} failed (exit {done.returncode}):\n"
-                         f"{done.stderr[-3000:]}")
+                         f"stdout: ...{done.stdout[-2000:]}\nstderr: ...{done.stderr[-2000:]}")
     return done.stdout
 
 
