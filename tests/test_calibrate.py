@@ -123,6 +123,19 @@ def test_default_map_is_monotone_and_never_hard():
     assert C.default_probability("other", 50.0, {}, 10) == 0.95
     assert C.default_probability("other", 0.0, {"probability": 0.3}, 10) == 0.3
     assert C.default_combined({}, 10) == (0.5, None)
+    ws = [C.default_probability("weights", a, {}, 10) for a in (0.5, 2.0, 3.47, 5.0, 12.0)]
+    assert ws == sorted(ws) and ws[0] == 0.05 and ws[-1] == 0.95
+    assert ws[2] == pytest.approx(0.5)  # the map's centre
+
+
+def test_default_combined_prefers_weights_then_modelxray():
+    weights = {"score": 6.0, "stats": {}}
+    modelxray = {"score": -0.2, "stats": {"re": 0.2}}
+    assert C.default_combined({"modelxray": modelxray, "weights": weights, "abs": weights},
+                              10) == (0.95, "weights")
+    p, best = C.default_combined({"modelxray": modelxray, "abs": weights}, 10)
+    assert best == "modelxray" and p > 0.9
+    assert C.default_combined({"karm": weights, "abs": weights}, 10)[1] == "abs"
 
 
 def test_reducer_reports_combined_beside_single_ones():

@@ -281,3 +281,22 @@ def test_a_budget_spent_before_a_detector_starts_is_a_timeout_in_the_record(troj
     assert nc["status"] == "ok" and nc["stats"]["stopped_early"] and nc["stats"]["steps"] > 0
     assert mmbd["status"] == "timeout" and mmbd["score"] is None, mmbd
     assert proc.returncode == 0 and 0.0 <= p <= 1.0
+
+
+def test_without_config_or_calibrator_the_weights_map_gives_the_probability(trojai_rounds,
+                                                                             tmp_path):
+    """The harness's plain call: DEFAULT_CONFIG runs `weights` then Model X-ray, and the
+    probability is the default map of `weights` (DEFAULT_ORDER), Model X-ray's score recorded
+    beside it."""
+    from xray.reduce.calibrate import default_probability
+
+    model_dir = sorted((trojai_rounds["r4"] / "models").iterdir())[0]
+    p, proc, _ = _detect(model_dir / "model.pt", model_dir / "clean_example_data", tmp_path,
+                         "--allow-pickle")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "scratch" / "xray-detect.json").read_text())
+    assert list(record["detectors"]) == ["weights", "modelxray"]
+    assert all(r["status"] == "ok" for r in record["detectors"].values())
+    assert record["reason"] == "default map of weights"
+    weights = record["detectors"]["weights"]
+    assert p == pytest.approx(default_probability("weights", weights["score"], {}, None))

@@ -53,7 +53,12 @@ Probabilities are clipped to `clip` (default [0.01, 0.99]), so one confident mis
 most ln(100) = 4.6 in cross-entropy.
 
 Without a calibrator (`default_probability`), the combined probability is a fixed, rank-free
-monotone map of the best available detector (DEFAULT_ORDER): for Model X-ray
+monotone map of the best available detector (DEFAULT_ORDER: `weights`, then Model X-ray, then
+the alphabetically first). For `weights`, p = expit((a - 3.47) / 0.67) of its largest MAD
+anomaly index a (WEIGHTS_DEFAULT_MAP: the Platt scaling `xray calibrate` fitted on the
+evaluation's training round, a 10-class CNN; an index's clean range grows with the class count,
+so on rounds far from 10 classes a calibrator of the user's own is worth more; measured on held-out
+rounds in docs/fidelity/combined.md). For Model X-ray
 p = expit((c - re / log2(K)) / s), the Renyi entropy of the plane labels normalised by its
 maximum log2(K), against a centre c = 0.45 and scale s = 0.15 (MODELXRAY_DEFAULT_MAP; inferred,
 not published: a clean plane through three classes has RE near log2(3), i.e. 0.48-0.68 of the
@@ -85,6 +90,7 @@ from xray.reduce.calibrate.default_map import (
     DEFAULT_ORDER,
     DEFAULT_VERSION,
     MODELXRAY_DEFAULT_MAP,
+    WEIGHTS_DEFAULT_MAP,
     default_combined,
     default_probability,
     detector_probabilities,
@@ -114,6 +120,7 @@ __all__ = [
     "CASCADE", "COMBINED", "C_GRID", "Calibrator", "DEFAULT_CLIP", "DEFAULT_ORDER",
     "DEFAULT_VERSION", "DERIVED_DETECTORS", "EXCLUDED_STATS", "FORMAT", "FORMAT_VERSION",
     "LeakageUncheckedWarning", "MODELXRAY_DEFAULT_MAP", "READABLE_VERSIONS",
+    "WEIGHTS_DEFAULT_MAP",
     "SELECTION_TOLERANCE", "STACKER_VERSION", "TARGET_AGREEMENT", "TrainingModelError",
     "calibrate", "candidate_models", "combined_rows", "default_combined",
     "default_probability", "describe", "detector_probabilities", "features_from_results",

@@ -11,10 +11,16 @@ from scipy.special import expit
 
 from xray.reduce.calibrate.features import model_results, row_probability
 
-DEFAULT_VERSION = "default-map-1"
-DEFAULT_ORDER = ("modelxray",)
+DEFAULT_VERSION = "default-map-2"  # 2: `weights` first, with its own map
+# The best available detector, first found first: `weights` held out best on every evaluation
+# round but the clean-label one (docs/fidelity/combined.md), and needs no data.
+DEFAULT_ORDER = ("weights", "modelxray")
 DEFAULT_CLIP = (0.05, 0.95)
 MODELXRAY_DEFAULT_MAP = {"centre": 0.45, "scale": 0.15}
+# p = expit((score - centre) / scale) of the weights detector's largest MAD index: the Platt
+# scaling `xray calibrate` chose for `weights` on the evaluation's training round (39 models,
+# 10-class signs CNN; C = 10 by cross-validation), written as a centre and a scale.
+WEIGHTS_DEFAULT_MAP = {"centre": 3.47, "scale": 0.67}
 
 
 def default_probability(detector: str, score: float, stats: Mapping[str, Any] | None,
@@ -27,6 +33,8 @@ def default_probability(detector: str, score: float, stats: Mapping[str, Any] | 
         if detector == "modelxray" and isinstance(re, (int, float)) and num_classes:
             x = float(re) / math.log2(max(int(num_classes), 2))
             p = float(expit((MODELXRAY_DEFAULT_MAP["centre"] - x) / MODELXRAY_DEFAULT_MAP["scale"]))
+        elif detector == "weights":
+            p = float(expit((score - WEIGHTS_DEFAULT_MAP["centre"]) / WEIGHTS_DEFAULT_MAP["scale"]))
         else:
             p = float(expit(score))
     return float(np.clip(p, *DEFAULT_CLIP))
