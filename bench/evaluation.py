@@ -602,6 +602,25 @@ def markdown(figures: dict[str, float], notes: dict[str, Any], command: str) -> 
     return "\n".join(lines)
 
 
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                    detectors: list[str], splits: tuple[str, ...]) -> None:
+    """Refuse, before any work, what would fail later: no actor, no or unknown detectors, or a
+    table asked of rounds never scanned (`recipe_file` refuses a reference size without
+    data, before the first build)."""
+    if args.actors < 1:
+        parser.error(f"--actors {args.actors}: at least 1")
+    unknown = [d for d in detectors if d not in DETECTORS]
+    if not detectors or unknown:
+        parser.error(f"--detectors: unknown {unknown or 'none given'}; choose among "
+                     f"{','.join(DETECTORS)}")
+    if args.tabulate_only:
+        missing = [str(Path(args.workdir) / s / "out" / "scores") for s in splits
+                   if not (Path(args.workdir) / s / "out" / "scores").is_dir()]
+        if missing:
+            parser.error("--tabulate-only: no scores to tabulate in "
+                         f"{', '.join(missing)}; run once without --tabulate-only")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -620,11 +639,12 @@ def main() -> None:
                              "fingerprints changed and the same scores would be computed again)")
     args = parser.parse_args()
     workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     detectors = [d for d in args.detectors.split(",") if d]
     with_architecture = (args.size == "reference" if args.architecture_round is None
                          else args.architecture_round)
     splits = tuple(s for s in SPLITS if s != ARCHITECTURE or with_architecture)
+    check_arguments(parser, args, detectors, splits)
+    workdir.mkdir(parents=True, exist_ok=True)
     for split in () if args.tabulate_only else splits:
         print(f"[{split}]", flush=True)
         build_and_scan(str(recipe_file(workdir, split, args.size, args.data)), workdir / split,
