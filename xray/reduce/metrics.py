@@ -215,9 +215,13 @@ def cross_entropy(y_true, probability, *, missing: float | None = None) -> Cross
     reason = _label_problem(y) or _nan_problem(p, "probabilities")
     if reason:
         return CrossEntropy(NAN, NAN, reason)
-    p = np.clip(p, CE_EPS, 1.0 - CE_EPS)
-    ce = -(y * np.log(p) + (1.0 - y) * np.log(1.0 - p))
+    ce = _per_model_cross_entropy(y, p)
     return CrossEntropy(float(np.mean(ce)), float(1.96 * np.std(ce) / np.sqrt(ce.size)))
+
+
+def _per_model_cross_entropy(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, CE_EPS, 1.0 - CE_EPS)
+    return -(y * np.log(p) + (1.0 - y) * np.log(1.0 - p))
 
 
 def cross_entropy_difference(y_true, probability_a, probability_b) -> CrossEntropy:
@@ -234,12 +238,7 @@ def cross_entropy_difference(y_true, probability_a, probability_b) -> CrossEntro
               or _nan_problem(pb, "probabilities"))
     if reason:
         return CrossEntropy(NAN, NAN, reason)
-
-    def per_model(p: np.ndarray) -> np.ndarray:
-        p = np.clip(p, CE_EPS, 1.0 - CE_EPS)
-        return -(y * np.log(p) + (1.0 - y) * np.log(1.0 - p))
-
-    d = per_model(pa) - per_model(pb)
+    d = _per_model_cross_entropy(y, pa) - _per_model_cross_entropy(y, pb)
     return CrossEntropy(float(np.mean(d)), float(1.96 * np.std(d) / np.sqrt(d.size)))
 
 

@@ -12,8 +12,8 @@ from scipy.special import expit
 from xray.reduce.calibrate.features import model_results, row_probability
 
 DEFAULT_VERSION = "default-map-2"  # 2: `weights` first, with its own map
-# The best available detector, first found first: `weights` held out best on every evaluation
-# round but the clean-label one (docs/fidelity/combined.md), and needs no data.
+# The first of these that answered gives the probability: `weights` held out best on every
+# evaluation round but the clean-label one (docs/fidelity/combined.md), and needs no data.
 DEFAULT_ORDER = ("weights", "modelxray")
 DEFAULT_CLIP = (0.05, 0.95)
 MODELXRAY_DEFAULT_MAP = {"centre": 0.45, "scale": 0.15}
