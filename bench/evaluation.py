@@ -328,12 +328,12 @@ def combined_figures(scores: pd.DataFrame, detectors: list[str], calibrator: Any
     p = probabilities(scores[scores["detector"].isin(detectors)], calibrator)
     singles = {d: probabilities(scores[scores["detector"] == d], platts[d])
                for d in detectors if d in platts and (scores["detector"] == d).any()}
-    best = min(singles, key=lambda d: M.cross_entropy(y, singles[d]).value)
+    single_ce = {d: M.cross_entropy(y, q).value for d, q in singles.items()}
+    best = min(single_ce, key=single_ce.__getitem__)
     ce, difference = M.cross_entropy(y, p), M.cross_entropy_difference(y, p, singles[best])
     return {"models": int(len(truth)), "cross_entropy": ce.value, "cross_entropy_ci95": ce.ci95,
             "roc_auc": M.roc_auc(y, p).value, "roc_auc_interval": M.roc_auc_interval(y, p),
-            "best_single": best, "best_single_cross_entropy": M.cross_entropy(
-                y, singles[best]).value,
+            "best_single": best, "best_single_cross_entropy": single_ce[best],
             "minus_best_single": difference.value, "minus_best_single_ci95": difference.ci95}
 
 
@@ -379,11 +379,10 @@ def table(workdir: Path, detectors: list[str], splits: tuple[str, ...] = SPLITS
     calibrator = Calibrator.load(combined_uri)
     combined = {split: combined_figures(scores[split], usable_dets, calibrator, platts)
                 for split in HELD_OUT if split in scores}
-    best = min(usable_dets, key=lambda d: cells[d]["all"]["cross_entropy"])
     figures.update({
         "combined_test_cross_entropy": combined["test"]["cross_entropy"],
         "combined_test_roc_auc": combined["test"]["roc_auc"],
-        "best_single_test_cross_entropy": cells[best]["all"]["cross_entropy"],
+        "best_single_test_cross_entropy": combined["test"]["best_single_cross_entropy"],
         "combined_test_cross_entropy_ci95": combined["test"]["cross_entropy_ci95"],
         "combined_minus_best_single_test_cross_entropy":
             combined["test"]["minus_best_single"],
@@ -411,7 +410,8 @@ def table(workdir: Path, detectors: list[str], splits: tuple[str, ...] = SPLITS
     recipe = yaml.safe_load((workdir / "test" / "round" / "recipe.yaml").read_text())
     notes = {"recipe_attacks": sorted({g["attack"] for g in recipe["groups"] if g.get("attack")}),
              "failed_attacks": failed, "detectors_asked": detectors,
-             "best_single": best, "combined_chose": calibrator.train.get("model"),
+             "best_single": combined["test"]["best_single"],
+             "combined_chose": calibrator.train.get("model"),
              "combined": combined, "cells": cells, "architecture_cells": architecture_cells,
              "per_detector": per_detector}
     return figures, notes
