@@ -620,8 +620,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace,
         parser.error(f"--detectors: unknown {unknown or 'none given'}; choose among "
                      f"{','.join(DETECTORS)}")
     if args.tabulate_only:
-        missing = [str(Path(args.workdir) / s / "out" / "scores") for s in splits
-                   if not (Path(args.workdir) / s / "out" / "scores").is_dir()]
+        folders = (Path(args.workdir) / split / "out" / "scores" for split in splits)
+        missing = [str(folder) for folder in folders if not folder.is_dir()]
         if missing:
             parser.error("--tabulate-only: no scores to tabulate in "
                          f"{', '.join(missing)}; run once without --tabulate-only")
